@@ -1,0 +1,281 @@
+"""Stage one: stream a dataset through a frozen ViT once and write its taps to a store.
+
+Batches never straddle a shard, and a shard is flagged done only once it is written, so a
+killed run restarted with the same command recomputes exactly the missing shards and ends
+bit-identical (on CPU) to a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import timm.data
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader
+
+from .errors import UserError
+from .models import Backbone, load_backbone
+from .plan import StorePlan, human_bytes, make_plan
+from .sources import Dataset, Split, open_dataset
+from .store import DTYPES, Store, create_store, mark_complete, open_store, write_shard
+from .taps import forward_taps, parse_taps
+
+console = Console(stderr=True)
+
+
+@dataclass
+class ExtractConfig:
+    model: str
+    dataset: str
+    out: Path | None = None  # default: ./cache/<dataset name>
+    weights: Path | None = None
+    random_init: bool = False
+    dtype: str = "fp16"
+    batch_size: int = 32
+    device: str = "cpu"
+    limit: int | None = None
+    img_size: int | None = None
+    taps: str = "all"
+    seed: int = 0
+    val_fraction: float = 0.2
+    workers: int = 2
+    force: bool = False
+    dry_run: bool = False
+
+
+@dataclass
+class ExtractResult:
+    path: Path
+    plan: StorePlan
+    written: dict[str, int] = field(default_factory=dict)  # samples written this run, per split
+    skipped: dict[str, dict[str, str]] = field(default_factory=dict)  # split -> key -> reason
+    seconds: float = 0.0
+    status: str = "written"  # "written" | "resumed" | "already complete" | "dry run"
+
+
+class _Images(torch.utils.data.Dataset):
+    """Decodes and transforms in DataLoader workers; an unreadable input becomes a reason."""
+
+    def __init__(self, splits: list[Split], transform):
+        self.splits, self.transform = splits, transform
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.splits)
+
+    def __getitem__(self, item: tuple[int, int]):
+        split, i = item
+        try:
+            return item, self.transform(self.splits[split].open(i).convert("RGB")), ""
+        except Exception as e:  # any decoder failure: record it, never stop the run
+            return item, None, f"{type(e).__name__}: {e}"
+
+
+def _collate(batch):
+    items = [b[0] for b in batch]
+    ok = [b[1] is not None for b in batch]
+    images = torch.stack([b[1] for b in batch if b[1] is not None]) if any(ok) else None
+    return items, images, np.array(ok), [b[2] for b in batch]
+
+
+def _settings(backbone: Backbone, ds: Dataset, taps: list[int], cfg: ExtractConfig) -> dict:
+    """The store's root attributes that define its contents (compared on resume)."""
+    return {"model": {"name": backbone.name, "depth": len(backbone.blocks),
+                      "params": sum(p.numel() for p in backbone.model.parameters())},
+            "weights": backbone.weights,
+            "transform": {k: list(v) if isinstance(v, tuple) else v
+                          for k, v in backbone.data_config.items()},
+            "taps": taps, "layout": backbone.layout().to_dict(), "dtype": cfg.dtype,
+            "classes": ds.classes, "dataset": {"name": ds.name, "source": ds.source}}
+
+
+def _differences(store: Store, settings: dict, ds: Dataset) -> list[str]:
+    diffs = [f"{k}: store has {store.meta.get(k)!r}, this run {v!r}"
+             for k, v in settings.items() if k not in ("dataset", "weights") and store.meta.get(k) != v]
+    if store.meta["weights"]["sha256"] != settings["weights"]["sha256"]:
+        diffs.append(f"weights: store has sha256 {store.meta['weights']['sha256'][:12]}..., "
+                     f"this run {settings['weights']['sha256'][:12]}...")
+    if set(store.splits) != set(ds.splits):
+        diffs.append(f"splits: store has {store.splits}, this run {list(ds.splits)}")
+    for name in set(store.splits) & set(ds.splits):
+        if store.split(name).attrs["fingerprint"] != ds.splits[name].fingerprint():
+            diffs.append(f"split {name}: different inputs (keys or labels) than the store's")
+    return diffs
+
+
+def _open_or_create(out: Path, settings: dict, ds: Dataset, backbone: Backbone,
+                    plan: StorePlan) -> Store:
+    """A fresh store, or the existing one at `out` when it was made with the same settings."""
+    if out.exists() and any(out.iterdir()):
+        store = open_store(out)
+        diffs = _differences(store, settings, ds)
+        if diffs:
+            raise UserError(f"{out} already holds a store made with other settings; use another "
+                            "--out or delete it. Differences: " + "; ".join(diffs))
+        return store
+    splits = {name: (len(s), s.fingerprint()) for name, s in ds.splits.items()}
+    return create_store(out, settings, splits, backbone.final_norms(), plan.bytes_per_sample)
+
+
+def _shard_batches(store: Store, names: list[str], batch_size: int) -> list[list]:
+    """Batches of (split id, index) covering every shard not yet done; never across shards."""
+    batches = []
+    for sid, name in enumerate(names):
+        arrays = store.split(name)
+        s, n = arrays.shard_size, arrays.n
+        for k in np.flatnonzero(~arrays.done):
+            lo, hi = k * s, min((k + 1) * s, n)
+            for b in range(lo, hi, batch_size):
+                batches.append([(sid, i) for i in range(b, min(b + batch_size, hi))])
+    return batches
+
+
+class _ShardWriter:
+    """Writes finished shards on a background thread so the backbone never waits on I/O."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (job := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    write_shard(self.store, *job)
+                except BaseException as e:  # surfaced in the main thread by put/close
+                    self.error = e
+
+    def put(self, *job) -> None:
+        if self.error:
+            raise self.error
+        self.queue.put(job)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error:
+            raise self.error
+
+
+def extract(cfg: ExtractConfig) -> ExtractResult:
+    """Run stage one as configured; see ExtractConfig and `featcache extract --help`."""
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not '{cfg.dtype}'")
+    if cfg.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but torch sees no CUDA device here.")
+    ds = open_dataset(cfg.dataset, cfg.seed, cfg.val_fraction, cfg.limit)
+    out = Path(cfg.out) if cfg.out else Path("cache") / ds.name
+    backbone = load_backbone(cfg.model, cfg.weights, cfg.random_init, cfg.img_size, cfg.seed)
+    if cfg.random_init:
+        console.print(f"[yellow]note:[/] {backbone.name} has RANDOM weights (--random-init): "
+                      "its features only exercise the pipeline.")
+    taps = parse_taps(cfg.taps, len(backbone.blocks))
+    layout = backbone.layout()
+    plan = make_plan({k: len(v) for k, v in ds.splits.items()}, len(taps), layout.tokens,
+                     layout.width, DTYPES[cfg.dtype], out)
+    console.print(plan.describe())
+    result = ExtractResult(path=out, plan=plan)
+    if cfg.dry_run:
+        result.status = "dry run"
+        return result
+    settings = _settings(backbone, ds, taps, cfg)
+    existed = out.exists() and any(out.iterdir())
+    if not existed:
+        plan.check_fits(cfg.force)
+    store = _open_or_create(out, settings, ds, backbone, plan)
+    names = list(ds.splits)
+    batches = _shard_batches(store, names, cfg.batch_size)
+    if not batches:
+        result.status = "already complete"
+        console.print(f"{out} is already complete: nothing to do.")
+        return result
+    result.status = "resumed" if existed else "written"
+    _run(cfg, backbone, store, ds, names, taps, batches, result)
+    for name in names:
+        mark_complete(store, name)
+    mark_complete(store)
+    return result
+
+
+@dataclass
+class _Shard:
+    """The shard being filled: its rows arrive batch by batch, then it goes to the writer."""
+
+    split: str
+    index: int
+    lo: int
+    tokens: np.ndarray
+    labels: np.ndarray
+    keys: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, name: str, split: Split, index: int, size: int, shape: tuple, dtype) -> "_Shard":
+        lo, hi = index * size, min((index + 1) * size, len(split))
+        return cls(name, index, lo, np.zeros((hi - lo, *shape), dtype),
+                   split.labels[lo:hi].copy(), split.keys[lo:hi])
+
+    def fill(self, items: list, z: torch.Tensor | None, ok: np.ndarray, reasons: list[str]) -> None:
+        rows = np.array([i for _, i in items]) - self.lo
+        if z is not None:
+            self.tokens[rows[ok]] = z.to(torch.float32).cpu().numpy().astype(self.tokens.dtype)
+        for r, why in zip(rows[~ok], np.array(reasons, dtype=object)[~ok]):
+            self.labels[r] = -1
+            self.skipped[self.keys[r]] = why
+
+
+def _run(cfg: ExtractConfig, backbone: Backbone, store: Store, ds: Dataset, names: list[str],
+         taps: list[int], batches: list[list], result: ExtractResult) -> None:
+    device = torch.device(cfg.device)
+    model = backbone.model.to(device)
+    transform = timm.data.create_transform(**backbone.data_config, is_training=False)
+    loader = DataLoader(_Images([ds.splits[n] for n in names], transform), batch_sampler=batches,
+                        num_workers=cfg.workers, collate_fn=_collate,
+                        pin_memory=device.type == "cuda")
+    layout = backbone.layout()
+    shape = (len(taps), layout.tokens, layout.width)
+    sizes = [store.split(n).shard_size for n in names]
+    writer = _ShardWriter(store)
+    shard: _Shard | None = None
+    t0 = time.perf_counter()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(f"extract -> {result.path}", total=sum(map(len, batches)), rate="")
+        done = 0
+        for items, images, ok, reasons in loader:
+            sid, first = items[0]
+            if shard is not None and (shard.split, shard.index) != (names[sid], first // sizes[sid]):
+                _flush(writer, shard, result)
+                shard = None
+            if shard is None:
+                shard = _Shard.empty(names[sid], ds.splits[names[sid]], first // sizes[sid],
+                                     sizes[sid], shape, DTYPES[cfg.dtype])
+            z = None if images is None else forward_taps(model, images.to(device, non_blocking=True), taps)
+            shard.fill(items, z, ok, reasons)
+            done += len(items)
+            dt = time.perf_counter() - t0
+            bar.update(task, completed=done, rate=f"{done / dt:.1f} img/s, "
+                       f"{human_bytes(done * result.plan.bytes_per_sample / dt)}/s")
+        if shard is not None:
+            _flush(writer, shard, result)
+        writer.close()
+    result.seconds = time.perf_counter() - t0
+
+
+def _flush(writer: _ShardWriter, shard: _Shard, result: ExtractResult) -> None:
+    writer.put(shard.split, shard.index, shard.tokens, shard.labels, shard.keys, shard.skipped)
+    result.written[shard.split] = result.written.get(shard.split, 0) + len(shard.labels)
+    if shard.skipped:
+        result.skipped.setdefault(shard.split, {}).update(shard.skipped)

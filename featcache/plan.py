@@ -1,0 +1,65 @@
+"""How big a store will be, said before a single byte is written."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} PB"
+
+
+@dataclass
+class StorePlan:
+    splits: dict[str, int]
+    taps: int
+    tokens: int
+    width: int
+    itemsize: int
+    free: int  # bytes free on the filesystem that will hold the store
+
+    @property
+    def bytes_per_sample(self) -> int:
+        return self.taps * self.tokens * self.width * self.itemsize
+
+    @property
+    def total(self) -> int:
+        return sum(self.splits.values()) * self.bytes_per_sample
+
+    def describe(self) -> str:
+        n = sum(self.splits.values())
+        per_split = ", ".join(f"{k} {v:,}" for k, v in self.splits.items())
+        return (f"store size: {n:,} samples ({per_split}) x {self.taps} taps x {self.tokens} "
+                f"tokens x {self.width} channels x {self.itemsize} B = {human_bytes(self.total)} "
+                f"({human_bytes(self.bytes_per_sample)} per sample); free: {human_bytes(self.free)}")
+
+    def check_fits(self, force: bool) -> None:
+        if self.total > self.free and not force:
+            raise UserError(
+                f"the store needs {human_bytes(self.total)} but only {human_bytes(self.free)} is "
+                "free. Shrink it (--limit N samples per split, --taps last:4 or every:2, "
+                "--dtype fp16) or pass --force to write anyway.")
+
+
+def free_bytes(path: Path) -> int:
+    """Free space where `path` will be created (its nearest existing parent)."""
+    p = path.resolve()
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def make_plan(splits: dict[str, int], taps: int, tokens: int, width: int, dtype: str,
+              out: Path) -> StorePlan:
+    return StorePlan(splits=splits, taps=taps, tokens=tokens, width=width,
+                     itemsize=np.dtype(dtype).itemsize, free=free_bytes(out))

@@ -1,0 +1,84 @@
+"""What every dataset reader yields: named splits of (key, label, image loader)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+
+class Split:
+    """One split: stable keys, integer labels, and a way to open sample i as a PIL image.
+
+    `open` may raise any exception for an unreadable sample; the extractor records the
+    sample as skipped instead of dying on it.
+    """
+
+    def __init__(self, keys: list[str], labels: np.ndarray):
+        self.keys = list(keys)
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def open(self, i: int) -> Image.Image:
+        raise NotImplementedError
+
+    def subset(self, index: np.ndarray) -> "Split":
+        """The same split restricted to `index` (in that order)."""
+        return _Subset(self, np.asarray(index, dtype=np.int64))
+
+    def fingerprint(self) -> str:
+        """Identifies the inputs: same keys and labels in the same order -> same fingerprint."""
+        h = hashlib.sha256()
+        h.update("\n".join(self.keys).encode())
+        h.update(self.labels.tobytes())
+        return h.hexdigest()
+
+
+class _Subset(Split):
+    def __init__(self, parent: Split, index: np.ndarray):
+        super().__init__([parent.keys[i] for i in index], parent.labels[index])
+        self.parent, self.index = parent, index
+
+    def open(self, i: int) -> Image.Image:
+        return self.parent.open(int(self.index[i]))
+
+
+@dataclass
+class Dataset:
+    name: str  # short name, used for the default store path
+    source: str  # where it came from, for provenance
+    classes: list[str]
+    splits: dict[str, Split] = field(default_factory=dict)
+
+
+def stratified_pick(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` indices spread evenly over classes (round-robin over shuffled classes), sorted."""
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < count:
+        row = [idx[depth] for idx in per_class if depth < len(idx)]
+        if not row:
+            break
+        picked.extend(row[: count - len(picked)])
+        depth += 1
+    return np.sort(np.array(picked, dtype=np.int64))
+
+
+def stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Generator
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into (rest, held_out) with `fraction` of every class held out."""
+    held = []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = int(round(fraction * len(idx)))
+        if len(idx) >= 2:
+            k = min(max(k, 1), len(idx) - 1)
+        held.extend(idx[:k])
+    held_out = np.sort(np.array(held, dtype=np.int64))
+    rest = np.setdiff1d(np.arange(len(labels)), held_out)
+    return rest, held_out

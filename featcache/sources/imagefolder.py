@@ -1,0 +1,73 @@
+"""ImageFolder layout: one folder per class, optionally under train/ val/ test/ folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import UserError
+from .base import Dataset, Split, stratified_split
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+SPLIT_NAMES = ("train", "val", "test")
+
+
+class FileSplit(Split):
+    def __init__(self, root: Path, keys: list[str], labels: np.ndarray):
+        super().__init__(keys, labels)
+        self.root = root
+
+    def open(self, i: int) -> Image.Image:
+        with Image.open(self.root / self.keys[i]) as img:
+            img.load()
+            return img
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _scan(root: Path, folder: Path, classes: list[str]) -> tuple[list[str], np.ndarray]:
+    keys, labels = [], []
+    for label, name in enumerate(classes):
+        cdir = folder / name
+        if not cdir.is_dir():
+            continue
+        for p in sorted(cdir.rglob("*")):
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+                keys.append(p.relative_to(root).as_posix())
+                labels.append(label)
+    return keys, np.array(labels, dtype=np.int64)
+
+
+def open_imagefolder(root: Path, seed: int, val_fraction: float) -> Dataset:
+    """Read a class-per-folder tree; use its train/val/test level if it has one, else make a
+    seeded stratified train/val split so the held-out split never depends on file order."""
+    root = root.resolve()
+    present = [s for s in SPLIT_NAMES if (root / s).is_dir()]
+    if "train" in present:
+        classes = _class_dirs(root / "train")
+        folders = {s: root / s for s in present}
+    else:
+        classes = _class_dirs(root)
+        folders = {"": root}
+    if not classes:
+        raise UserError(f"{root} has no class folders: expected ImageFolder layout "
+                        "(root/<class>/<image>, optionally root/train/<class>/<image>).")
+    ds = Dataset(name=root.name, source=f"imagefolder:{root}", classes=classes)
+    for split, folder in folders.items():
+        extra = set(_class_dirs(folder)) - set(classes)
+        if extra:
+            raise UserError(f"{folder} has classes not in {root / 'train'}: {sorted(extra)[:5]}")
+        keys, labels = _scan(root, folder, classes)
+        if not keys:
+            raise UserError(f"no images found under {folder} (suffixes: "
+                            f"{', '.join(sorted(IMAGE_SUFFIXES))}).")
+        ds.splits[split] = FileSplit(root, keys, labels)
+    if "" in ds.splits:
+        whole = ds.splits.pop("")
+        train, val = stratified_split(whole.labels, val_fraction, np.random.default_rng(seed))
+        ds.splits = {"train": whole.subset(train), "val": whole.subset(val)}
+    return ds

@@ -1,0 +1,203 @@
+"""The store, format version 1: a Zarr v3 group holding every tapped block's tokens.
+
+    <root>/            attrs["featcache"]: format_version, model, weights, transform, taps,
+                       layout, dtype, classes, dataset, shard_size, versions, created, complete
+      backbone/        frozen pieces sidetrain needs: norm.weight/bias, fc_norm.weight/bias
+      <split>/         attrs["featcache"]: n, fingerprint, complete, skipped {key: reason}
+        tokens (N, L, T, D)  float16|float32; shards of S samples, inner chunks of 1 sample,
+                             crc32c on every chunk and on every shard index
+        labels (N,)          int64; -1 marks a sample that could not be read
+        keys   (N,)          string: relative path or source id
+        done   (N/S,)        bool: set only after that shard's tokens, labels, keys are written
+
+docs/store-format.md describes it for readers without this package.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec
+
+from .errors import UserError
+from .models import TokenLayout
+
+FORMAT_VERSION = 1
+ATTR = "featcache"
+DTYPES = {"fp16": "float16", "fp32": "float32"}
+SHARD_BYTES = 128 * 2**20  # aim for ~128 MiB shard files: few files, cheap to copy and sync
+
+
+def shard_size_for(bytes_per_sample: int, n: int) -> int:
+    return int(max(1, min(n, 1024, SHARD_BYTES // max(bytes_per_sample, 1))))
+
+
+def versions() -> dict[str, str]:
+    return {p: version(p) for p in ("featcache", "torch", "timm", "zarr")}
+
+
+@dataclass
+class SplitArrays:
+    """One split opened for reading. `tokens` stays a lazy zarr array; the rest is small."""
+
+    name: str
+    tokens: zarr.Array
+    labels: np.ndarray
+    keys: np.ndarray
+    done: np.ndarray
+    attrs: dict
+
+    @property
+    def n(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def shard_size(self) -> int:
+        return int(self.tokens.shards[0])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete")) and bool(self.done.all())
+
+    @property
+    def valid(self) -> np.ndarray:
+        """Indices of samples that were read (unreadable inputs have label -1)."""
+        return np.flatnonzero(self.labels >= 0)
+
+
+class Store:
+    """A format-1 store opened for reading (and, by the extractor, for appending shards)."""
+
+    def __init__(self, group: zarr.Group, path: str):
+        self.group, self.path = group, path
+        self.meta: dict = dict(group.attrs[ATTR])
+
+    @property
+    def layout(self) -> TokenLayout:
+        return TokenLayout.from_dict(self.meta["layout"])
+
+    @property
+    def taps(self) -> list[int]:
+        return list(self.meta["taps"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.meta["splits"])
+
+    def split(self, name: str) -> SplitArrays:
+        if name not in self.splits:
+            raise UserError(f"store {self.path} has no split '{name}' (it has: "
+                            f"{', '.join(self.splits)}).")
+        g = self.group[name]
+        return SplitArrays(name=name, tokens=g["tokens"], labels=g["labels"][:],
+                           keys=g["keys"][:], done=g["done"][:], attrs=dict(g.attrs[ATTR]))
+
+    def norms(self) -> dict[str, dict]:
+        """The backbone's frozen final norms, in the form `Backbone.final_norms` returns."""
+        g = self.group["backbone"]
+        out = {}
+        for name, spec in g.attrs[ATTR].items():
+            out[name] = dict(spec)
+            if spec["type"] == "layernorm":
+                out[name]["weight"] = g[f"{name}.weight"][:]
+                out[name]["bias"] = g[f"{name}.bias"][:]
+        return out
+
+    @property
+    def complete(self) -> bool:
+        return all(self.split(s).complete for s in self.splits)
+
+
+def open_store(path: str | Path) -> Store:
+    """Open an existing store, or explain why `path` is not one."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"no store at {path}: the path does not exist. Create one with "
+                        "`featcache extract`.")
+    try:
+        group = zarr.open_group(str(p), mode="r")
+        meta = group.attrs[ATTR]
+    except Exception:
+        raise UserError(f"{path} is not a featcache store (no Zarr group with featcache "
+                        "attributes). Point --cache at the folder `featcache extract` wrote.") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path} has store format {meta.get('format_version')}; this version "
+                        f"of featcache reads format {FORMAT_VERSION}.")
+    return Store(group, str(p))
+
+
+def create_store(path: Path, meta: dict, splits: dict[str, tuple[int, str]],
+                 norms: dict[str, dict], bytes_per_sample: int) -> Store:
+    """Lay out an empty store: every array is created up front, filled shard by shard.
+
+    `splits` maps split name -> (sample count, source fingerprint).
+    """
+    layout = TokenLayout.from_dict(meta["layout"])
+    shape_tail = (len(meta["taps"]), layout.tokens, layout.width)
+    dtype = DTYPES[meta["dtype"]]
+    shard = shard_size_for(bytes_per_sample, max(n for n, _ in splits.values()))
+    root = zarr.open_group(str(path), mode="w-")
+    backbone = root.create_group("backbone")
+    norm_attrs = {}
+    for name, spec in norms.items():
+        norm_attrs[name] = {k: v for k, v in spec.items() if k not in ("weight", "bias")}
+        if spec["type"] == "layernorm":
+            for part in ("weight", "bias"):
+                arr = np.asarray(spec[part], dtype=np.float32)
+                backbone.create_array(f"{name}.{part}", data=arr)
+    backbone.attrs[ATTR] = norm_attrs
+    for name, (n, fingerprint) in splits.items():
+        s = min(shard, n)
+        g = root.create_group(name)
+        g.create_array("tokens", shape=(n, *shape_tail), dtype=dtype, chunks=(1, *shape_tail),
+                       shards=(s, *shape_tail), compressors=[Crc32cCodec()], fill_value=0)
+        g.create_array("labels", shape=(n,), dtype="int64", chunks=(s,), fill_value=-1)
+        g.create_array("keys", shape=(n,), dtype=str, chunks=(s,))
+        g.create_array("done", shape=(math.ceil(n / s),), dtype=bool, chunks=(1,), fill_value=False)
+        g.attrs[ATTR] = {"n": n, "fingerprint": fingerprint, "complete": False, "skipped": {}}
+    root.attrs[ATTR] = {**meta, "format_version": FORMAT_VERSION, "shard_size": shard,
+                        "splits": list(splits), "versions": versions(),
+                        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                        "complete": False}
+    return Store(root, str(path))
+
+
+def write_shard(store: Store, split: str, index: int, tokens: np.ndarray, labels: np.ndarray,
+                keys: list[str], skipped: dict[str, str]) -> None:
+    """Write shard `index` of `split` whole (one shard file, no read-modify-write), then flag it
+    done: a shard whose flag is set is durable, one whose flag is not is rewritten on resume."""
+    g = store.group[split]
+    s = g["tokens"].shards[0]
+    lo, hi = index * s, index * s + len(labels)
+    g["tokens"][lo:hi] = tokens
+    g["labels"][lo:hi] = labels
+    g["keys"][lo:hi] = np.array(keys, dtype=str)
+    if skipped:
+        attrs = dict(g.attrs[ATTR])
+        attrs["skipped"] = {**attrs["skipped"], **skipped}
+        g.attrs[ATTR] = attrs
+    g["done"][index] = True
+
+
+def mark_complete(store: Store, split: str | None = None) -> None:
+    """Flag a split (or, with None, the whole store) complete once every shard is done."""
+    g = store.group[split] if split else store.group
+    attrs = dict(g.attrs[ATTR])
+    attrs["complete"] = True
+    g.attrs[ATTR] = attrs
+    if split is None:
+        store.meta = attrs
+
+
+def disk_usage(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

@@ -1,0 +1,69 @@
+"""Per-block token activations of a frozen ViT: the tensors the store keeps.
+
+A tap is the output of block i, after its residual add and before the final norm, with
+every token (prefix tokens and patches). Forward hooks make this work for any timm model
+with a `blocks` sequence, and the forward stops after the last tapped block.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+
+def parse_taps(spec: str | None, depth: int) -> list[int]:
+    """Block indices to tap, from `all` (default), `every:K`, `last:M` or a list `0,5,11`.
+
+    `every:K` always includes the last block, since the head reads the last tap.
+    """
+    spec = (spec or "all").strip()
+    try:
+        if spec == "all":
+            taps = list(range(depth))
+        elif spec.startswith("every:"):
+            k = int(spec[6:])
+            taps = sorted(set(range(depth - 1, -1, -k))) if k > 0 else []
+        elif spec.startswith("last:"):
+            m = int(spec[5:])
+            taps = list(range(max(depth - m, 0), depth)) if m > 0 else []
+        else:
+            taps = sorted({int(t) % depth if int(t) < 0 else int(t) for t in spec.split(",")})
+    except ValueError:
+        taps = []
+    if not taps or taps[-1] >= depth:
+        raise UserError(f"bad --taps {spec!r} for a {depth}-block model: use all, every:K, "
+                        f"last:M or a list of block indices 0..{depth - 1} such as 3,7,11.")
+    return taps
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def forward_taps(model: nn.Module, images: torch.Tensor, taps: list[int]) -> torch.Tensor:
+    """Run `model` on `images` and return the tapped blocks' tokens as (B, L, T, D).
+
+    No gradient is ever taken through the backbone, so this runs under no_grad.
+    """
+    outputs: dict[int, torch.Tensor] = {}
+    last = max(taps)
+
+    def hook(index: int):
+        def fn(_module, _inputs, output):
+            outputs[index] = output
+            if index == last:
+                raise _StopForward  # nothing after the last tap is needed
+        return fn
+
+    handles = [model.blocks[i].register_forward_hook(hook(i)) for i in taps]
+    try:
+        model.forward_features(images)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack([outputs[i] for i in taps], dim=1)
