@@ -113,7 +113,7 @@ def _open_or_create(out: Path, settings: dict, ds: Dataset, backbone: Backbone,
                     plan: StorePlan) -> Store:
     """A fresh store, or the existing one at `out` when it was made with the same settings."""
     if out.exists() and any(out.iterdir()):
-        store = open_store(out)
+        store = open_store(out, mode="r+")
         diffs = _differences(store, settings, ds)
         if diffs:
             raise UserError(f"{out} already holds a store made with other settings; use another "

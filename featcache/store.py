@@ -118,14 +118,14 @@ class Store:
         return all(self.split(s).complete for s in self.splits)
 
 
-def open_store(path: str | Path) -> Store:
-    """Open an existing store, or explain why `path` is not one."""
+def open_store(path: str | Path, mode: str = "r") -> Store:
+    """Open an existing store ("r", or "r+" to add shards), or explain why `path` is not one."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"no store at {path}: the path does not exist. Create one with "
                         "`featcache extract`.")
     try:
-        group = zarr.open_group(str(p), mode="r")
+        group = zarr.open_group(str(p), mode=mode)
         meta = group.attrs[ATTR]
     except Exception:
         raise UserError(f"{path} is not a featcache store (no Zarr group with featcache "

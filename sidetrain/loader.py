@@ -35,6 +35,7 @@ class ShardLoader:
         self.buffer_shards = max(1, buffer_bytes // shard_bytes)
         self.num_shards = -(-split.n // split.shard_size)
         self.valid = split.labels >= 0  # unreadable inputs were stored with label -1
+        self._resident: np.ndarray | None = None  # the whole split, when it fits the buffer
 
     def __len__(self) -> int:
         return -(-int(self.valid.sum()) // self.batch_size)
@@ -58,6 +59,14 @@ class ShardLoader:
             carry = pool[cut:]
 
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
+        if self.buffer_shards >= self.num_shards:  # the buffer holds it all: read it once
+            if self._resident is None:
+                self._resident = self.split.tokens[:]
+            for _, batches, _ in self.plan(epoch):
+                for b in batches:
+                    yield Batch(torch.from_numpy(self._resident[b]),
+                                torch.from_numpy(self.split.labels[b]), b)
+            return
         ids = np.empty(0, dtype=np.int64)
         data = None
         for group, batches, carry in self.plan(epoch):

@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv and
+# installs what it needs on first use; later runs skip the install (stamp file).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Pinned: the build machines carry exactly these wheels; other versions download gigabytes.
+TORCH := torch==2.14.1 torchvision==0.29.1
+MODEL ?= vit_tiny
+WEIGHTS ?=
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test]' $(TORCH)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m cli.demo --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS))
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf cache runs .pytest_cache

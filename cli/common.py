@@ -1,0 +1,30 @@
+"""What both CLIs share: one-line errors instead of tracebacks for bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+import typer
+
+from featcache.errors import UserError
+
+
+def make_app(help: str) -> typer.Typer:
+    return typer.Typer(help=help, no_args_is_help=True, add_completion=False,
+                       pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+def run(app: typer.Typer) -> None:
+    """Run `app`; a UserError becomes `error: ...` on one stderr line and exit status 2."""
+    try:
+        app()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def emit_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2, default=str))

@@ -1,0 +1,105 @@
+"""`featcache`: stage one. A thin skin over featcache.extract and featcache.info."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from featcache import ExtractConfig, extract, open_store
+from featcache.info import store_info
+from featcache.plan import human_bytes
+
+from .common import emit_json, make_app, run
+
+app = make_app("Run a frozen ViT over a dataset once; keep every tapped block's tokens in a Zarr store.")
+out = Console()
+
+
+@app.command("extract")
+def extract_cmd(
+    model: str = typer.Option(..., help="timm ViT name (optionally with a pretrained tag, e.g. "
+                              "vit_base_patch16_224.augreg2_in21k_ft_in1k) or an alias: vit_tiny, "
+                              "vit_small, vit_base, vit_large, deit_*, dinov2_small/base/large, "
+                              "dinov2_*_reg, clip_base, siglip_base."),
+    dataset: str = typer.Option(..., help="'demo' (1,500 embedded Fashion-MNIST images) or a folder in "
+                                "ImageFolder layout: <root>/<class>/<img>, optionally with a "
+                                "train/ val/ test/ level; without one, a seeded stratified "
+                                "train/val split is made."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Store folder. Default: ./cache/<dataset name>."),
+    weights: Optional[Path] = typer.Option(None, help="Local weights file (.safetensors, .pth) for "
+                                           "--model; position embeddings are resampled to the image size."),
+    random_init: bool = typer.Option(False, "--random-init", help="Seeded random weights: for trying the "
+                                     "pipeline offline; the features carry no pretrained knowledge."),
+    dtype: str = typer.Option("fp16", help="Stored precision: fp16 (half the bytes) or fp32 (exact)."),
+    batch_size: int = typer.Option(32, help="Images per backbone forward."),
+    device: str = typer.Option("cpu", help="cpu or cuda (or cuda:N)."),
+    limit: Optional[int] = typer.Option(None, help="At most N samples per split (class-balanced, "
+                                        "seeded): for quick tries on big datasets."),
+    img_size: Optional[int] = typer.Option(None, help="Input resolution instead of the model's "
+                                           "pretrained one (a multiple of the patch size)."),
+    taps: str = typer.Option("all", help="Blocks to keep: all, every:K, last:M, or indices like 3,7,11."),
+    seed: int = typer.Option(0, help="Seed for the train/val split, --limit and --random-init."),
+    val_fraction: float = typer.Option(0.2, help="Share of each class held out for val when the "
+                                       "dataset has no val/ folder."),
+    workers: int = typer.Option(2, help="DataLoader processes decoding images (0: in the main process)."),
+    force: bool = typer.Option(False, help="Write even if the store looks larger than the free space."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and the store size, write nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+) -> None:
+    """Extract every tapped block's tokens of MODEL over DATASET into a store.
+
+    Rerunning the same command continues an interrupted extraction from its last finished
+    shard; on a complete store it does nothing.
+    """
+    r = extract(ExtractConfig(model=model, dataset=dataset, out=out_path, weights=weights,
+                              random_init=random_init, dtype=dtype, batch_size=batch_size,
+                              device=device, limit=limit, img_size=img_size, taps=taps, seed=seed,
+                              val_fraction=val_fraction, workers=workers, force=force, dry_run=dry_run))
+    summary = {"path": str(r.path), "status": r.status, "bytes": r.plan.total, "written": r.written,
+               "skipped": r.skipped, "seconds": round(r.seconds, 2)}
+    if as_json:
+        emit_json(summary)
+        return
+    out.print(f"{r.status}: {r.path} ({human_bytes(r.plan.total)})"
+              + (f", {sum(r.written.values()):,} samples in {r.seconds:.1f} s" if r.written else ""))
+    for split, bad in r.skipped.items():
+        out.print(f"[yellow]skipped {len(bad)} unreadable input(s) in {split}[/]:")
+        for key, why in list(bad.items())[:10]:
+            out.print(f"  {key}: {why}")
+
+
+@app.command("info")
+def info_cmd(path: Path = typer.Argument(..., help="A store folder."),
+             as_json: bool = typer.Option(False, "--json", help="Print everything as JSON on stdout.")) -> None:
+    """Model, weights hash, taps, token layout, dtype, splits, size and completeness of a store."""
+    info = store_info(open_store(path))
+    if as_json:
+        emit_json(info)
+        return
+    lay = info["layout"]
+    t = Table(show_header=False, box=None)
+    t.add_row("model", info["model"])
+    t.add_row("weights", f"{info['weights']['source']} (sha256 {info['weights']['sha256'][:16]}...)")
+    t.add_row("dataset", f"{info['dataset']['source']}, {len(info['classes'])} classes")
+    t.add_row("taps", ",".join(map(str, info["taps"])))
+    t.add_row("tokens", f"{lay['tokens']} = {lay['prefix_tokens']} prefix + {lay['frames']} x "
+              f"{lay['grid'][0]} x {lay['grid'][1]} patches; width {lay['width']}; pool {lay['pool']}")
+    t.add_row("dtype", info["dtype"])
+    for name, s in info["splits"].items():
+        state = "complete" if s["complete"] else f"{s['shards_done']}/{s['shards']} shards"
+        t.add_row(f"split {name}", f"{s['n']:,} samples, {len(s['skipped'])} skipped, {state}")
+    t.add_row("size", human_bytes(info["bytes_on_disk"]))
+    t.add_row("complete", "yes" if info["complete"] else "no (rerun the extract command to finish)")
+    out.print(t)
+
+
+def main() -> None:
+    run(app)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""A store summarised: what `featcache info` prints and scripts read with --json."""
+
+from __future__ import annotations
+
+from .store import Store, disk_usage
+
+
+def store_info(store: Store) -> dict:
+    m = store.meta
+    splits = {}
+    for name in store.splits:
+        s = store.split(name)
+        splits[name] = {"n": s.n, "read": int((s.labels >= 0).sum()), "skipped": s.attrs["skipped"],
+                        "shards_done": int(s.done.sum()), "shards": len(s.done),
+                        "complete": s.complete}
+    return {"path": store.path, "format_version": m["format_version"],
+            "model": m["model"]["name"], "weights": m["weights"], "taps": m["taps"],
+            "layout": m["layout"], "dtype": m["dtype"], "transform": m["transform"],
+            "dataset": m["dataset"], "classes": m["classes"], "shard_size": m["shard_size"],
+            "splits": splits, "complete": store.complete, "bytes_on_disk": disk_usage(store.path),
+            "created": m["created"], "versions": m["versions"]}

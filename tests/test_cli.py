@@ -1,0 +1,42 @@
+"""The CLIs as a user meets them: bad input gives one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def cli(tool: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"cli.{tool}", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["featcache", "extract", "--model", "vit_tiny", "--dataset", "/no/such/folder", "--random-init"],
+     "dataset not found"),
+    (["featcache", "extract", "--model", "vit_tinny", "--dataset", "demo", "--random-init"],
+     "unknown model"),
+    (["sidetrain", "fit", "--cache", "."], "is not a featcache store"),
+])
+def test_bad_input_is_one_clear_line(args, expected, tmp_path):
+    r = cli(*args, cwd=tmp_path)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0]
+
+
+def test_extract_info_fit_from_the_command_line(tmp_path):
+    r = cli("featcache", "extract", "--model", "vit_tiny", "--random-init", "--img-size", "32",
+            "--dataset", "demo", "--limit", "10", "--out", "s", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["written"] == {"train": 10, "val": 10, "test": 10}
+    info = json.loads(cli("featcache", "info", "s", "--json", cwd=tmp_path).stdout)
+    assert info["complete"] and info["splits"]["train"]["n"] == 10 and info["dtype"] == "fp16"
+    r = cli("sidetrain", "fit", "--cache", "s", "--epochs", "1", "--rank", "4", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["method"] == "losa"
+    assert (tmp_path / "runs" / "s-losa-r4-s0" / "adapter.safetensors").is_file()

@@ -1,0 +1,77 @@
+"""LoSA and the loader: starts at the probe, matches end-to-end training, reads every sample."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import timm.data
+import torch
+from safetensors.torch import load_file
+
+from featcache import UserError, load_backbone, open_dataset, open_store
+from sidetrain import EndToEnd, FitConfig, ShardLoader, build_classifier, fit
+from sidetrain.train import train_step
+
+
+def test_losa_starts_exactly_at_the_linear_probe(fp32_store):
+    store = open_store(fp32_store)
+    z = torch.from_numpy(store.split("val").tokens[:8])
+    losa, linear = build_classifier("losa", store, 4, seed=3), build_classifier("linear", store, 4, seed=3)
+    torch.testing.assert_close(losa(z), linear(z), rtol=0, atol=0)
+    assert sum(p.numel() for p in losa.parameters()) > 10 * sum(p.numel() for p in linear.parameters())
+
+
+def test_cache_training_equals_end_to_end_training(fp32_store):
+    """Same seed, same batches: LoSA from the fp32 cache == LoSA with the backbone run live."""
+    store = open_store(fp32_store)
+    bb = load_backbone("vit_tiny", random_init=True, img_size=32)
+    tf = timm.data.create_transform(**bb.data_config, is_training=False)
+    images = open_dataset("demo", limit=24).splits["train"]
+    cached = build_classifier("losa", store, 4, seed=0)
+    live = EndToEnd(bb.model, store.taps, build_classifier("losa", store, 4, seed=0))
+    opt_c = torch.optim.AdamW(cached.parameters(), lr=1e-2)
+    opt_l = torch.optim.AdamW(live.classifier.parameters(), lr=1e-2)
+    loader = ShardLoader(store.split("train"), batch_size=8, shuffle=True, seed=0)
+    for epoch in range(2):
+        for b in loader.epoch(epoch):
+            x = torch.stack([tf(images.open(int(i)).convert("RGB")) for i in b.index])
+            train_step(cached, opt_c, b.tokens.float(), b.labels)
+            train_step(live, opt_l, x, b.labels)
+    assert any(p.abs().sum() > 0 for n, p in cached.named_parameters() if n.endswith("up.weight"))
+    for (name, a), b in zip(cached.state_dict().items(), live.classifier.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4, msg=name)
+
+
+def test_loader_visits_every_sample_once_in_a_seeded_order(fp32_store):
+    split = open_store(fp32_store).split("train")
+    tiny_buffer = split.tokens.nbytes // split.n * 5  # a few samples: forces many buffer fills
+    orders = {}
+    for seed in (0, 0, 1):
+        loader = ShardLoader(split, batch_size=5, shuffle=True, seed=seed, buffer_bytes=tiny_buffer)
+        seen = []
+        for b in loader.epoch(0):
+            np.testing.assert_array_equal(b.tokens.numpy(), split.tokens[:][b.index])
+            np.testing.assert_array_equal(b.labels.numpy(), split.labels[b.index])
+            seen.extend(b.index.tolist())
+        assert sorted(seen) == list(range(split.n))
+        orders.setdefault(seed, []).append(seen)
+    assert orders[0][0] == orders[0][1] != orders[1][0]
+
+
+def test_rank_beyond_the_dimensions_is_refused(fp32_store):
+    with pytest.raises(UserError, match="--rank"):
+        build_classifier("losa", open_store(fp32_store), 6, seed=0)  # only 5 tokens
+
+
+def test_fit_writes_a_complete_run(fp32_store, tmp_path):
+    r = fit(FitConfig(cache=fp32_store, method="losa", rank=4, epochs=2, batch_size=8, out=tmp_path / "run"))
+    files = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"config.json", "metrics.jsonl", "adapter.safetensors", "summary.json"} <= files
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+    adapter = load_file(str(tmp_path / "run" / "adapter.safetensors"))
+    assert sum(v.numel() for v in adapter.values()) == r.params  # trainable weights only
+    assert not any(k.startswith("readout") for k in adapter)
+    assert 0 <= r.val_acc <= 1 and r.test_acc is not None

@@ -1,0 +1,47 @@
+"""Dataset readers: ImageFolder with and without split folders, the demo set, --limit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from featcache import UserError, open_dataset
+
+from .conftest import make_image_folder
+
+
+def test_flat_folder_gets_a_seeded_stratified_split(image_folder):
+    a = open_dataset(str(image_folder), seed=0, val_fraction=0.34)
+    b = open_dataset(str(image_folder), seed=0, val_fraction=0.34)
+    c = open_dataset(str(image_folder), seed=5, val_fraction=0.34)
+    assert list(a.splits) == ["train", "val"] and a.classes == ["class0", "class1", "class2"]
+    assert np.bincount(a.splits["val"].labels).tolist() == [2, 2, 2]
+    assert a.splits["val"].keys == b.splits["val"].keys != c.splits["val"].keys
+    assert not set(a.splits["val"].keys) & set(a.splits["train"].keys)
+    assert a.splits["train"].open(0).size == (40, 40)
+
+
+def test_train_val_test_folders_are_used_as_given(tmp_path):
+    for split, n in (("train", 4), ("val", 2), ("test", 3)):
+        make_image_folder(tmp_path / "d" / split, per_class=n)
+    ds = open_dataset(str(tmp_path / "d"))
+    assert {k: len(v) for k, v in ds.splits.items()} == {"train": 12, "val": 6, "test": 9}
+    assert ds.splits["test"].keys[0] == "test/class0/img00.png"
+
+
+def test_limit_is_class_balanced_and_demo_is_real():
+    ds = open_dataset("demo", limit=20)
+    assert np.bincount(ds.splits["train"].labels).tolist() == [2] * 10
+    img = np.asarray(ds.splits["train"].open(0))
+    assert img.shape == (28, 28) and img.std() > 20  # a real photo of clothing, not a constant
+
+
+@pytest.mark.parametrize("spec", ["/definitely/not/here", "demo2"])
+def test_missing_dataset_is_a_clear_error(spec):
+    with pytest.raises(UserError, match="dataset not found"):
+        open_dataset(spec)
+
+
+def test_folder_without_classes_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="no class folders"):
+        open_dataset(str(tmp_path))

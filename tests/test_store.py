@@ -1,0 +1,106 @@
+"""The store written by extract: readable with plain zarr, exact, and honest about itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm.data
+import torch
+import zarr
+
+from featcache import ExtractConfig, UserError, extract, load_backbone, open_dataset, open_store
+from featcache.store import FORMAT_VERSION
+
+from .conftest import TINY
+
+
+def test_plain_zarr_reads_the_documented_layout(fp32_store):
+    root = zarr.open_group(str(fp32_store), mode="r")
+    meta = root.attrs["featcache"]
+    assert meta["format_version"] == FORMAT_VERSION
+    assert meta["taps"] == list(range(12)) and meta["dtype"] == "fp32" and meta["complete"]
+    assert meta["layout"]["tokens"] == 1 + 2 * 2 and meta["layout"]["width"] == 192
+    assert meta["model"]["name"].startswith("vit_tiny_patch16_224")
+    assert len(meta["weights"]["sha256"]) == 64
+    for split in ("train", "val", "test"):
+        g = root[split]
+        assert g["tokens"].shape == (24, 12, 5, 192) and g["tokens"].dtype == np.float32
+        assert g["labels"].dtype == np.int64 and set(g["labels"][:]) <= set(range(10))
+        assert all(k.startswith(f"fashion-mnist/{split}/") for k in g["keys"][:])
+        assert g["done"][:].all() and g.attrs["featcache"]["complete"]
+    assert root["backbone/norm.weight"].shape == (192,)
+
+
+def test_tokens_equal_timm_blocks_computed_independently(fp32_store):
+    store = open_store(fp32_store)
+    split = store.split("val")
+    bb = load_backbone("vit_tiny", random_init=True, img_size=32)
+    assert bb.weights["sha256"] == store.meta["weights"]["sha256"]
+    tf = timm.data.create_transform(**bb.data_config, is_training=False)
+    ds = open_dataset("demo", limit=24)
+    images = torch.stack([tf(ds.splits["val"].open(i).convert("RGB")) for i in range(6)])
+    m = bb.model
+    with torch.no_grad():
+        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
+        for i, block in enumerate(m.blocks):
+            x = block(x)
+            np.testing.assert_allclose(split.tokens[:6, i], x.numpy(), atol=1e-5, rtol=0)
+
+
+def test_fp16_store_is_the_rounded_fp32_store(fp32_store, tmp_path):
+    out = tmp_path / "fp16"
+    extract(ExtractConfig(dataset="demo", out=out, dtype="fp16", limit=24, **TINY))
+    a = open_store(fp32_store).split("train").tokens[:]
+    b = open_store(out).split("train").tokens[:]
+    assert b.dtype == np.float16
+    np.testing.assert_array_equal(a.astype(np.float16), b)
+
+
+def test_rerun_is_a_noop_and_other_settings_are_refused(fp32_store):
+    r = extract(ExtractConfig(dataset="demo", out=fp32_store, dtype="fp32", limit=24, **TINY))
+    assert r.status == "already complete" and not r.written
+    with pytest.raises(UserError, match="dtype"):
+        extract(ExtractConfig(dataset="demo", out=fp32_store, dtype="fp16", limit=24, **TINY))
+    with pytest.raises(UserError, match="weights"):
+        extract(ExtractConfig(dataset="demo", out=fp32_store, dtype="fp32", limit=24,
+                              **{**TINY, "seed": 1}))
+
+
+def test_missing_shard_is_recomputed_bit_for_bit(tmp_path):
+    out = tmp_path / "s"
+    cfg = ExtractConfig(dataset="demo", out=out, limit=24, **TINY)
+    extract(cfg)
+    before = open_store(out).split("val").tokens[:]
+    g = zarr.open_group(str(out), mode="r+")
+    g["val/done"][0] = False  # as if killed before the shard was durable
+    g["val/tokens"][:] = 0
+    r = extract(cfg)
+    assert r.status == "resumed" and r.written == {"val": 24}
+    np.testing.assert_array_equal(open_store(out).split("val").tokens[:], before)
+
+
+def test_dry_run_writes_nothing_and_size_is_checked(tmp_path, monkeypatch):
+    out = tmp_path / "dry"
+    r = extract(ExtractConfig(dataset="demo", out=out, limit=24, dry_run=True, **TINY))
+    assert r.status == "dry run" and not out.exists()
+    assert r.plan.total == 3 * 24 * 12 * 5 * 192 * 2
+    monkeypatch.setattr("featcache.plan.free_bytes", lambda p: 1000)
+    with pytest.raises(UserError, match="--force"):
+        extract(ExtractConfig(dataset="demo", out=out, limit=24, **TINY))
+    assert not out.exists()
+
+
+def test_unreadable_images_are_skipped_and_recorded(image_folder, tmp_path):
+    (image_folder / "class0" / "broken.png").write_bytes(b"not an image")
+    (image_folder / "class1" / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "bad"
+    r = extract(ExtractConfig(dataset=str(image_folder), out=out, **TINY))
+    skipped = {k for split in r.skipped.values() for k in split}
+    assert skipped == {"class0/broken.png", "class1/empty.jpg"}
+    store = open_store(out)
+    recorded = {k for s in store.splits for k in store.split(s).attrs["skipped"]}
+    assert recorded == skipped
+    for s in store.splits:
+        arr = store.split(s)
+        bad = np.isin(arr.keys, list(skipped))
+        assert (arr.labels[bad] == -1).all() and (arr.labels[~bad] >= 0).all()
