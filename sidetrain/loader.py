@@ -28,8 +28,10 @@ class Batch:
 
 class ShardLoader:
     def __init__(self, split: SplitArrays, batch_size: int, shuffle: bool, seed: int = 0,
-                 buffer_bytes: int = BUFFER_BYTES):
+                 buffer_bytes: int = BUFFER_BYTES, layers: list[int] | None = None):
+        """`layers`: positions among the store's taps to hand out (None: all of them)."""
         self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
+        self.layers = slice(None) if layers is None else np.asarray(layers)
         tokens = split.tokens
         shard_bytes = split.shard_size * int(np.prod(tokens.shape[1:])) * tokens.dtype.itemsize
         self.buffer_shards = max(1, buffer_bytes // shard_bytes)
@@ -58,14 +60,17 @@ class ShardLoader:
             yield group, [pool[i:i + self.batch_size] for i in range(0, cut, self.batch_size)], pool[cut:]
             carry = pool[cut:]
 
+    def _batch(self, data: np.ndarray, rows: np.ndarray, index: np.ndarray) -> Batch:
+        tokens = data[rows] if isinstance(self.layers, slice) else data[np.ix_(rows, self.layers)]
+        return Batch(torch.from_numpy(tokens), torch.from_numpy(self.split.labels[index]), index)
+
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
         if self.buffer_shards >= self.num_shards:  # the buffer holds it all: read it once
             if self._resident is None:
                 self._resident = self.split.tokens[:]
             for _, batches, _ in self.plan(epoch):
                 for b in batches:
-                    yield Batch(torch.from_numpy(self._resident[b]),
-                                torch.from_numpy(self.split.labels[b]), b)
+                    yield self._batch(self._resident, b, b)
             return
         ids = np.empty(0, dtype=np.int64)
         data = None
@@ -78,7 +83,6 @@ class ShardLoader:
             order = np.argsort(ids, kind="stable")
             sorted_ids = ids[order]
             for b in batches:
-                rows = order[np.searchsorted(sorted_ids, b)]
-                yield Batch(torch.from_numpy(data[rows]), torch.from_numpy(self.split.labels[b]), b)
+                yield self._batch(data, order[np.searchsorted(sorted_ids, b)], b)
             keep = order[np.searchsorted(sorted_ids, carry)]
             data, ids = data[keep], carry.copy()

@@ -117,8 +117,9 @@ def fit(cfg: FitConfig) -> FitResult:
     model = build_classifier(cfg.method, store, cfg.rank, cfg.seed).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    train = ShardLoader(store.split("train"), cfg.batch_size, shuffle=True, seed=cfg.seed)
-    val = ShardLoader(store.split(val_split), cfg.batch_size, shuffle=False)
+    layers = None if model.side is not None else [-1]  # a probe reads the last tap only
+    train = ShardLoader(store.split("train"), cfg.batch_size, shuffle=True, seed=cfg.seed, layers=layers)
+    val = ShardLoader(store.split(val_split), cfg.batch_size, shuffle=False, layers=layers)
     total = cfg.epochs * len(train)
     warmup = max(1, total // 20)
     (run / "config.json").write_text(json.dumps({
@@ -157,7 +158,8 @@ def fit(cfg: FitConfig) -> FitResult:
     model.load_state_dict(best_state)
     test_acc = None
     if "test" in store.splits and store.split("test").complete:
-        test_acc = evaluate(model, ShardLoader(store.split("test"), cfg.batch_size, False), device)[1]
+        test = ShardLoader(store.split("test"), cfg.batch_size, shuffle=False, layers=layers)
+        test_acc = evaluate(model, test, device)[1]
     save_file({k: v.contiguous().cpu() for k, v in best_state.items()}, str(run / "adapter.safetensors"),
               metadata={"method": cfg.method, "rank": str(cfg.rank), "epoch": str(best["epoch"])})
     result = FitResult(run=run, method=cfg.method, rank=cfg.rank if cfg.method == "losa" else None,
