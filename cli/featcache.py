@@ -34,7 +34,8 @@ def extract_cmd(
                                            "--model; position embeddings are resampled to the image size."),
     random_init: bool = typer.Option(False, "--random-init", help="Seeded random weights: for trying the "
                                      "pipeline offline; the features carry no pretrained knowledge."),
-    dtype: str = typer.Option("fp16", help="Stored precision: fp16 (half the bytes) or fp32 (exact)."),
+    dtype: str = typer.Option("fp16", help="Stored precision: fp16 (default), bf16, int8 (a quarter "
+                              "of fp32, ~0.5-0.8 % error; see docs/store-format.md) or fp32 (exact)."),
     batch_size: int = typer.Option(32, help="Images per backbone forward."),
     device: str = typer.Option("cpu", help="cpu or cuda (or cuda:N)."),
     limit: Optional[int] = typer.Option(None, help="At most N samples per split (class-balanced, "
@@ -46,6 +47,8 @@ def extract_cmd(
     val_fraction: float = typer.Option(0.2, help="Share of each class held out for val when the "
                                        "dataset has no val/ folder."),
     workers: int = typer.Option(2, help="DataLoader processes decoding images (0: in the main process)."),
+    shard_size: Optional[int] = typer.Option(None, help="Samples per shard file. Default: about "
+                                             "128 MiB per shard (at most 1024 samples)."),
     force: bool = typer.Option(False, help="Write even if the store looks larger than the free space."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and the store size, write nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
@@ -58,7 +61,8 @@ def extract_cmd(
     r = extract(ExtractConfig(model=model, dataset=dataset, out=out_path, weights=weights,
                               random_init=random_init, dtype=dtype, batch_size=batch_size,
                               device=device, limit=limit, img_size=img_size, taps=taps, seed=seed,
-                              val_fraction=val_fraction, workers=workers, force=force, dry_run=dry_run))
+                              val_fraction=val_fraction, workers=workers, shard_size=shard_size,
+                              force=force, dry_run=dry_run))
     summary = {"path": str(r.path), "status": r.status, "bytes": r.plan.total, "written": r.written,
                "skipped": r.skipped, "seconds": round(r.seconds, 2)}
     if as_json:

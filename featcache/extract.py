@@ -10,6 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,11 +21,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
+from .codec import DTYPES, STORAGE, calibrate, encode
 from .errors import UserError
+from .lock import LOCK_NAME, StoreLock
 from .models import Backbone, load_backbone
 from .plan import StorePlan, human_bytes, make_plan
 from .sources import Dataset, Split, open_dataset
-from .store import DTYPES, Store, create_store, mark_complete, open_store, write_shard
+from .store import (Store, create_store, is_partial_layout, mark_complete, open_store,
+                    shard_size_for, write_shard)
 from .taps import forward_taps, parse_taps
 
 console = Console(stderr=True)
@@ -37,7 +41,7 @@ class ExtractConfig:
     out: Path | None = None  # default: ./cache/<dataset name>
     weights: Path | None = None
     random_init: bool = False
-    dtype: str = "fp16"
+    dtype: str = "fp16"  # fp16 | bf16 | int8 | fp32
     batch_size: int = 32
     device: str = "cpu"
     limit: int | None = None
@@ -46,6 +50,7 @@ class ExtractConfig:
     seed: int = 0
     val_fraction: float = 0.2
     workers: int = 2
+    shard_size: int | None = None  # samples per shard file; default: about 128 MiB per shard
     force: bool = False
     dry_run: bool = False
 
@@ -109,18 +114,22 @@ def _differences(store: Store, settings: dict, ds: Dataset) -> list[str]:
     return diffs
 
 
-def _open_or_create(out: Path, settings: dict, ds: Dataset, backbone: Backbone,
-                    plan: StorePlan) -> Store:
-    """A fresh store, or the existing one at `out` when it was made with the same settings."""
-    if out.exists() and any(out.iterdir()):
+def _open_or_create(out: Path, settings: dict, ds: Dataset, backbone: Backbone, plan: StorePlan,
+                    shard_size: int | None, calibration: Callable[[], np.ndarray | None]) -> Store:
+    """The existing store at `out` when it was made with the same settings, else a new one."""
+    if (out / "zarr.json").exists() and not is_partial_layout(out):
         store = open_store(out, mode="r+")
         diffs = _differences(store, settings, ds)
         if diffs:
             raise UserError(f"{out} already holds a store made with other settings; use another "
                             "--out or delete it. Differences: " + "; ".join(diffs))
         return store
+    if out.exists() and not (out / "zarr.json").exists() and any(
+            p.name != LOCK_NAME for p in out.iterdir()):
+        raise UserError(f"{out} exists and is not a featcache store; choose another --out.")
     splits = {name: (len(s), s.fingerprint()) for name, s in ds.splits.items()}
-    return create_store(out, settings, splits, backbone.final_norms(), plan.bytes_per_sample)
+    shard = shard_size or shard_size_for(plan.bytes_per_sample, max(n for n, _ in splits.values()))
+    return create_store(out, settings, splits, backbone.final_norms(), shard, calibration())
 
 
 def _shard_batches(store: Store, names: list[str], batch_size: int) -> list[list]:
@@ -170,8 +179,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     """Run stage one as configured; see ExtractConfig and `featcache extract --help`."""
     if cfg.dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not '{cfg.dtype}'")
-    if cfg.batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
+    if cfg.batch_size < 1 or (cfg.shard_size is not None and cfg.shard_size < 1):
+        raise UserError("--batch-size and --shard-size must be at least 1")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but torch sees no CUDA device here.")
     ds = open_dataset(cfg.dataset, cfg.seed, cfg.val_fraction, cfg.limit)
@@ -183,28 +192,44 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     taps = parse_taps(cfg.taps, len(backbone.blocks))
     layout = backbone.layout()
     plan = make_plan({k: len(v) for k, v in ds.splits.items()}, len(taps), layout.tokens,
-                     layout.width, DTYPES[cfg.dtype], out)
+                     layout.width, cfg.dtype, out)
     console.print(plan.describe())
     result = ExtractResult(path=out, plan=plan)
     if cfg.dry_run:
         result.status = "dry run"
         return result
     settings = _settings(backbone, ds, taps, cfg)
-    existed = out.exists() and any(out.iterdir())
+    existed = (out / "zarr.json").exists()
     if not existed:
         plan.check_fits(cfg.force)
-    store = _open_or_create(out, settings, ds, backbone, plan)
-    names = list(ds.splits)
-    batches = _shard_batches(store, names, cfg.batch_size)
-    if not batches:
-        result.status = "already complete"
-        console.print(f"{out} is already complete: nothing to do.")
-        return result
-    result.status = "resumed" if existed else "written"
-    _run(cfg, backbone, store, ds, names, taps, batches, result)
-    for name in names:
-        mark_complete(store, name)
-    mark_complete(store)
+    device = torch.device(cfg.device)
+    backbone.model.to(device)
+    transform = timm.data.create_transform(**backbone.data_config, is_training=False)
+    images = _Images([ds.splits[n] for n in ds.splits], transform)
+
+    def calibration() -> np.ndarray | None:
+        """int8 only: channel scales from the first batch of the first split (deterministic)."""
+        if cfg.dtype != "int8":
+            return None
+        n = min(cfg.batch_size, len(images.splits[0]))
+        batch = _collate([images[(0, i)] for i in range(n)])[1]
+        if batch is None:
+            raise UserError("int8 calibration needs readable images at the start of the first split.")
+        return calibrate(forward_taps(backbone.model, batch.to(device), taps))
+
+    with StoreLock(out):
+        store = _open_or_create(out, settings, ds, backbone, plan, cfg.shard_size, calibration)
+        names = list(ds.splits)
+        batches = _shard_batches(store, names, cfg.batch_size)
+        if not batches:
+            result.status = "already complete"
+            console.print(f"{out} is already complete: nothing to do.")
+            return result
+        result.status = "resumed" if existed else "written"
+        _run(cfg, backbone, store, images, ds, names, taps, batches, result)
+        for name in names:
+            mark_complete(store, name)
+        mark_complete(store)
     return result
 
 
@@ -216,31 +241,36 @@ class _Shard:
     index: int
     lo: int
     tokens: np.ndarray
+    scales: np.ndarray | None
     labels: np.ndarray
     keys: list[str]
     skipped: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def empty(cls, name: str, split: Split, index: int, size: int, shape: tuple, dtype) -> "_Shard":
+    def empty(cls, name: str, split: Split, index: int, size: int, shape: tuple, dtype: str
+              ) -> "_Shard":
         lo, hi = index * size, min((index + 1) * size, len(split))
-        return cls(name, index, lo, np.zeros((hi - lo, *shape), dtype),
+        scales = np.zeros((hi - lo, *shape[:2]), np.float32) if dtype == "int8" else None
+        return cls(name, index, lo, np.zeros((hi - lo, *shape), STORAGE[dtype]), scales,
                    split.labels[lo:hi].copy(), split.keys[lo:hi])
 
-    def fill(self, items: list, z: torch.Tensor | None, ok: np.ndarray, reasons: list[str]) -> None:
+    def fill(self, items: list, encoded: tuple | None, ok: np.ndarray, reasons: list[str]) -> None:
         rows = np.array([i for _, i in items]) - self.lo
-        if z is not None:
-            self.tokens[rows[ok]] = z.to(torch.float32).cpu().numpy().astype(self.tokens.dtype)
+        if encoded is not None:
+            self.tokens[rows[ok]] = encoded[0]
+            if self.scales is not None:
+                self.scales[rows[ok]] = encoded[1]
         for r, why in zip(rows[~ok], np.array(reasons, dtype=object)[~ok]):
             self.labels[r] = -1
             self.skipped[self.keys[r]] = why
 
 
-def _run(cfg: ExtractConfig, backbone: Backbone, store: Store, ds: Dataset, names: list[str],
-         taps: list[int], batches: list[list], result: ExtractResult) -> None:
+def _run(cfg: ExtractConfig, backbone: Backbone, store: Store, images: _Images, ds: Dataset,
+         names: list[str], taps: list[int], batches: list[list], result: ExtractResult) -> None:
     device = torch.device(cfg.device)
-    model = backbone.model.to(device)
-    transform = timm.data.create_transform(**backbone.data_config, is_training=False)
-    loader = DataLoader(_Images([ds.splits[n] for n in names], transform), batch_sampler=batches,
+    model = backbone.model
+    channel_scale = store.channel_scale
+    loader = DataLoader(images, batch_sampler=batches,
                         num_workers=cfg.workers, collate_fn=_collate,
                         pin_memory=device.type == "cuda")
     layout = backbone.layout()
@@ -254,16 +284,17 @@ def _run(cfg: ExtractConfig, backbone: Backbone, store: Store, ds: Dataset, name
     with Progress(*columns, console=console) as bar:
         task = bar.add_task(f"extract -> {result.path}", total=sum(map(len, batches)), rate="")
         done = 0
-        for items, images, ok, reasons in loader:
+        for items, batch, ok, reasons in loader:
             sid, first = items[0]
             if shard is not None and (shard.split, shard.index) != (names[sid], first // sizes[sid]):
                 _flush(writer, shard, result)
                 shard = None
             if shard is None:
                 shard = _Shard.empty(names[sid], ds.splits[names[sid]], first // sizes[sid],
-                                     sizes[sid], shape, DTYPES[cfg.dtype])
-            z = None if images is None else forward_taps(model, images.to(device, non_blocking=True), taps)
-            shard.fill(items, z, ok, reasons)
+                                     sizes[sid], shape, cfg.dtype)
+            encoded = None if batch is None else encode(
+                forward_taps(model, batch.to(device, non_blocking=True), taps), cfg.dtype, channel_scale)
+            shard.fill(items, encoded, ok, reasons)
             done += len(items)
             dt = time.perf_counter() - t0
             bar.update(task, completed=done, rate=f"{done / dt:.1f} img/s, "
@@ -275,7 +306,8 @@ def _run(cfg: ExtractConfig, backbone: Backbone, store: Store, ds: Dataset, name
 
 
 def _flush(writer: _ShardWriter, shard: _Shard, result: ExtractResult) -> None:
-    writer.put(shard.split, shard.index, shard.tokens, shard.labels, shard.keys, shard.skipped)
+    writer.put(shard.split, shard.index, shard.tokens, shard.scales, shard.labels, shard.keys,
+               shard.skipped)
     result.written[shard.split] = result.written.get(shard.split, 0) + len(shard.labels)
     if shard.skipped:
         result.skipped.setdefault(shard.split, {}).update(shard.skipped)

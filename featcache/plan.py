@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .codec import STORAGE
 from .errors import UserError
 
 
@@ -26,11 +27,12 @@ class StorePlan:
     tokens: int
     width: int
     itemsize: int
+    scale_bytes: int  # per token per tap: the int8 scales (0 for other dtypes)
     free: int  # bytes free on the filesystem that will hold the store
 
     @property
     def bytes_per_sample(self) -> int:
-        return self.taps * self.tokens * self.width * self.itemsize
+        return self.taps * self.tokens * (self.width * self.itemsize + self.scale_bytes)
 
     @property
     def total(self) -> int:
@@ -40,7 +42,9 @@ class StorePlan:
         n = sum(self.splits.values())
         per_split = ", ".join(f"{k} {v:,}" for k, v in self.splits.items())
         return (f"store size: {n:,} samples ({per_split}) x {self.taps} taps x {self.tokens} "
-                f"tokens x {self.width} channels x {self.itemsize} B = {human_bytes(self.total)} "
+                f"tokens x {self.width} channels x {self.itemsize} B"
+                + (f" (+ {self.scale_bytes} B scale per token)" if self.scale_bytes else "")
+                + f" = {human_bytes(self.total)} "
                 f"({human_bytes(self.bytes_per_sample)} per sample); free: {human_bytes(self.free)}")
 
     def check_fits(self, force: bool) -> None:
@@ -61,5 +65,7 @@ def free_bytes(path: Path) -> int:
 
 def make_plan(splits: dict[str, int], taps: int, tokens: int, width: int, dtype: str,
               out: Path) -> StorePlan:
+    """`dtype`: one of codec.DTYPES."""
     return StorePlan(splits=splits, taps=taps, tokens=tokens, width=width,
-                     itemsize=np.dtype(dtype).itemsize, free=free_bytes(out))
+                     itemsize=np.dtype(STORAGE[dtype]).itemsize,
+                     scale_bytes=4 if dtype == "int8" else 0, free=free_bytes(out))

@@ -3,9 +3,11 @@
     <root>/            attrs["featcache"]: format_version, model, weights, transform, taps,
                        layout, dtype, classes, dataset, shard_size, versions, created, complete
       backbone/        frozen pieces sidetrain needs: norm.weight/bias, fc_norm.weight/bias
+      channel_scale    (L, D) float32, int8 stores only (see codec.py)
       <split>/         attrs["featcache"]: n, fingerprint, complete, skipped {key: reason}
-        tokens (N, L, T, D)  float16|float32; shards of S samples, inner chunks of 1 sample,
-                             crc32c on every chunk and on every shard index
+        tokens (N, L, T, D)  float16 | float32 | uint16 (bf16 bits) | int8; shards of S
+                             samples, inner chunks of 1 sample, crc32c on every chunk
+        scales (N, L, T)     float32, int8 stores only
         labels (N,)          int64; -1 marks a sample that could not be read
         keys   (N,)          string: relative path or source id
         done   (N/S,)        bool: set only after that shard's tokens, labels, keys are written
@@ -25,12 +27,12 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from .codec import STORAGE
 from .errors import UserError
 from .models import TokenLayout
 
 FORMAT_VERSION = 1
 ATTR = "featcache"
-DTYPES = {"fp16": "float16", "fp32": "float32"}
 SHARD_BYTES = 128 * 2**20  # aim for ~128 MiB shard files: few files, cheap to copy and sync
 
 
@@ -48,6 +50,7 @@ class SplitArrays:
 
     name: str
     tokens: zarr.Array
+    scales: zarr.Array | None  # int8 only: one scale per token per layer
     labels: np.ndarray
     keys: np.ndarray
     done: np.ndarray
@@ -99,8 +102,17 @@ class Store:
             raise UserError(f"store {self.path} has no split '{name}' (it has: "
                             f"{', '.join(self.splits)}).")
         g = self.group[name]
-        return SplitArrays(name=name, tokens=g["tokens"], labels=g["labels"][:],
+        return SplitArrays(name=name, tokens=g["tokens"], scales=g.get("scales"), labels=g["labels"][:],
                            keys=g["keys"][:], done=g["done"][:], attrs=dict(g.attrs[ATTR]))
+
+    @property
+    def dtype(self) -> str:
+        return self.meta["dtype"]
+
+    @property
+    def channel_scale(self) -> np.ndarray | None:
+        """int8 stores: the per-layer, per-channel calibration scale (L, D)."""
+        return self.group["channel_scale"][:] if self.dtype == "int8" else None
 
     def norms(self) -> dict[str, dict]:
         """The backbone's frozen final norms, in the form `Backbone.final_norms` returns."""
@@ -137,30 +149,40 @@ def open_store(path: str | Path, mode: str = "r") -> Store:
 
 
 def create_store(path: Path, meta: dict, splits: dict[str, tuple[int, str]],
-                 norms: dict[str, dict], bytes_per_sample: int) -> Store:
+                 norms: dict[str, dict], shard: int, channel_scale: np.ndarray | None = None
+                 ) -> Store:
     """Lay out an empty store: every array is created up front, filled shard by shard.
 
-    `splits` maps split name -> (sample count, source fingerprint).
+    `splits` maps split name -> (sample count, source fingerprint); `shard` is S.
     """
     layout = TokenLayout.from_dict(meta["layout"])
     shape_tail = (len(meta["taps"]), layout.tokens, layout.width)
-    dtype = DTYPES[meta["dtype"]]
-    shard = shard_size_for(bytes_per_sample, max(n for n, _ in splits.values()))
-    root = zarr.open_group(str(path), mode="w-")
-    backbone = root.create_group("backbone")
+    dtype = STORAGE[meta["dtype"]]
+    # mode "a" + overwrite: a layout interrupted half-way is simply laid out again, and the
+    # writer's lock file in the folder survives (mode "w" would delete it).
+    root = zarr.open_group(str(path), mode="a")
+    if meta["dtype"] == "int8":
+        root.create_array("channel_scale", data=np.asarray(channel_scale, dtype=np.float32),
+                          overwrite=True)
+    backbone = root.create_group("backbone", overwrite=True)
     norm_attrs = {}
     for name, spec in norms.items():
         norm_attrs[name] = {k: v for k, v in spec.items() if k not in ("weight", "bias")}
         if spec["type"] == "layernorm":
             for part in ("weight", "bias"):
                 arr = np.asarray(spec[part], dtype=np.float32)
-                backbone.create_array(f"{name}.{part}", data=arr)
+                backbone.create_array(f"{name}.{part}", data=arr, overwrite=True)
     backbone.attrs[ATTR] = norm_attrs
     for name, (n, fingerprint) in splits.items():
         s = min(shard, n)
-        g = root.create_group(name)
+        g = root.create_group(name, overwrite=True)
         g.create_array("tokens", shape=(n, *shape_tail), dtype=dtype, chunks=(1, *shape_tail),
-                       shards=(s, *shape_tail), compressors=[Crc32cCodec()], fill_value=0)
+                       shards=(s, *shape_tail), compressors=[Crc32cCodec()], fill_value=0,
+                       attributes={ATTR: {"encoding": meta["dtype"]}})
+        if meta["dtype"] == "int8":
+            g.create_array("scales", shape=(n, *shape_tail[:2]), dtype="float32",
+                           chunks=(1, *shape_tail[:2]), shards=(s, *shape_tail[:2]),
+                           compressors=[Crc32cCodec()], fill_value=0)
         g.create_array("labels", shape=(n,), dtype="int64", chunks=(s,), fill_value=-1)
         g.create_array("keys", shape=(n,), dtype=str, chunks=(s,))
         g.create_array("done", shape=(math.ceil(n / s),), dtype=bool, chunks=(1,), fill_value=False)
@@ -172,14 +194,17 @@ def create_store(path: Path, meta: dict, splits: dict[str, tuple[int, str]],
     return Store(root, str(path))
 
 
-def write_shard(store: Store, split: str, index: int, tokens: np.ndarray, labels: np.ndarray,
-                keys: list[str], skipped: dict[str, str]) -> None:
+def write_shard(store: Store, split: str, index: int, tokens: np.ndarray,
+                scales: np.ndarray | None, labels: np.ndarray, keys: list[str],
+                skipped: dict[str, str]) -> None:
     """Write shard `index` of `split` whole (one shard file, no read-modify-write), then flag it
     done: a shard whose flag is set is durable, one whose flag is not is rewritten on resume."""
     g = store.group[split]
     s = g["tokens"].shards[0]
     lo, hi = index * s, index * s + len(labels)
     g["tokens"][lo:hi] = tokens
+    if scales is not None:
+        g["scales"][lo:hi] = scales
     g["labels"][lo:hi] = labels
     g["keys"][lo:hi] = np.array(keys, dtype=str)
     if skipped:
@@ -197,6 +222,14 @@ def mark_complete(store: Store, split: str | None = None) -> None:
     g.attrs[ATTR] = attrs
     if split is None:
         store.meta = attrs
+
+
+def is_partial_layout(path: Path) -> bool:
+    """A folder where create_store began but never wrote the root attributes."""
+    try:
+        return not zarr.open_group(str(path), mode="r").attrs.asdict()
+    except Exception:
+        return False
 
 
 def disk_usage(path: str | Path) -> int:

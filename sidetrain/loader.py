@@ -3,7 +3,8 @@
 Reading one sample per zarr call is dominated by per-call overhead (~100 MB/s here), so
 we read shards whole, shuffle the shard order, and shuffle samples inside a buffer of a
 few shards. The order is a pure function of (seed, epoch), which lets the end-to-end
-reference (and any resumed run) replay exactly the same batches.
+reference (and any resumed run) replay exactly the same batches. Tokens leave the loader
+decoded to float32 on the training device (bf16 and int8 are expanded there, not on the CPU).
 """
 
 from __future__ import annotations
@@ -14,30 +15,36 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from featcache.store import SplitArrays
+from featcache.codec import decode
+from featcache.store import Store
 
 BUFFER_BYTES = 512 * 2**20
 
 
 @dataclass
 class Batch:
-    tokens: torch.Tensor  # (B, L, T, D), the store's dtype
-    labels: torch.Tensor  # (B,) int64
+    tokens: torch.Tensor  # (B, L, T, D) float32, on the device
+    labels: torch.Tensor  # (B,) int64, on the device
     index: np.ndarray  # sample indices in the split
 
 
 class ShardLoader:
-    def __init__(self, split: SplitArrays, batch_size: int, shuffle: bool, seed: int = 0,
-                 buffer_bytes: int = BUFFER_BYTES, layers: list[int] | None = None):
+    def __init__(self, store: Store, split: str, batch_size: int, shuffle: bool, seed: int = 0,
+                 buffer_bytes: int = BUFFER_BYTES, layers: list[int] | None = None,
+                 device: str | torch.device = "cpu"):
         """`layers`: positions among the store's taps to hand out (None: all of them)."""
-        self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
+        self.split = store.split(split)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.dtype, self.device = store.dtype, torch.device(device)
         self.layers = slice(None) if layers is None else np.asarray(layers)
-        tokens = split.tokens
-        shard_bytes = split.shard_size * int(np.prod(tokens.shape[1:])) * tokens.dtype.itemsize
-        self.buffer_shards = max(1, buffer_bytes // shard_bytes)
-        self.num_shards = -(-split.n // split.shard_size)
-        self.valid = split.labels >= 0  # unreadable inputs were stored with label -1
-        self._resident: np.ndarray | None = None  # the whole split, when it fits the buffer
+        cs = store.channel_scale
+        self.channel_scale = None if cs is None else torch.from_numpy(cs[self.layers]).to(self.device)
+        self.arrays = [a for a in (self.split.tokens, self.split.scales) if a is not None]
+        sample_bytes = sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize for a in self.arrays)
+        self.buffer_shards = max(1, buffer_bytes // (self.split.shard_size * sample_bytes))
+        self.num_shards = -(-self.split.n // self.split.shard_size)
+        self.valid = self.split.labels >= 0  # unreadable inputs were stored with label -1
+        self._resident: list[np.ndarray] | None = None  # the whole split, when it fits the buffer
 
     def __len__(self) -> int:
         return -(-int(self.valid.sum()) // self.batch_size)
@@ -60,29 +67,35 @@ class ShardLoader:
             yield group, [pool[i:i + self.batch_size] for i in range(0, cut, self.batch_size)], pool[cut:]
             carry = pool[cut:]
 
-    def _batch(self, data: np.ndarray, rows: np.ndarray, index: np.ndarray) -> Batch:
-        tokens = data[rows] if isinstance(self.layers, slice) else data[np.ix_(rows, self.layers)]
-        return Batch(torch.from_numpy(tokens), torch.from_numpy(self.split.labels[index]), index)
+    def _batch(self, data: list[np.ndarray], rows: np.ndarray, index: np.ndarray) -> Batch:
+        if isinstance(self.layers, slice):
+            parts = [d[rows] for d in data]
+        else:
+            parts = [d[np.ix_(rows, self.layers)] for d in data]
+        stored = [torch.from_numpy(p).to(self.device, non_blocking=True) for p in parts]
+        tokens = decode(stored[0], self.dtype, stored[1] if len(stored) > 1 else None,
+                        self.channel_scale)
+        labels = torch.from_numpy(self.split.labels[index]).to(self.device, non_blocking=True)
+        return Batch(tokens, labels, index)
 
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
         if self.buffer_shards >= self.num_shards:  # the buffer holds it all: read it once
             if self._resident is None:
-                self._resident = self.split.tokens[:]
+                self._resident = [a[:] for a in self.arrays]
             for _, batches, _ in self.plan(epoch):
                 for b in batches:
                     yield self._batch(self._resident, b, b)
             return
         ids = np.empty(0, dtype=np.int64)
-        data = None
+        data: list[np.ndarray] = []
         for group, batches, carry in self.plan(epoch):
-            parts = [self.split.tokens[r[0]:r[-1] + 1] for r in map(self._shard_range, group)]
-            if data is not None:
-                parts.insert(0, data)
-            data = np.concatenate(parts)
-            ids = np.concatenate([ids, *map(self._shard_range, group)])
+            ranges = [self._shard_range(k) for k in group]
+            data = [np.concatenate(([data[i]] if data else []) + [a[r[0]:r[-1] + 1] for r in ranges])
+                    for i, a in enumerate(self.arrays)]
+            ids = np.concatenate([ids, *ranges])
             order = np.argsort(ids, kind="stable")
             sorted_ids = ids[order]
             for b in batches:
                 yield self._batch(data, order[np.searchsorted(sorted_ids, b)], b)
             keep = order[np.searchsorted(sorted_ids, carry)]
-            data, ids = data[keep], carry.copy()
+            data, ids = [d[keep] for d in data], carry.copy()

@@ -28,10 +28,13 @@ class LowRankMixer(nn.Module):
         self.channel_up = nn.Linear(rank, width)
         self.token_norm = nn.LayerNorm(width)
         self.token_down = nn.Linear(tokens, rank)
-        self.token_up = nn.Linear(rank, tokens)
-        for up in (self.channel_up, self.token_up):
-            nn.init.zeros_(up.weight)
-            nn.init.zeros_(up.bias)
+        # No bias here: it would add a per-token constant across channels, which every
+        # LayerNorm downstream removes. Its gradient is exactly zero, and Adam turns the
+        # rounding noise in such a gradient into full-size random steps.
+        self.token_up = nn.Linear(rank, tokens, bias=False)
+        nn.init.zeros_(self.channel_up.weight)
+        nn.init.zeros_(self.channel_up.bias)
+        nn.init.zeros_(self.token_up.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.channel_up(F.gelu(self.channel_down(self.channel_norm(x))))

@@ -70,13 +70,12 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, z: torch.Tensor, y:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: ShardLoader, device: torch.device) -> tuple[float, float]:
+def evaluate(model: nn.Module, loader: ShardLoader) -> tuple[float, float]:
     """(mean loss, accuracy) over a split, in the store's order."""
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
     for b in loader.epoch(0):
-        logits = model(b.tokens.to(device).float())
-        y = b.labels.to(device)
+        logits, y = model(b.tokens), b.labels
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         n += len(y)
@@ -118,8 +117,9 @@ def fit(cfg: FitConfig) -> FitResult:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     layers = None if model.side is not None else [-1]  # a probe reads the last tap only
-    train = ShardLoader(store.split("train"), cfg.batch_size, shuffle=True, seed=cfg.seed, layers=layers)
-    val = ShardLoader(store.split(val_split), cfg.batch_size, shuffle=False, layers=layers)
+    train = ShardLoader(store, "train", cfg.batch_size, shuffle=True, seed=cfg.seed, layers=layers,
+                        device=device)
+    val = ShardLoader(store, val_split, cfg.batch_size, shuffle=False, layers=layers, device=device)
     total = cfg.epochs * len(train)
     warmup = max(1, total // 20)
     (run / "config.json").write_text(json.dumps({
@@ -136,13 +136,13 @@ def fit(cfg: FitConfig) -> FitResult:
         for b in train.epoch(epoch):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, cfg.lr, warmup)
-            loss = train_step(model, opt, b.tokens.to(device).float(), b.labels.to(device))
+            loss = train_step(model, opt, b.tokens, b.labels)
             if not math.isfinite(loss):
                 raise UserError(f"loss became {loss} at epoch {epoch}, step {step}; lower --lr. "
                                 f"The best epoch so far is {best.get('epoch')} (not saved).")
             train_loss += loss / len(train)
             step += 1
-        val_loss, val_acc = evaluate(model, val, device)
+        val_loss, val_acc = evaluate(model, val)
         row = {"epoch": epoch, "step": step, "train_loss": train_loss, "val_loss": val_loss,
                "val_acc": val_acc, "seconds": time.perf_counter() - t0}
         history.append(row)
@@ -158,8 +158,8 @@ def fit(cfg: FitConfig) -> FitResult:
     model.load_state_dict(best_state)
     test_acc = None
     if "test" in store.splits and store.split("test").complete:
-        test = ShardLoader(store.split("test"), cfg.batch_size, shuffle=False, layers=layers)
-        test_acc = evaluate(model, test, device)[1]
+        test = ShardLoader(store, "test", cfg.batch_size, shuffle=False, layers=layers, device=device)
+        test_acc = evaluate(model, test)[1]
     save_file({k: v.contiguous().cpu() for k, v in best_state.items()}, str(run / "adapter.safetensors"),
               metadata={"method": cfg.method, "rank": str(cfg.rank), "epoch": str(best["epoch"])})
     result = FitResult(run=run, method=cfg.method, rank=cfg.rank if cfg.method == "losa" else None,

@@ -34,7 +34,8 @@ def image_folder(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def fp32_store(tmp_path_factory) -> Path:
-    """24 demo images per split, a random-init ViT-Ti at 32 px, every block, exact fp32."""
+    """24 demo images per split, a random-init ViT-Ti at 32 px, every block, exact fp32,
+    shards of 5 samples (the last one partial)."""
     out = tmp_path_factory.mktemp("stores") / "demo32"
-    extract(ExtractConfig(dataset="demo", out=out, dtype="fp32", limit=24, **TINY))
+    extract(ExtractConfig(dataset="demo", out=out, dtype="fp32", limit=24, shard_size=5, **TINY))
     return out

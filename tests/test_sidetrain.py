@@ -31,13 +31,13 @@ def test_cache_training_equals_end_to_end_training(fp32_store):
     images = open_dataset("demo", limit=24).splits["train"]
     cached = build_classifier("losa", store, 4, seed=0)
     live = EndToEnd(bb.model, store.taps, build_classifier("losa", store, 4, seed=0))
-    opt_c = torch.optim.AdamW(cached.parameters(), lr=1e-2)
-    opt_l = torch.optim.AdamW(live.classifier.parameters(), lr=1e-2)
-    loader = ShardLoader(store.split("train"), batch_size=8, shuffle=True, seed=0)
+    opt_c = torch.optim.AdamW(cached.parameters(), lr=1e-3)
+    opt_l = torch.optim.AdamW(live.classifier.parameters(), lr=1e-3)
+    loader = ShardLoader(store, "train", batch_size=8, shuffle=True, seed=0)
     for epoch in range(2):
         for b in loader.epoch(epoch):
             x = torch.stack([tf(images.open(int(i)).convert("RGB")) for i in b.index])
-            train_step(cached, opt_c, b.tokens.float(), b.labels)
+            train_step(cached, opt_c, b.tokens, b.labels)
             train_step(live, opt_l, x, b.labels)
     assert any(p.abs().sum() > 0 for n, p in cached.named_parameters() if n.endswith("up.weight"))
     for (name, a), b in zip(cached.state_dict().items(), live.classifier.state_dict().values()):
@@ -45,11 +45,14 @@ def test_cache_training_equals_end_to_end_training(fp32_store):
 
 
 def test_loader_visits_every_sample_once_in_a_seeded_order(fp32_store):
-    split = open_store(fp32_store).split("train")
-    tiny_buffer = split.tokens.nbytes // split.n * 5  # a few samples: forces many buffer fills
+    store = open_store(fp32_store)
+    split = store.split("train")
+    tiny_buffer = split.tokens.nbytes // split.n * 5  # one 5-sample shard: many buffer fills
     orders = {}
     for seed in (0, 0, 1):
-        loader = ShardLoader(split, batch_size=5, shuffle=True, seed=seed, buffer_bytes=tiny_buffer)
+        loader = ShardLoader(store, "train", batch_size=4, shuffle=True, seed=seed,
+                             buffer_bytes=tiny_buffer)
+        assert loader.buffer_shards == 1 < loader.num_shards
         seen = []
         for b in loader.epoch(0):
             np.testing.assert_array_equal(b.tokens.numpy(), split.tokens[:][b.index])

@@ -57,7 +57,7 @@ def test_fp16_store_is_the_rounded_fp32_store(fp32_store, tmp_path):
 
 
 def test_rerun_is_a_noop_and_other_settings_are_refused(fp32_store):
-    r = extract(ExtractConfig(dataset="demo", out=fp32_store, dtype="fp32", limit=24, **TINY))
+    r = extract(ExtractConfig(dataset="demo", out=fp32_store, dtype="fp32", limit=24, shard_size=5, **TINY))
     assert r.status == "already complete" and not r.written
     with pytest.raises(UserError, match="dtype"):
         extract(ExtractConfig(dataset="demo", out=fp32_store, dtype="fp16", limit=24, **TINY))

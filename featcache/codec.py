@@ -1,0 +1,59 @@
+"""How tokens are stored: fp16, bf16 (as uint16 bits), int8 (+ scales) or fp32.
+
+int8 must survive ViTs' outlier channels (a few channels 10-100x larger than the rest).
+Measured on real DINOv2 ViT-S/14 tokens (benchmarks/int8_error.py, docs/store-format.md):
+a scale per token alone gives 1.3-2.2 % relative error per layer, because one outlier
+channel sets every token's step. Dividing each channel by its absolute maximum over a
+calibration batch first (a per-layer, per-channel scale stored once in the store) and then
+taking the per-token absmax brings it to 0.5-0.8 %. That is the scheme used here:
+
+    y = z / c[layer, channel]          c: calibration absmax, (L, D), float32
+    s = max|y| over channels / 127     one scale per token per layer, (N, L, T), float32
+    q = round(y / s)                   int8 in [-127, 127]
+    z ~ q * s * c
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+DTYPES = ("fp16", "bf16", "int8", "fp32")
+STORAGE = {"fp16": "float16", "bf16": "uint16", "int8": "int8", "fp32": "float32"}
+_TINY = 1e-12
+
+
+def calibrate(z: torch.Tensor) -> np.ndarray:
+    """Per-layer, per-channel absmax of a batch (B, L, T, D) -> (L, D) channel scale."""
+    return z.abs().amax(dim=(0, 2)).clamp_min(1e-6).float().cpu().numpy()
+
+
+def encode(z: torch.Tensor, dtype: str, channel_scale: np.ndarray | None = None
+           ) -> tuple[np.ndarray, np.ndarray | None]:
+    """float tokens (B, L, T, D) -> (stored tokens, per-token scales or None), as numpy."""
+    z = z.float()
+    if dtype == "fp32":
+        return z.cpu().numpy(), None
+    if dtype == "fp16":
+        return z.half().cpu().numpy(), None
+    if dtype == "bf16":
+        return z.bfloat16().view(torch.int16).cpu().numpy().view(np.uint16), None
+    if dtype == "int8":
+        y = z / torch.as_tensor(channel_scale, device=z.device)[None, :, None, :]
+        s = (y.abs().amax(dim=-1) / 127).clamp_min(_TINY)
+        q = torch.round(y / s[..., None]).clamp_(-127, 127).to(torch.int8)
+        return q.cpu().numpy(), s.cpu().numpy()
+    raise ValueError(f"unknown dtype {dtype!r}")
+
+
+def decode(tokens: torch.Tensor, dtype: str, scales: torch.Tensor | None = None,
+           channel_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Stored tokens (B, L, T, D) -> float32, on whatever device `tokens` is on.
+
+    `channel_scale` is (L, D) for the same layers as `tokens`.
+    """
+    if dtype == "bf16":
+        return tokens.view(torch.bfloat16).float()
+    if dtype == "int8":
+        return tokens.float() * scales.float()[..., None] * channel_scale[None, :, None, :]
+    return tokens.float()
