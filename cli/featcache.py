@@ -9,9 +9,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from featcache import ExtractConfig, extract, open_store
+from featcache import ExtractConfig, UserError, extract, open_store
+from featcache.catalog import find_stores
 from featcache.info import store_info
 from featcache.plan import human_bytes
+from featcache.verify import verify
 
 from .common import emit_json, make_app, run
 
@@ -99,6 +101,46 @@ def info_cmd(path: Path = typer.Argument(..., help="A store folder."),
     t.add_row("size", human_bytes(info["bytes_on_disk"]))
     t.add_row("complete", "yes" if info["complete"] else "no (rerun the extract command to finish)")
     out.print(t)
+
+
+@app.command("verify")
+def verify_cmd(path: Path = typer.Argument(..., help="A store folder."),
+               as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout.")) -> None:
+    """Read every shard (checking each chunk's crc32c) and check completeness, labels, NaN/Inf.
+
+    Exit status 0 only if the store is complete and sound.
+    """
+    from rich.progress import Progress
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        report = verify(open_store(path), bar)
+    if as_json:
+        emit_json({"path": report.path, "ok": report.ok, "shards": report.shards,
+                   "samples": report.samples, "problems": report.problems})
+    else:
+        for p in report.problems:
+            out.print(f"[red]problem:[/] {p}")
+        out.print(f"{'OK' if report.ok else 'FAILED'}: {report.path}: {report.shards} shards, "
+                  f"{report.samples:,} samples checked, {len(report.problems)} problem(s)")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command("ls")
+def ls_cmd(root: Path = typer.Argument(Path("cache"), help="Folder to search for stores."),
+           as_json: bool = typer.Option(False, "--json", help="Print the list as JSON on stdout.")) -> None:
+    """One line per store under ROOT: model, dataset, splits, dtype, size, complete?"""
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder")
+    stores = find_stores(root)
+    if as_json:
+        emit_json(stores)
+        return
+    if not stores:
+        print(f"no stores under {root}")
+    for s in stores:  # plain lines, never wrapped: easy to grep
+        splits = " ".join(f"{k}={v}" for k, v in s["splits"].items())
+        print(f"{s['path']}  {s['model']}  {s['dataset']}  {splits}  {s['dtype']}  {s['taps']} taps  "
+              f"{human_bytes(s['bytes_on_disk'])}  {'complete' if s['complete'] else 'INCOMPLETE'}")
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from .lock import LOCK_NAME, StoreLock
 from .models import Backbone, load_backbone
 from .plan import StorePlan, human_bytes, make_plan
 from .sources import Dataset, Split, open_dataset
+from .sources.base import to_rgb
 from .store import (Store, create_store, is_partial_layout, mark_complete, open_store,
                     shard_size_for, write_shard)
 from .taps import forward_taps, parse_taps
@@ -77,7 +78,7 @@ class _Images(torch.utils.data.Dataset):
     def __getitem__(self, item: tuple[int, int]):
         split, i = item
         try:
-            return item, self.transform(self.splits[split].open(i).convert("RGB")), ""
+            return item, self.transform(to_rgb(self.splits[split].open(i))), ""
         except Exception as e:  # any decoder failure: record it, never stop the run
             return item, None, f"{type(e).__name__}: {e}"
 
@@ -97,6 +98,8 @@ def _settings(backbone: Backbone, ds: Dataset, taps: list[int], cfg: ExtractConf
             "transform": {k: list(v) if isinstance(v, tuple) else v
                           for k, v in backbone.data_config.items()},
             "taps": taps, "layout": backbone.layout().to_dict(), "dtype": cfg.dtype,
+            # batch composition changes the low bits of a forward pass: resume must match it
+            "batch_size": cfg.batch_size,
             "classes": ds.classes, "dataset": {"name": ds.name, "source": ds.source}}
 
 

@@ -49,7 +49,7 @@ def test_tokens_equal_timm_blocks_computed_independently(fp32_store):
 
 def test_fp16_store_is_the_rounded_fp32_store(fp32_store, tmp_path):
     out = tmp_path / "fp16"
-    extract(ExtractConfig(dataset="demo", out=out, dtype="fp16", limit=24, **TINY))
+    extract(ExtractConfig(dataset="demo", out=out, dtype="fp16", limit=24, shard_size=5, **TINY))
     a = open_store(fp32_store).split("train").tokens[:]
     b = open_store(out).split("train").tokens[:]
     assert b.dtype == np.float16

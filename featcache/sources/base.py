@@ -82,3 +82,22 @@ def stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Generat
     held_out = np.sort(np.array(held, dtype=np.int64))
     rest = np.setdiff1d(np.arange(len(labels)), held_out)
     return rest, held_out
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB, the way a person would expect it to look.
+
+    16-bit and 32-bit grayscale are rescaled (PIL's own convert clips them to white);
+    transparency is composited over white (convert would expose whatever colour the
+    transparent pixels happen to hold); CMYK, palette and grayscale convert as usual.
+    """
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = (0.0, 65535.0) if img.mode.startswith("I;16") else (float(arr.min()), float(arr.max()))
+        arr = (arr - lo) / max(hi - lo, 1e-12) * 255.0
+        img = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")

@@ -1,0 +1,73 @@
+"""`featcache verify`: is every byte of a store there and sound?
+
+Reads every shard (zarr checks each chunk's crc32c as it decodes), and checks
+completeness, label range, that no read sample is missing (all zeros: zarr returns the
+fill value for a shard file that is gone), and that no token is NaN or infinite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from rich.progress import Progress
+
+from .codec import decode
+from .store import Store
+
+
+@dataclass
+class VerifyReport:
+    path: str
+    shards: int = 0
+    samples: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(store: Store, progress: Progress | None = None) -> VerifyReport:
+    report = VerifyReport(store.path)
+    classes = len(store.classes)
+    if not store.meta.get("complete"):
+        report.problems.append("store is not marked complete (rerun its extract command)")
+    for name in store.splits:
+        split = store.split(name)
+        if not split.done.all():
+            missing = np.flatnonzero(~split.done)
+            report.problems.append(f"{name}: {len(missing)} shard(s) never finished: {missing[:10].tolist()}")
+        bad = (split.labels < -1) | (split.labels >= classes)
+        if bad.any():
+            report.problems.append(f"{name}: {bad.sum()} label(s) outside -1..{classes - 1}")
+        unread = set(split.keys[split.labels == -1].tolist())
+        if unread != set(split.attrs["skipped"]):
+            report.problems.append(f"{name}: labels of -1 do not match the recorded skipped inputs")
+        s = split.shard_size
+        task = progress.add_task(f"verify {name}", total=len(split.done)) if progress else None
+        for k in np.flatnonzero(split.done):
+            lo, hi = k * s, min((k + 1) * s, split.n)
+            try:
+                tokens = split.tokens[lo:hi]
+                scales = split.scales[lo:hi] if split.scales is not None else None
+            except Exception as e:  # a checksum mismatch or an unreadable shard file
+                report.problems.append(f"{name}: shard {k} (samples {lo}-{hi - 1}) unreadable: {e}")
+                continue
+            z = decode(torch.from_numpy(tokens), store.dtype,
+                       None if scales is None else torch.from_numpy(scales),
+                       None if store.channel_scale is None else torch.from_numpy(store.channel_scale))
+            nonfinite = (~torch.isfinite(z)).flatten(1).any(1).numpy()
+            if nonfinite.any():
+                report.problems.append(f"{name}: samples {(lo + np.flatnonzero(nonfinite))[:10].tolist()} "
+                                       "hold NaN or Inf")
+            empty = (z.flatten(1) == 0).all(1).numpy() & (split.labels[lo:hi] >= 0)
+            if empty.any():
+                report.problems.append(f"{name}: samples {(lo + np.flatnonzero(empty))[:10].tolist()} "
+                                       "are all zeros (missing data)")
+            report.shards += 1
+            report.samples += hi - lo
+            if progress:
+                progress.advance(task)
+    return report

@@ -1,0 +1,59 @@
+"""Stored precisions: bf16 and int8 round trips stay within their error budgets."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from featcache import ExtractConfig, extract, open_store
+from featcache.codec import calibrate, decode, encode
+from sidetrain import ShardLoader
+
+from .conftest import TINY
+
+
+def roundtrip(z: torch.Tensor, dtype: str, calib: torch.Tensor | None = None) -> torch.Tensor:
+    cs = calibrate(z if calib is None else calib)
+    q, s = encode(z, dtype, cs)
+    return decode(torch.from_numpy(q), dtype, None if s is None else torch.from_numpy(s),
+                  torch.from_numpy(cs))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Relative L2 error per layer of (B, L, T, D) tensors."""
+    return (a - b).pow(2).sum((0, 2, 3)).sqrt() / b.pow(2).sum((0, 2, 3)).sqrt()
+
+
+def test_int8_on_gaussian_tokens():
+    z = torch.randn(8, 3, 17, 64, generator=torch.Generator().manual_seed(0))
+    assert rel_err(roundtrip(z, "int8"), z).max() < 0.01
+
+
+def test_int8_copes_with_outlier_channels():
+    """ViT-like: a few channels 100x the rest; calibration on other samples than encoded."""
+    g = torch.Generator().manual_seed(1)
+    gain = torch.ones(64)
+    gain[[3, 40]] = 100.0
+    z = torch.randn(16, 4, 17, 64, generator=g) * gain
+    ours = rel_err(roundtrip(z[8:], "int8", calib=z[:8]), z[8:])
+    q, s = encode(z[8:], "int8", np.ones((4, 64), np.float32))  # per-token scale alone
+    naive = rel_err(decode(torch.from_numpy(q), "int8", torch.from_numpy(s), torch.ones(4, 64)), z[8:])
+    assert ours.max() < 0.01
+    assert (naive > 2 * ours).all()  # measured: 1.6 % against 0.6 %
+
+
+def test_bf16_roundtrip():
+    z = torch.randn(4, 2, 5, 32) * 10
+    q, s = encode(z, "bf16")
+    assert q.dtype == np.uint16 and s is None
+    assert rel_err(decode(torch.from_numpy(q), "bf16"), z).max() < 0.005
+
+
+def test_int8_and_bf16_stores_load_close_to_fp32(fp32_store, tmp_path):
+    exact = open_store(fp32_store).split("train").tokens[:]
+    for dtype, bound in (("int8", 0.02), ("bf16", 0.005)):
+        out = tmp_path / dtype
+        extract(ExtractConfig(dataset="demo", out=out, dtype=dtype, limit=24, shard_size=5, **TINY))
+        loader = ShardLoader(open_store(out), "train", batch_size=24, shuffle=False)
+        (batch,) = list(loader.epoch(0))
+        assert rel_err(batch.tokens, torch.from_numpy(exact)).max() < bound, dtype

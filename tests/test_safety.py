@@ -1,0 +1,127 @@
+"""Extraction that never loses work: kill -9 and resume, one writer, bad images, verify."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from PIL import Image
+
+from featcache import ExtractConfig, UserError, extract, open_store
+from featcache.catalog import find_stores
+from featcache.lock import StoreLock
+from featcache.verify import verify
+
+from .conftest import TINY
+
+CMD = [sys.executable, "-m", "cli.featcache", "extract", "--model", "vit_tiny", "--random-init",
+       "--img-size", "32", "--dataset", "demo", "--limit", "60", "--shard-size", "6",
+       "--batch-size", "2", "--workers", "0", "--json"]
+
+
+def arrays(path: Path) -> dict[str, np.ndarray]:
+    root = zarr.open_group(str(path), mode="r")
+    return {f"{s}/{a}": root[s][a][:] for s in ("train", "val", "test") for a in ("tokens", "labels", "keys")}
+
+
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path):
+    subprocess.run(CMD + ["--out", str(tmp_path / "clean")], check=True, capture_output=True)
+    victim = tmp_path / "killed"
+    proc = subprocess.Popen(CMD + ["--out", str(victim)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once some, but not all, shards are durable
+        try:
+            if zarr.open_group(str(victim), mode="r")["train/done"][:].sum() >= 2:
+                break
+        except Exception:
+            pass
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    r = subprocess.run(CMD + ["--out", str(victim)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["status"] == "resumed"
+    clean, resumed = arrays(tmp_path / "clean"), arrays(victim)
+    for name in clean:
+        np.testing.assert_array_equal(resumed[name], clean[name], err_msg=name)
+    assert verify(open_store(victim)).ok
+
+
+def test_a_second_writer_is_refused_while_the_first_lives(tmp_path):
+    out = tmp_path / "locked"
+    with StoreLock(out):
+        with pytest.raises(UserError, match="another featcache process"):
+            extract(ExtractConfig(dataset="demo", out=out, limit=4, **TINY))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from featcache.lock import "
+                               f"StoreLock; lock = StoreLock(sys.argv[1]); lock.__enter__(); print(1, flush=True); "
+                               "time.sleep(60)", str(out)], stdout=subprocess.PIPE)
+    holder.stdout.readline()
+    with pytest.raises(UserError, match="pid"):
+        extract(ExtractConfig(dataset="demo", out=out, limit=4, **TINY))
+    holder.kill()
+    holder.wait()  # a dead writer holds nothing
+    assert extract(ExtractConfig(dataset="demo", out=out, limit=4, **TINY)).status == "written"
+
+
+def test_every_kind_of_bad_image(tmp_path):
+    root = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        rgb = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(rgb).save(root / c / "ok.png")
+    rgb = np.random.default_rng(1).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    a = root / "a"
+    Image.fromarray(rgb).convert("L").save(a / "gray.png")
+    Image.fromarray(rgb).convert("RGBA").save(a / "rgba.png")
+    Image.fromarray(rgb).convert("P").save(a / "palette.png")
+    Image.fromarray(rgb).convert("CMYK").save(a / "cmyk.jpg")
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(a / "sixteen.png")
+    Image.fromarray(rgb).save(a / "truncated.jpg")
+    data = (a / "truncated.jpg").read_bytes()
+    (a / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (a / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    (a / "empty.jpg").write_bytes(b"")
+    r = extract(ExtractConfig(dataset=str(root), out=tmp_path / "s", val_fraction=0.01, **TINY))
+    skipped = {k for split in r.skipped.values() for k in split}
+    assert skipped == {"a/truncated.jpg", "a/corrupt.png", "a/empty.jpg"}
+    store = open_store(tmp_path / "s")
+    keys = np.concatenate([store.split(s).keys[store.split(s).labels >= 0] for s in store.splits])
+    assert {"a/gray.png", "a/rgba.png", "a/palette.png", "a/cmyk.jpg", "a/sixteen.png"} <= set(keys)
+    assert verify(store).ok
+
+
+def test_verify_finds_corruption_and_missing_shards(tmp_path):
+    out = tmp_path / "v"
+    extract(ExtractConfig(dataset="demo", out=out, limit=12, shard_size=4, **TINY))
+    assert verify(open_store(out)).ok
+    shard = out / "val" / "tokens" / "c" / "1" / "0" / "0" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[100] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    (out / "test" / "tokens" / "c" / "2" / "0" / "0" / "0").unlink()
+    problems = verify(open_store(out)).problems
+    assert any("val: shard 1" in p for p in problems), problems
+    assert any(p.startswith("test: samples [8, 9, 10, 11] are all zeros") for p in problems), problems
+    r = subprocess.run([sys.executable, "-m", "cli.featcache", "verify", str(out)], capture_output=True, text=True)
+    assert r.returncode == 1 and "FAILED" in r.stdout
+
+
+def test_ls_and_info_describe_stores(fp32_store, tmp_path):
+    (stores,) = [s for s in find_stores(fp32_store.parent) if s["path"] == str(fp32_store)]
+    assert stores["splits"] == {"train": 24, "val": 24, "test": 24} and stores["complete"]
+    r = subprocess.run([sys.executable, "-m", "cli.featcache", "ls", str(fp32_store.parent)],
+                       capture_output=True, text=True)
+    line = next(l for l in r.stdout.splitlines() if l.startswith(str(fp32_store) + " "))
+    assert "train=24 val=24 test=24" in line and "fp32" in line and line.endswith("complete")
+    r = subprocess.run([sys.executable, "-m", "cli.featcache", "info", str(fp32_store)],
+                       capture_output=True, text=True)
+    assert "vit_tiny_patch16_224" in r.stdout and "5 = 1 prefix + 1 x 2 x 2" in r.stdout
