@@ -32,6 +32,8 @@ def fit_cmd(
     weight_decay: float = typer.Option(1e-4, help="AdamW weight decay."),
     batch_size: int = typer.Option(64, help="Samples per step."),
     seed: int = typer.Option(0, help="Seed for initialisation and data order."),
+    taps: str = typer.Option("all", help="Which of the store's tapped blocks to use: all, every:K, "
+                             "last:M or block indices like 3,7,11. The head reads the last one."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder. Default: "
                                            "./runs/<store>-<method>[-r<rank>]-s<seed>."),
     device: str = typer.Option("cpu", help="cpu or cuda (or cuda:N)."),
@@ -43,7 +45,7 @@ def fit_cmd(
     adapter.safetensors (the side network and head only).
     """
     r = fit(FitConfig(cache=cache, method=method, rank=rank, epochs=epochs, lr=lr,
-                      weight_decay=weight_decay, batch_size=batch_size, seed=seed, out=out_dir,
+                      weight_decay=weight_decay, batch_size=batch_size, seed=seed, taps=taps, out=out_dir,
                       device=device))
     if as_json:
         emit_json({k: v for k, v in vars(r).items()})

@@ -21,7 +21,7 @@ from torch import nn
 from featcache.errors import UserError
 from featcache.store import Store, open_store
 
-from .classifier import METHODS, build_classifier, trainable_parameters
+from .classifier import METHODS, build_classifier, select_taps, trainable_parameters
 from .loader import ShardLoader
 
 console = Console(stderr=True)
@@ -37,6 +37,7 @@ class FitConfig:
     weight_decay: float = 1e-4
     batch_size: int = 64
     seed: int = 0
+    taps: str = "all"  # which of the store's tapped blocks to train on (featcache --taps syntax)
     out: Path | None = None  # default: runs/<store>-<method>[-r<rank>]-s<seed>
     device: str = "cpu"
 
@@ -113,10 +114,11 @@ def fit(cfg: FitConfig) -> FitResult:
         f"{Path(store.path).name}-{cfg.method}" + (f"-r{cfg.rank}" if cfg.method == "losa" else "")
         + f"-s{cfg.seed}")
     run.mkdir(parents=True, exist_ok=True)
-    model = build_classifier(cfg.method, store, cfg.rank, cfg.seed).to(device)
+    positions = select_taps(store, cfg.taps)
+    model = build_classifier(cfg.method, store, cfg.rank, cfg.seed, len(positions)).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    layers = None if model.side is not None else [-1]  # a probe reads the last tap only
+    layers = positions if model.side is not None else positions[-1:]  # a probe: the last tap only
     train = ShardLoader(store, "train", cfg.batch_size, shuffle=True, seed=cfg.seed, layers=layers,
                         device=device)
     val = ShardLoader(store, val_split, cfg.batch_size, shuffle=False, layers=layers, device=device)
@@ -125,6 +127,7 @@ def fit(cfg: FitConfig) -> FitResult:
     (run / "config.json").write_text(json.dumps({
         **{k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "store": {k: store.meta[k] for k in ("model", "weights", "taps", "layout", "dtype", "classes")},
+        "blocks": [store.taps[p] for p in positions],
         "trainable_params": trainable_parameters(model)}, indent=2))
     metrics = (run / "metrics.jsonl").open("w")
     best = {"val_acc": -1.0}

@@ -78,3 +78,15 @@ def test_fit_writes_a_complete_run(fp32_store, tmp_path):
     assert sum(v.numel() for v in adapter.values()) == r.params  # trainable weights only
     assert not any(k.startswith("readout") for k in adapter)
     assert 0 <= r.val_acc <= 1 and r.test_acc is not None
+
+
+def test_training_on_a_subset_of_the_taps(fp32_store, tmp_path):
+    r = fit(FitConfig(cache=fp32_store, rank=4, epochs=1, taps="last:3", out=tmp_path / "sub"))
+    full = build_classifier("losa", open_store(fp32_store), 4, seed=0)
+    assert len(full.side.mixers) == 12
+    assert r.params == 3 * sum(p.numel() for p in full.side.mixers[0].parameters()) + \
+        sum(p.numel() for p in full.head.parameters())
+    config = json.loads((tmp_path / "sub" / "config.json").read_text())
+    assert config["blocks"] == [9, 10, 11]
+    with pytest.raises(UserError, match="--taps"):
+        fit(FitConfig(cache=fp32_store, taps="12", out=tmp_path / "bad"))
