@@ -48,7 +48,8 @@ def extract_cmd(
     seed: int = typer.Option(0, help="Seed for the train/val split, --limit and --random-init."),
     val_fraction: float = typer.Option(0.2, help="Share of each class held out for val when the "
                                        "dataset has no val/ folder."),
-    workers: int = typer.Option(2, help="DataLoader processes decoding images (0: in the main process)."),
+    workers: int = typer.Option(ExtractConfig.workers, help="DataLoader processes decoding images (0: in the "
+                                "main process). Default: one less than the CPU cores, at most 4."),
     shard_size: Optional[int] = typer.Option(None, help="Samples per shard file. Default: about "
                                              "128 MiB per shard (at most 1024 samples)."),
     force: bool = typer.Option(False, help="Write even if the store looks larger than the free space."),

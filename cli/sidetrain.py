@@ -1,4 +1,4 @@
-"""`sidetrain`: stage two. A thin skin over sidetrain.fit."""
+"""`sidetrain`: stage two. A thin skin over sidetrain.fit, sweep, evaluate_run and predict."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from sidetrain import FitConfig, fit
+from featcache import UserError
+from sidetrain import FitConfig, evaluate_run, fit, predict, sweep
 
 from .common import emit_json, make_app, run
 from .tables import results_table
@@ -16,42 +17,161 @@ from .tables import results_table
 app = make_app("Train LoSA side networks and probes from a featcache store.")
 out = Console()
 
+HELP = {
+    "cache": "Store folder written by `featcache extract`.",
+    "method": "losa (side network + head), linear (a linear probe) or mlp (an MLP head).",
+    "rank": "LoSA rank r of every low-rank mixer (channel and token); 1..min(width, tokens).",
+    "variant": "LoSA recurrence: A (h_i = h_{i-1} + g(z_i + h_{i-1})), B (r_i = z_i + g(r_{i-1})) "
+               "or C (h_i = g(z_i + h_{i-1})); see docs/losa.md.",
+    "order": "Mixer order: channel-token, token-channel, or alternate (channel mixing at odd "
+             "layers, token mixing at even ones).",
+    "head_input": "What the head reads: pool (the backbone's own feature), cls+mean (class and "
+                  "mean patch token), last4 (cls+mean of the last 4 taps, DINOv2's strong probe) "
+                  "or all (cls+mean of every tap, Head2Toe-style).",
+    "dropout": "Dropout on LoSA's updates (and in the MLP head).",
+    "lr": "Peak AdamW learning rate (linear warm-up, cosine decay to zero).",
+    "weight_decay": "AdamW weight decay.",
+    "seed": "Seed for initialisation and data order.",
+    "epochs": "Passes over the train split.",
+    "batch_size": "Samples per step.",
+    "taps": "Which of the store's tapped blocks to use: all, every:K, last:M or block indices "
+            "like 3,7,11. The head reads the last ones.",
+    "warmup": "Share of all steps spent warming the learning rate up.",
+    "label_smoothing": "Label smoothing of the cross-entropy loss.",
+    "grad_clip": "Clip the global gradient norm to this (0: off).",
+    "zero_init": "Start LoSA's up-projections at zero, so training starts at the probe.",
+    "precision": "fp32, or autocast bf16 / fp16 (with loss scaling) on CUDA; ignored on CPU.",
+    "device": "cpu or cuda (or cuda:N).",
+    "json": "Print the result as JSON on stdout.",
+}
+
 
 @app.callback()
 def _group() -> None:
-    """Keeps `fit` a subcommand (typer collapses one-command apps)."""
+    """Keeps the commands subcommands (typer collapses one-command apps)."""
 
 
 @app.command("fit")
 def fit_cmd(
-    cache: Path = typer.Option(..., help="Store folder written by `featcache extract`."),
-    method: str = typer.Option("losa", help="losa (side network + head) or linear (head only, the probe)."),
-    rank: int = typer.Option(16, help="LoSA rank r of every low-rank mixer (channel and token)."),
-    epochs: int = typer.Option(10, help="Passes over the train split."),
-    lr: float = typer.Option(1e-3, help="Peak AdamW learning rate (linear warm-up, cosine decay)."),
-    weight_decay: float = typer.Option(1e-4, help="AdamW weight decay."),
-    batch_size: int = typer.Option(64, help="Samples per step."),
-    seed: int = typer.Option(0, help="Seed for initialisation and data order."),
-    taps: str = typer.Option("all", help="Which of the store's tapped blocks to use: all, every:K, "
-                             "last:M or block indices like 3,7,11. The head reads the last one."),
+    cache: Path = typer.Option(..., help=HELP["cache"]),
+    method: str = typer.Option("losa", help=HELP["method"]),
+    rank: int = typer.Option(16, help=HELP["rank"]),
+    variant: str = typer.Option("A", help=HELP["variant"]),
+    order: str = typer.Option("channel-token", help=HELP["order"]),
+    head_input: str = typer.Option("pool", help=HELP["head_input"]),
+    dropout: float = typer.Option(0.0, help=HELP["dropout"]),
+    zero_init: bool = typer.Option(True, help=HELP["zero_init"]),
+    taps: str = typer.Option("all", help=HELP["taps"]),
+    epochs: int = typer.Option(10, help=HELP["epochs"]),
+    lr: float = typer.Option(1e-3, help=HELP["lr"]),
+    weight_decay: float = typer.Option(1e-4, help=HELP["weight_decay"]),
+    warmup: float = typer.Option(0.05, help=HELP["warmup"]),
+    label_smoothing: float = typer.Option(0.0, help=HELP["label_smoothing"]),
+    grad_clip: float = typer.Option(1.0, help=HELP["grad_clip"]),
+    batch_size: int = typer.Option(64, help=HELP["batch_size"]),
+    seed: int = typer.Option(0, help=HELP["seed"]),
+    precision: str = typer.Option("fp32", help=HELP["precision"]),
+    device: str = typer.Option("cpu", help=HELP["device"]),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder. Default: "
                                            "./runs/<store>-<method>[-r<rank>]-s<seed>."),
-    device: str = typer.Option("cpu", help="cpu or cuda (or cuda:N)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    as_json: bool = typer.Option(False, "--json", help=HELP["json"]),
 ) -> None:
-    """Train on the train split, pick the epoch with the best val accuracy, score it on test.
+    """Train one configuration; pick the epoch with the best val accuracy; score it on test.
 
-    The run folder gets config.json, metrics.jsonl (one line per epoch), summary.json and
-    adapter.safetensors (the side network and head only).
+    The run folder gets config.json, metrics.jsonl, curves.png, summary.json,
+    adapter.safetensors (the side network and head only) and checkpoint.pt. Rerunning the
+    same command after a crash resumes from the last finished epoch.
     """
-    r = fit(FitConfig(cache=cache, method=method, rank=rank, epochs=epochs, lr=lr,
-                      weight_decay=weight_decay, batch_size=batch_size, seed=seed, taps=taps, out=out_dir,
-                      device=device))
+    r = fit(FitConfig(cache=cache, method=method, rank=rank, variant=variant, order=order,
+                      head_input=head_input, dropout=dropout, zero_init=zero_init, taps=taps,
+                      epochs=epochs, lr=lr, weight_decay=weight_decay, warmup=warmup,
+                      label_smoothing=label_smoothing, grad_clip=grad_clip, batch_size=batch_size,
+                      seed=seed, precision=precision, device=device, out=out_dir))
     if as_json:
-        emit_json({k: v for k, v in vars(r).items()})
+        emit_json(r.to_json())
         return
     out.print(results_table([r]))
     out.print(f"run: {r.run}")
+
+
+def _grid(**lists: str) -> dict[str, list]:
+    casts = {"rank": int, "seed": int, "lr": float, "dropout": float, "weight_decay": float}
+    grid = {}
+    for key, text in lists.items():
+        try:
+            grid[key] = [casts.get(key, str)(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise UserError(f"--{key.replace('_', '-')} takes a comma-separated list, not '{text}'") from None
+    return grid
+
+
+@app.command("sweep")
+def sweep_cmd(
+    cache: Path = typer.Option(..., help=HELP["cache"]),
+    method: str = typer.Option("losa,linear", help="Comma list. " + HELP["method"]),
+    rank: str = typer.Option("16", help="Comma list. " + HELP["rank"]),
+    lr: str = typer.Option("1e-3", help="Comma list. " + HELP["lr"]),
+    variant: str = typer.Option("A", help="Comma list. " + HELP["variant"]),
+    order: str = typer.Option("channel-token", help="Comma list. " + HELP["order"]),
+    head_input: str = typer.Option("pool", help="Comma list. " + HELP["head_input"]),
+    dropout: str = typer.Option("0", help="Comma list. " + HELP["dropout"]),
+    weight_decay: str = typer.Option("1e-4", help="Comma list. " + HELP["weight_decay"]),
+    seed: str = typer.Option("0", help="Comma list. " + HELP["seed"]),
+    taps: str = typer.Option("all", help=HELP["taps"]),
+    epochs: int = typer.Option(10, help=HELP["epochs"]),
+    batch_size: int = typer.Option(64, help=HELP["batch_size"]),
+    device: str = typer.Option("cpu", help=HELP["device"]),
+    out_dir: Path = typer.Option(Path("runs/sweep"), "--out", help="Folder for the runs, sweep.json "
+                                 "and pareto.png."),
+    as_json: bool = typer.Option(False, "--json", help=HELP["json"]),
+) -> None:
+    """Train every combination of the comma lists, each batch read once and fed to every model.
+
+    One pass over the data per epoch (per seed) serves all configurations, so a sweep costs
+    far less than running them one by one; each still gets exactly what `fit` would give.
+    Prints the table (best val first) and writes pareto.png (accuracy against parameters).
+    """
+    grid = _grid(method=method, rank=rank, lr=lr, variant=variant, order=order,
+                 head_input=head_input, dropout=dropout, weight_decay=weight_decay, seed=seed)
+    results = sweep(FitConfig(cache=cache, taps=taps, epochs=epochs, batch_size=batch_size,
+                              device=device), grid, out_dir)
+    results.sort(key=lambda r: -r.val_acc)
+    if as_json:
+        emit_json([r.to_json() for r in results])
+        return
+    out.print(results_table(results, title=f"sweep of {len(results)} configurations (best val first)",
+                            names=True))
+    out.print(f"runs, sweep.json, pareto.png: {out_dir}")
+
+
+@app.command("eval")
+def eval_cmd(run_dir: Path = typer.Option(..., "--run", help="A run folder from fit or sweep."),
+             cache: Path = typer.Option(..., help="A store with the same backbone, taps and classes."),
+             device: str = typer.Option("cpu", help=HELP["device"]),
+             as_json: bool = typer.Option(False, "--json", help=HELP["json"])) -> None:
+    """Accuracy of a trained adapter on every split of a store."""
+    accs = evaluate_run(run_dir, cache, device)
+    if as_json:
+        emit_json(accs)
+        return
+    for split, acc in accs.items():
+        out.print(f"{split}: {100 * acc:.2f}%")
+
+
+@app.command("predict")
+def predict_cmd(images: list[Path] = typer.Argument(..., help="Image files."),
+                run_dir: Path = typer.Option(..., "--run", help="A run folder from fit or sweep."),
+                weights: Optional[Path] = typer.Option(None, help="The backbone weights file the "
+                                                       "store was extracted with, if it came from one."),
+                device: str = typer.Option("cpu", help=HELP["device"]),
+                as_json: bool = typer.Option(False, "--json", help=HELP["json"])) -> None:
+    """Classify raw images with the frozen backbone and a run's adapter (no cache needed)."""
+    preds = predict(run_dir, images, weights, device)
+    if as_json:
+        emit_json(preds)
+        return
+    for p in preds:
+        print(f"{p['path']}\t{p['class']}\t{p['prob']:.3f}")
 
 
 def main() -> None:

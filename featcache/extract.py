@@ -7,6 +7,7 @@ bit-identical (on CPU) to a run that was never interrupted.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -50,7 +51,7 @@ class ExtractConfig:
     taps: str = "all"
     seed: int = 0
     val_fraction: float = 0.2
-    workers: int = 2
+    workers: int = min(4, max((os.cpu_count() or 1) - 1, 0))  # leave a core to the backbone
     shard_size: int | None = None  # samples per shard file; default: about 128 MiB per shard
     force: bool = False
     dry_run: bool = False

@@ -4,11 +4,14 @@
     result = fit(FitConfig(cache="cache/demo", method="losa", rank=16))
 """
 
-from .classifier import Classifier, build_classifier
+from .classifier import Classifier, ModelSpec, build_classifier
 from .endtoend import EndToEnd
 from .loader import ShardLoader
 from .losa import LoSA, LowRankMixer
-from .train import FitConfig, FitResult, fit
+from .run import evaluate_run, predict
+from .sweep import sweep
+from .train import FitConfig, FitResult, fit, train_many
 
 __all__ = ["Classifier", "EndToEnd", "FitConfig", "FitResult", "LoSA", "LowRankMixer",
-           "ShardLoader", "build_classifier", "fit"]
+           "ModelSpec", "ShardLoader", "build_classifier", "evaluate_run", "fit", "predict",
+           "sweep", "train_many"]

@@ -1,34 +1,68 @@
-"""What `sidetrain fit` trains: an optional side network, the frozen readout, a linear head."""
+"""What sidetrain trains: an optional side network, a frozen readout, and a head.
+
+    logits = head(readout(refined tokens of the last k taps))
+
+with refined = LoSA(z) for method "losa" and refined = z for the probes ("linear": a
+linear head, "mlp": a one-hidden-layer head). The head is built first from the seed, so
+LoSA with zero-initialised mixers starts exactly at the probe on the same head input.
+"""
 
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from featcache.errors import UserError
+from featcache.models import TokenLayout
 from featcache.store import Store
 from featcache.taps import parse_taps
 
 from .losa import LoSA
-from .readout import Readout
+from .readout import Readout, head_layers
 
-METHODS = ("losa", "linear")
+METHODS = ("losa", "linear", "mlp")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that shapes the trained network (saved in each run's config.json)."""
+
+    method: str = "losa"
+    rank: int = 16
+    variant: str = "A"  # A | B | C, see losa.py
+    order: str = "channel-token"  # channel-token | token-channel | alternate
+    head_input: str = "pool"  # pool | cls+mean | last4 | all, see readout.py
+    dropout: float = 0.0  # on the side network's updates
+    zero_init: bool = True  # start the mixers' up-projections at zero
+    mlp_hidden: int = 512  # hidden width of the "mlp" head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 class Classifier(nn.Module):
-    """logits = head(readout(z_L + side(z))), or head(readout(z_L)) without a side network."""
-
-    def __init__(self, readout: Readout, width: int, num_classes: int, side: nn.Module | None):
+    def __init__(self, readout: Readout, layers: int, width: int, num_classes: int,
+                 spec: ModelSpec):
         super().__init__()
         self.readout = readout
-        self.head = nn.Linear(width, num_classes)
-        self.side = side
+        self.head_layers = head_layers(readout.head_input, layers)
+        features = readout.features(self.head_layers, width)
+        if spec.method == "mlp":
+            self.head = nn.Sequential(nn.Linear(features, spec.mlp_hidden), nn.GELU(),
+                                      nn.Dropout(spec.dropout), nn.Linear(spec.mlp_hidden, num_classes))
+        else:
+            self.head = nn.Linear(features, num_classes)
+        self.side = None
+        if spec.method == "losa":
+            self.side = LoSA(layers, width, readout.tokens, spec.rank, spec.variant,
+                             spec.order, spec.dropout, spec.zero_init)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = z[:, -1]
-        if self.side is not None:
-            x = x + self.side(z)
-        return self.head(self.readout(x))
+        """z: (B, L, T, D) tapped tokens (a probe may be given only its last k taps)."""
+        refined = self.side(z) if self.side is not None else z
+        return self.head(self.readout(refined[:, -self.head_layers:]))
 
 
 def select_taps(store: Store, spec: str | None) -> list[int]:
@@ -43,21 +77,26 @@ def select_taps(store: Store, spec: str | None) -> list[int]:
     return [taps.index(b) for b in blocks]
 
 
-def build_classifier(method: str, store: Store, rank: int, seed: int, layers: int | None = None
+def build_classifier(spec: ModelSpec, store: Store, seed: int, layers: int | None = None
                      ) -> Classifier:
-    """Same seed -> same head for every method, so LoSA starts exactly at the linear probe.
+    """`layers`: how many taps the model reads (default: all the store's taps)."""
+    return make_classifier(spec, store.norms(), store.layout, len(store.classes),
+                           layers or len(store.taps), seed)
 
-    `layers`: how many taps the side network reads (default: all the store's taps).
-    """
-    layout = store.layout
+
+def make_classifier(spec: ModelSpec, norms: dict, layout: TokenLayout, num_classes: int,
+                    layers: int, seed: int) -> Classifier:
+    """The same model from its parts: the store's, or (for predict) a live backbone's."""
+    if spec.method not in METHODS:
+        raise UserError(f"--method must be one of {', '.join(METHODS)}, not '{spec.method}'")
     torch.manual_seed(seed)
-    readout = Readout(store.norms(), layout)
-    model = Classifier(readout, layout.width, len(store.classes), side=None)
-    if method == "losa":
-        model.side = LoSA(layers or len(store.taps), layout.width, layout.tokens, rank)
-    elif method != "linear":
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    return model
+    readout = Readout(norms, layout, spec.head_input)
+    return Classifier(readout, layers, layout.width, num_classes, spec)
+
+
+def input_layers(model: Classifier, positions: list[int]) -> list[int]:
+    """The tap positions a model reads: all for LoSA, the last k for a probe."""
+    return positions if model.side is not None else positions[-model.head_layers:]
 
 
 def trainable_parameters(model: nn.Module) -> int:

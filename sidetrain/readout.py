@@ -1,8 +1,14 @@
-"""The backbone's own frozen readout: final norm -> pool -> fc_norm.
+"""From (refined) tokens to the head's input feature, through the backbone's frozen norms.
 
-Loaded from the store's backbone/ group, so a head trained on cached tokens sees exactly
-the features the backbone's classifier would. Its tensors are non-persistent buffers: they
-belong to the store, not to the adapter file.
+The norms come from the store's backbone/ group, so a head trained on cached tokens sees
+exactly the features the backbone's own classifier would. Their tensors are
+non-persistent buffers: they belong to the store, not to the adapter file.
+
+Head inputs (docs/losa.md "Baselines"):
+- pool:     fc_norm(pool(norm(x_L))), the backbone's own feature (D)
+- cls+mean: class token and mean patch token of norm(x_L) (2D)
+- last4:    cls+mean of each of the last 4 tapped blocks, DINOv2's strong probe (8D)
+- all:      cls+mean of every tapped block, Head2Toe-style (2D x L)
 """
 
 from __future__ import annotations
@@ -11,7 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featcache.errors import UserError
 from featcache.models import TokenLayout
+
+HEAD_INPUTS = ("pool", "cls+mean", "last4", "all")
 
 
 class FrozenNorm(nn.Module):
@@ -29,15 +38,34 @@ class FrozenNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
-class Readout(nn.Module):
-    """(B, T, D) tokens -> (B, D) feature, as the backbone computes it for its head."""
+def head_layers(head_input: str, available: int) -> int:
+    """How many of the last tapped blocks a head input reads."""
+    return {"pool": 1, "cls+mean": 1, "last4": min(4, available), "all": available}[head_input]
 
-    def __init__(self, norms: dict[str, dict], layout: TokenLayout):
+
+class Readout(nn.Module):
+    """(B, k, T, D) tokens of the last k taps -> (B, features)."""
+
+    def __init__(self, norms: dict[str, dict], layout: TokenLayout, head_input: str = "pool"):
         super().__init__()
+        if head_input not in HEAD_INPUTS:
+            raise UserError(f"--head-input must be one of {', '.join(HEAD_INPUTS)}, not '{head_input}'")
         self.norm, self.fc_norm = FrozenNorm(norms["norm"]), FrozenNorm(norms["fc_norm"])
-        self.pool, self.prefix = layout.pool, layout.prefix_tokens
+        self.pool, self.prefix, self.head_input = layout.pool, layout.prefix_tokens, head_input
+        self.has_cls, self.tokens = layout.class_token, layout.tokens
+
+    def features(self, layers: int, width: int) -> int:
+        if self.head_input == "pool":
+            return width
+        return layers * width * (2 if self.has_cls else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)
-        x = x[:, 0] if self.pool == "token" else x[:, self.prefix:].mean(dim=1)
-        return self.fc_norm(x)
+        if self.head_input == "pool":
+            last = x[:, -1]
+            pooled = last[:, 0] if self.pool == "token" else last[:, self.prefix:].mean(dim=1)
+            return self.fc_norm(pooled)
+        parts = [x[:, :, self.prefix:].mean(dim=2)]
+        if self.has_cls:
+            parts.insert(0, x[:, :, 0])
+        return torch.cat(parts, dim=-1).flatten(1)

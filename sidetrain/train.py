@@ -1,58 +1,99 @@
-"""Stage two: train LoSA or a linear probe from a store, nanoGPT-short.
+"""Stage two: train side networks and probes from a store, nanoGPT-short.
 
-Evaluation every epoch on the validation split; the epoch with the best validation
-accuracy is the one kept (and the only one ever scored on the test split).
+One pass over the data feeds every configuration (`train_many`): each batch is read and
+decoded once, then each model takes its step. `fit` is that loop with one configuration,
+so a sweep gives each configuration exactly what `fit` alone would (each trainer keeps its
+own RNG state for dropout). Every epoch is evaluated on val; the best val epoch is kept
+and is the only one scored on test. A checkpoint is written after every epoch, and a
+killed run rerun with the same command resumes and ends as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from rich.console import Console
 from safetensors.torch import save_file
-from torch import nn
 
 from featcache.errors import UserError
 from featcache.store import Store, open_store
 
-from .classifier import METHODS, build_classifier, select_taps, trainable_parameters
+from .classifier import ModelSpec, build_classifier, input_layers, select_taps, trainable_parameters
 from .loader import ShardLoader
+from .plots import plot_curves
 
 console = Console(stderr=True)
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FitConfig:
     cache: Path
     method: str = "losa"
     rank: int = 16
+    variant: str = "A"
+    order: str = "channel-token"
+    head_input: str = "pool"
+    dropout: float = 0.0
+    zero_init: bool = True
+    mlp_hidden: int = 512
+    taps: str = "all"  # which of the store's tapped blocks to train on (featcache --taps syntax)
     epochs: int = 10
     lr: float = 1e-3
     weight_decay: float = 1e-4
+    warmup: float = 0.05  # share of all steps spent warming the lr up linearly
+    label_smoothing: float = 0.0
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     batch_size: int = 64
     seed: int = 0
-    taps: str = "all"  # which of the store's tapped blocks to train on (featcache --taps syntax)
-    out: Path | None = None  # default: runs/<store>-<method>[-r<rank>]-s<seed>
+    precision: str = "fp32"  # autocast on CUDA: bf16 or fp16 (with loss scaling)
     device: str = "cpu"
+    out: Path | None = None  # default: runs/<store>-<method>[-r<rank>]-s<seed>
+
+    def spec(self) -> ModelSpec:
+        names = {f.name for f in fields(ModelSpec)}
+        return ModelSpec(**{k: v for k, v in asdict(self).items() if k in names})
+
+    def run_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        name = f"{Path(self.cache).name}-{self.method}" + (f"-r{self.rank}" if self.method == "losa" else "")
+        return Path("runs") / f"{name}-s{self.seed}"
+
+    def to_json(self) -> dict:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
 
 
 @dataclass
 class FitResult:
     run: Path
-    method: str
-    rank: int | None
+    config: FitConfig
     params: int
     best_epoch: int
     val_acc: float
     test_acc: float | None
     seconds: float
     history: list[dict] = field(default_factory=list)
+    failed: str | None = None  # why training stopped early (NaN loss), if it did
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    @property
+    def rank(self) -> int | None:
+        return self.config.rank if self.config.method == "losa" else None
+
+    def to_json(self) -> dict:
+        d = {k: v for k, v in vars(self).items() if k != "config"}
+        return {**d, "run": str(self.run), "config": self.config.to_json()}
 
 
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -62,113 +103,246 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     return 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, z: torch.Tensor, y: torch.Tensor) -> float:
-    loss = F.cross_entropy(model(z), y)
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, z: torch.Tensor,
+               y: torch.Tensor, label_smoothing: float = 0.0, grad_clip: float = 0.0) -> float:
+    """One plain fp32 step (the trainers below add autocast and loss scaling on CUDA)."""
+    loss = F.cross_entropy(model(z), y, label_smoothing=label_smoothing)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     opt.step()
     return loss.item()
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: ShardLoader) -> tuple[float, float]:
-    """(mean loss, accuracy) over a split, in the store's order."""
-    model.eval()
-    loss_sum, correct, n = 0.0, 0, 0
-    for b in loader.epoch(0):
-        logits, y = model(b.tokens), b.labels
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-        n += len(y)
-    model.train()
-    return loss_sum / max(n, 1), correct / max(n, 1)
-
-
-def _check(cfg: FitConfig, store: Store) -> str:
+def _check_store(cfg: FitConfig, store: Store) -> str:
     """Validate the request against the store; return the validation split's name."""
-    if cfg.method not in METHODS:
-        raise UserError(f"--method must be one of {', '.join(METHODS)}, not '{cfg.method}'")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise UserError("--epochs and --batch-size must be at least 1 and --lr positive")
+    if cfg.precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but torch sees no CUDA device here.")
-    if "train" not in store.splits:
-        raise UserError(f"{store.path} has no train split (it has {', '.join(store.splits)}).")
-    val = "val" if "val" in store.splits else None
-    if val is None:
-        raise UserError(f"{store.path} has no val split to select the model on; extract it "
-                        "from a folder without train/val/ levels (a split is made) or add val/.")
-    for name in ("train", val):
-        if not store.split(name).complete:
+    for name in ("train", "val"):
+        if name not in store.splits:
+            raise UserError(f"{store.path} has no {name} split (it has {', '.join(store.splits)}); "
+                            "extract a dataset with train and val splits (a folder without "
+                            "train/val/ levels gets a stratified split).")
+        split = store.split(name)
+        if not split.complete:
             raise UserError(f"split '{name}' of {store.path} is incomplete: rerun the "
                             "`featcache extract` command that made it to finish it.")
-    return val
+        if not (split.labels >= 0).any():
+            raise UserError(f"split '{name}' of {store.path} has no labelled samples.")
+    return "val"
+
+
+class Trainer:
+    """One configuration's model, optimiser, schedule, best epoch and checkpoints."""
+
+    def __init__(self, cfg: FitConfig, store: Store, steps_per_epoch: int):
+        self.cfg, self.run = cfg, cfg.run_dir()
+        self.device = torch.device(cfg.device)
+        self.positions = select_taps(store, cfg.taps)
+        self.model = build_classifier(cfg.spec(), store, cfg.seed, len(self.positions)).to(self.device)
+        self.layers = input_layers(self.model, self.positions)
+        self.params = trainable_parameters(self.model)
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                     lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.autocast = self.device.type == "cuda" and self.amp is not None
+        self.scaler = torch.amp.GradScaler(enabled=self.autocast and cfg.precision == "fp16")
+        self.total = cfg.epochs * steps_per_epoch
+        self.warmup = max(1, int(cfg.warmup * self.total))
+        self.step, self.epoch, self.seconds = 0, 0, 0.0
+        self.history: list[dict] = []
+        self.best: dict = {"val_acc": -1.0, "epoch": -1}
+        self.best_state: dict[str, torch.Tensor] = {}
+        self.failed: str | None = None
+        self.rng = _get_rng(self.device)  # own dropout stream: a sweep trains as `fit` would
+        self.train_loss, self.eval_sums = 0.0, [0.0, 0, 0]
+        self.config_json = {**cfg.to_json(), "blocks": [store.taps[p] for p in self.positions],
+                            "trainable_params": self.params,
+                            "store": {k: store.meta[k] for k in ("model", "weights", "transform",
+                                                                 "taps", "layout", "dtype", "classes")}}
+        self._resume()
+
+    # -- checkpoints -----------------------------------------------------------------
+    def _resume(self) -> None:
+        ckpt = self.run / "checkpoint.pt"
+        if not ckpt.is_file():
+            self.run.mkdir(parents=True, exist_ok=True)
+            (self.run / "config.json").write_text(json.dumps(self.config_json, indent=2))
+            return
+        saved = json.loads((self.run / "config.json").read_text())
+        if {k: v for k, v in saved.items() if k != "out"} != {k: v for k, v in self.config_json.items() if k != "out"}:
+            raise UserError(f"{self.run} holds a run with another configuration; use another --out "
+                            "or delete that folder.")
+        state = torch.load(ckpt, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.scaler.load_state_dict(state["scaler"])
+        for k in ("step", "epoch", "seconds", "history", "best", "best_state", "rng", "failed"):
+            setattr(self, k, state[k])
+        console.print(f"resuming {self.run} after epoch {self.epoch - 1}")
+
+    def _checkpoint(self) -> None:
+        state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                 "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
+                 "seconds": self.seconds, "history": self.history, "best": self.best,
+                 "best_state": self.best_state, "rng": self.rng, "failed": self.failed}
+        tmp = self.run / "checkpoint.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.run / "checkpoint.pt")  # never a half-written checkpoint
+        with open(self.run / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in self.history)
+
+    @property
+    def active(self) -> bool:
+        return self.failed is None and self.epoch < self.cfg.epochs
+
+    # -- training --------------------------------------------------------------------
+    def train_batch(self, tokens: torch.Tensor, labels: torch.Tensor) -> None:
+        cfg = self.cfg
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.step, self.total, cfg.lr, self.warmup)
+        _set_rng(self.device, self.rng)
+        self.model.train()
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.autocast):
+            loss = F.cross_entropy(self.model(tokens), labels, label_smoothing=cfg.label_smoothing)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if cfg.grad_clip:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.rng = _get_rng(self.device)
+        value = loss.item()
+        if not math.isfinite(value):
+            self.failed = (f"loss became {value} at epoch {self.epoch}, step {self.step}; lower --lr. "
+                           f"Kept the last good checkpoint (epoch {self.epoch - 1}).")
+        self.train_loss += value
+        self.step += 1
+
+    @torch.no_grad()
+    def eval_batch(self, tokens: torch.Tensor, labels: torch.Tensor) -> None:
+        self.model.eval()
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.autocast):
+            logits = self.model(tokens).float()
+        self.eval_sums[0] += F.cross_entropy(logits, labels, reduction="sum").item()
+        self.eval_sums[1] += (logits.argmax(1) == labels).sum().item()
+        self.eval_sums[2] += len(labels)
+
+    def take_eval(self) -> tuple[float, float]:
+        loss, correct, n = self.eval_sums
+        self.eval_sums = [0.0, 0, 0]
+        return loss / max(n, 1), correct / max(n, 1)
+
+    def end_epoch(self, steps: int, seconds: float) -> None:
+        val_loss, val_acc = self.take_eval()
+        self.seconds += seconds
+        row = {"epoch": self.epoch, "step": self.step, "train_loss": self.train_loss / max(steps, 1),
+               "val_loss": val_loss, "val_acc": val_acc, "lr": self.opt.param_groups[0]["lr"],
+               "seconds": self.seconds}
+        self.train_loss = 0.0
+        self.history.append(row)
+        if val_acc > self.best["val_acc"]:
+            self.best = row
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.epoch += 1
+        self._checkpoint()
+
+    def finish(self, test_acc: float | None) -> FitResult:
+        save_file({k: v.contiguous().cpu() for k, v in self.best_state.items()},
+                  str(self.run / "adapter.safetensors"),
+                  metadata={"config": json.dumps(self.config_json), "epoch": str(self.best["epoch"])})
+        result = FitResult(run=self.run, config=self.cfg, params=self.params,
+                           best_epoch=self.best["epoch"], val_acc=self.best["val_acc"],
+                           test_acc=test_acc, seconds=self.seconds, history=self.history,
+                           failed=self.failed)
+        (self.run / "summary.json").write_text(json.dumps(result.to_json(), indent=2))
+        plot_curves(self.history, self.run / "curves.png", title=self.run.name)
+        return result
+
+
+def _get_rng(device: torch.device) -> list[torch.Tensor]:
+    return [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
+
+
+def _set_rng(device: torch.device, state: list[torch.Tensor]) -> None:
+    torch.set_rng_state(state[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _pass(loader: ShardLoader, epoch: int, trainers: list[Trainer], union: list[int], train: bool) -> int:
+    """One pass over a split, each batch fed to every trainer; returns the batch count."""
+    picks = [None if t.layers == union else torch.tensor([union.index(p) for p in t.layers],
+                                                         device=loader.device) for t in trainers]
+    batches = 0
+    for b in loader.epoch(epoch):
+        for t, pick in zip(trainers, picks):
+            if t.failed:
+                continue
+            z = b.tokens if pick is None else b.tokens.index_select(1, pick)
+            (t.train_batch if train else t.eval_batch)(z, b.labels)
+        batches += 1
+    return batches
+
+
+def train_many(configs: list[FitConfig]) -> list[FitResult]:
+    """Train configurations that share a store, seed, batch size, epochs and device in one
+    pass over the data per epoch. Returns one FitResult per configuration, in order."""
+    first = configs[0]
+    shared = ("cache", "seed", "batch_size", "epochs", "device")
+    for c in configs[1:]:
+        diff = [k for k in shared if getattr(c, k) != getattr(first, k)]
+        if diff:
+            raise ValueError(f"configurations to train together must share {diff}")
+    store = open_store(first.cache)
+    val_split = _check_store(first, store)
+    for c in configs:
+        if c.precision != first.precision:
+            raise ValueError("configurations to train together must share precision")
+    steps = ShardLoader(store, "train", first.batch_size, shuffle=True, seed=first.seed)
+    trainers = [Trainer(c, store, len(steps)) for c in configs]
+    union = sorted({p for t in trainers for p in t.layers})
+    load = dict(batch_size=first.batch_size, layers=union, device=first.device)
+    train = ShardLoader(store, "train", shuffle=True, seed=first.seed, **load)
+    val = ShardLoader(store, val_split, shuffle=False, **load)
+    for epoch in range(min(t.epoch for t in trainers), first.epochs):
+        active = [t for t in trainers if t.active and t.epoch == epoch]
+        if not active:
+            continue
+        t0 = time.perf_counter()
+        steps_done = _pass(train, epoch, active, union, train=True)
+        _pass(val, 0, active, union, train=False)
+        dt = (time.perf_counter() - t0) / len(active)  # the shared pass, split evenly
+        for t in active:
+            if t.failed:
+                console.print(f"[red]{t.run.name}: {t.failed}[/]")
+                t.take_eval()
+                continue
+            t.end_epoch(steps_done, dt)
+            row = t.history[-1]
+            console.print(f"{t.run.name}  epoch {epoch:3d}  train loss {row['train_loss']:.4f}  "
+                          f"val loss {row['val_loss']:.4f}  val acc {100 * row['val_acc']:.1f}%")
+    results_test: list[float | None] = [None] * len(trainers)
+    for t in trainers:
+        if t.best_state:
+            t.model.load_state_dict(t.best_state)
+    if "test" in store.splits and store.split("test").complete:
+        ok = [t for t in trainers if t.best_state]
+        _pass(ShardLoader(store, "test", shuffle=False, **load), 0, ok, union, train=False)
+        for t in ok:
+            results_test[trainers.index(t)] = t.take_eval()[1]
+    return [t.finish(acc) for t, acc in zip(trainers, results_test)]
 
 
 def fit(cfg: FitConfig) -> FitResult:
-    """Train one configuration from the store at `cfg.cache`; write the run directory."""
-    store = open_store(cfg.cache)
-    val_split = _check(cfg, store)
-    device = torch.device(cfg.device)
-    run = Path(cfg.out) if cfg.out else Path("runs") / (
-        f"{Path(store.path).name}-{cfg.method}" + (f"-r{cfg.rank}" if cfg.method == "losa" else "")
-        + f"-s{cfg.seed}")
-    run.mkdir(parents=True, exist_ok=True)
-    positions = select_taps(store, cfg.taps)
-    model = build_classifier(cfg.method, store, cfg.rank, cfg.seed, len(positions)).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    layers = positions if model.side is not None else positions[-1:]  # a probe: the last tap only
-    train = ShardLoader(store, "train", cfg.batch_size, shuffle=True, seed=cfg.seed, layers=layers,
-                        device=device)
-    val = ShardLoader(store, val_split, cfg.batch_size, shuffle=False, layers=layers, device=device)
-    total = cfg.epochs * len(train)
-    warmup = max(1, total // 20)
-    (run / "config.json").write_text(json.dumps({
-        **{k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-        "store": {k: store.meta[k] for k in ("model", "weights", "taps", "layout", "dtype", "classes")},
-        "blocks": [store.taps[p] for p in positions],
-        "trainable_params": trainable_parameters(model)}, indent=2))
-    metrics = (run / "metrics.jsonl").open("w")
-    best = {"val_acc": -1.0}
-    best_state: dict[str, torch.Tensor] = {}
-    history: list[dict] = []
-    step, t0 = 0, time.perf_counter()
-    for epoch in range(cfg.epochs):
-        train_loss = 0.0
-        for b in train.epoch(epoch):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, cfg.lr, warmup)
-            loss = train_step(model, opt, b.tokens, b.labels)
-            if not math.isfinite(loss):
-                raise UserError(f"loss became {loss} at epoch {epoch}, step {step}; lower --lr. "
-                                f"The best epoch so far is {best.get('epoch')} (not saved).")
-            train_loss += loss / len(train)
-            step += 1
-        val_loss, val_acc = evaluate(model, val)
-        row = {"epoch": epoch, "step": step, "train_loss": train_loss, "val_loss": val_loss,
-               "val_acc": val_acc, "seconds": time.perf_counter() - t0}
-        history.append(row)
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
-        console.print(f"epoch {epoch:3d}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
-                      f"val acc {100 * val_acc:.1f}%")
-        if val_acc > best["val_acc"]:
-            best = row
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    metrics.close()
-    seconds = time.perf_counter() - t0
-    model.load_state_dict(best_state)
-    test_acc = None
-    if "test" in store.splits and store.split("test").complete:
-        test = ShardLoader(store, "test", cfg.batch_size, shuffle=False, layers=layers, device=device)
-        test_acc = evaluate(model, test)[1]
-    save_file({k: v.contiguous().cpu() for k, v in best_state.items()}, str(run / "adapter.safetensors"),
-              metadata={"method": cfg.method, "rank": str(cfg.rank), "epoch": str(best["epoch"])})
-    result = FitResult(run=run, method=cfg.method, rank=cfg.rank if cfg.method == "losa" else None,
-                       params=trainable_parameters(model), best_epoch=best["epoch"],
-                       val_acc=best["val_acc"], test_acc=test_acc, seconds=seconds,
-                       history=history)
-    summary = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()}
-    (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    """Train one configuration from the store at `cfg.cache`; write its run folder."""
+    result = train_many([cfg])[0]
+    if result.failed:
+        raise UserError(f"{result.run}: {result.failed}")
     return result

@@ -38,5 +38,5 @@ def test_extract_info_fit_from_the_command_line(tmp_path):
     assert info["complete"] and info["splits"]["train"]["n"] == 10 and info["dtype"] == "fp16"
     r = cli("sidetrain", "fit", "--cache", "s", "--epochs", "1", "--rank", "4", "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["method"] == "losa"
+    assert json.loads(r.stdout)["config"]["method"] == "losa"
     assert (tmp_path / "runs" / "s-losa-r4-s0" / "adapter.safetensors").is_file()

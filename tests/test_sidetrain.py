@@ -11,14 +11,15 @@ import torch
 from safetensors.torch import load_file
 
 from featcache import UserError, load_backbone, open_dataset, open_store
-from sidetrain import EndToEnd, FitConfig, ShardLoader, build_classifier, fit
+from sidetrain import EndToEnd, FitConfig, ModelSpec, ShardLoader, build_classifier, fit
 from sidetrain.train import train_step
 
 
 def test_losa_starts_exactly_at_the_linear_probe(fp32_store):
     store = open_store(fp32_store)
     z = torch.from_numpy(store.split("val").tokens[:8])
-    losa, linear = build_classifier("losa", store, 4, seed=3), build_classifier("linear", store, 4, seed=3)
+    losa = build_classifier(ModelSpec("losa", rank=4), store, seed=3)
+    linear = build_classifier(ModelSpec("linear"), store, seed=3)
     torch.testing.assert_close(losa(z), linear(z), rtol=0, atol=0)
     assert sum(p.numel() for p in losa.parameters()) > 10 * sum(p.numel() for p in linear.parameters())
 
@@ -29,8 +30,8 @@ def test_cache_training_equals_end_to_end_training(fp32_store):
     bb = load_backbone("vit_tiny", random_init=True, img_size=32)
     tf = timm.data.create_transform(**bb.data_config, is_training=False)
     images = open_dataset("demo", limit=24).splits["train"]
-    cached = build_classifier("losa", store, 4, seed=0)
-    live = EndToEnd(bb.model, store.taps, build_classifier("losa", store, 4, seed=0))
+    cached = build_classifier(ModelSpec("losa", rank=4), store, seed=0)
+    live = EndToEnd(bb.model, store.taps, build_classifier(ModelSpec("losa", rank=4), store, seed=0))
     opt_c = torch.optim.AdamW(cached.parameters(), lr=1e-3)
     opt_l = torch.optim.AdamW(live.classifier.parameters(), lr=1e-3)
     loader = ShardLoader(store, "train", batch_size=8, shuffle=True, seed=0)
@@ -65,13 +66,14 @@ def test_loader_visits_every_sample_once_in_a_seeded_order(fp32_store):
 
 def test_rank_beyond_the_dimensions_is_refused(fp32_store):
     with pytest.raises(UserError, match="--rank"):
-        build_classifier("losa", open_store(fp32_store), 6, seed=0)  # only 5 tokens
+        build_classifier(ModelSpec("losa", rank=6), open_store(fp32_store), seed=0)  # 5 tokens
 
 
 def test_fit_writes_a_complete_run(fp32_store, tmp_path):
     r = fit(FitConfig(cache=fp32_store, method="losa", rank=4, epochs=2, batch_size=8, out=tmp_path / "run"))
     files = {p.name for p in (tmp_path / "run").iterdir()}
-    assert {"config.json", "metrics.jsonl", "adapter.safetensors", "summary.json"} <= files
+    assert {"config.json", "metrics.jsonl", "adapter.safetensors", "summary.json", "curves.png",
+            "checkpoint.pt"} <= files
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
     adapter = load_file(str(tmp_path / "run" / "adapter.safetensors"))
@@ -82,7 +84,7 @@ def test_fit_writes_a_complete_run(fp32_store, tmp_path):
 
 def test_training_on_a_subset_of_the_taps(fp32_store, tmp_path):
     r = fit(FitConfig(cache=fp32_store, rank=4, epochs=1, taps="last:3", out=tmp_path / "sub"))
-    full = build_classifier("losa", open_store(fp32_store), 4, seed=0)
+    full = build_classifier(ModelSpec("losa", rank=4), open_store(fp32_store), seed=0)
     assert len(full.side.mixers) == 12
     assert r.params == 3 * sum(p.numel() for p in full.side.mixers[0].parameters()) + \
         sum(p.numel() for p in full.head.parameters())

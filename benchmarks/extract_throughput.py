@@ -1,0 +1,99 @@
+"""Extraction throughput against the bare backbone forward on the same batches.
+
+    python benchmarks/extract_throughput.py [--n 256] [--img-size 112] [--device cpu]
+
+The bare forward runs forward_features over pre-decoded, pre-transformed batches (no
+taps, no encoding, no writing); the extraction is the full `extract()` loop (decode in
+DataLoader workers, taps, encode, background shard writer). Their ratio is the share of
+the backbone's speed that extraction keeps (target: at least 0.9). Also reports bytes per
+sample on disk for each dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import timm.data
+import torch
+
+from featcache import ExtractConfig, extract, load_backbone, open_dataset
+from featcache.sources.base import to_rgb
+from featcache.store import disk_usage
+
+from common import backbone_args, machine, save
+
+
+def write_images(root: Path, n: int) -> Path:
+    """The first n demo train images as PNG files in <root>/train/<class>/: real decoding work."""
+    demo = open_dataset("demo")
+    split = demo.splits["train"]
+    for i in range(min(n, len(split))):
+        d = root / "train" / f"c{split.labels[i]}"
+        d.mkdir(parents=True, exist_ok=True)
+        split.open(i).save(d / f"{i:05d}.png")
+    return root
+
+
+def bare_forward(model, batches, device) -> float:
+    with torch.no_grad():
+        model(batches[0].to(device))  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for x in batches:
+            model.forward_features(x.to(device, non_blocking=True))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=768, help="images (from the demo train split)")
+    ap.add_argument("--img-size", type=int, default=112)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=ExtractConfig.workers)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--weights", type=Path, default=None)
+    ap.add_argument("--dtypes", default="fp16,int8,bf16,fp32")
+    args = ap.parse_args()
+    bb_args = backbone_args(args.weights)
+    device = torch.device(args.device)
+    bb = load_backbone(bb_args["model"], bb_args.get("weights"), bb_args.get("random_init", False),
+                       args.img_size)
+    model = bb.model.to(device)
+    tf = timm.data.create_transform(**bb.data_config, is_training=False)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_images(Path(tmp) / "images", args.n)  # a train/ split only: n images
+        split = open_dataset(str(folder)).splits["train"]
+        n = len(split)
+        images = torch.stack([tf(to_rgb(split.open(i))) for i in range(n)])
+        batches = list(images.split(args.batch_size))
+        for dtype in args.dtypes.split(","):
+            bare = bare_forward(model, batches, device)  # measured next to each run: same conditions
+            r = extract(ExtractConfig(dataset=str(folder), out=Path(tmp) / dtype, dtype=dtype,
+                                      img_size=args.img_size, batch_size=args.batch_size,
+                                      device=args.device, workers=args.workers, **bb_args))
+            samples = sum(r.written.values())
+            rows.append({"dtype": dtype, "bare_img_s": n / bare, "extract_img_s": samples / r.seconds,
+                         "ratio": (samples / r.seconds) / (n / bare),
+                         "bytes_per_sample": disk_usage(r.path) / samples})
+    print(f"\nextraction vs bare forward: {bb.name} at {args.img_size} px, batch {args.batch_size}, "
+          f"{args.workers} workers, {machine()}\n")
+    print("| dtype | bare forward (img/s) | extract (img/s) | ratio | bytes/sample on disk |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['dtype']} | {r['bare_img_s']:.1f} | {r['extract_img_s']:.1f} | "
+              f"{r['ratio']:.2f} | {r['bytes_per_sample'] / 1e3:,.1f} kB |")
+    path = save(f"extract_throughput_{device.type}", {"model": bb.name, "img_size": args.img_size,
+                "batch_size": args.batch_size, "workers": args.workers, "machine": machine(),
+                "rows": rows})
+    print(f"\nwritten: {path}")
+
+
+if __name__ == "__main__":
+    main()

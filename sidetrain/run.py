@@ -1,0 +1,128 @@
+"""A finished run used again: scored on a store (`eval`) or on raw images (`predict`).
+
+`predict` needs no cache: it runs the frozen backbone and the adapter on the images, with
+the transform the store recorded, and gives the same predictions as the cached path.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import timm.data
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from featcache.errors import UserError
+from featcache.models import TokenLayout, load_backbone
+from featcache.sources.base import to_rgb
+from featcache.store import Store, open_store
+
+from .classifier import Classifier, ModelSpec, make_classifier
+from .endtoend import EndToEnd
+from .loader import ShardLoader
+
+
+def load_run(run: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json of the run, adapter weights)."""
+    run = Path(run)
+    if not (run / "config.json").is_file() or not (run / "adapter.safetensors").is_file():
+        raise UserError(f"{run} is not a finished sidetrain run (needs config.json and "
+                        "adapter.safetensors); train one with `sidetrain fit`.")
+    return json.loads((run / "config.json").read_text()), load_file(str(run / "adapter.safetensors"))
+
+
+def _spec(config: dict) -> ModelSpec:
+    return ModelSpec(**{f.name: config[f.name] for f in fields(ModelSpec)})
+
+
+def _model(config: dict, state: dict, norms: dict) -> Classifier:
+    s = config["store"]
+    model = make_classifier(_spec(config), norms, TokenLayout.from_dict(s["layout"]),
+                            len(s["classes"]), len(config["blocks"]), config["seed"])
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def check_store(config: dict, store: Store) -> list[int]:
+    """The store must hold the features the run was trained on; returns the tap positions."""
+    s = config["store"]
+    diffs = [f"{k}: run has {s[k]!r}, store has {store.meta[k]!r}"
+             for k in ("model", "layout", "classes") if store.meta[k] != s[k]]
+    if store.meta["weights"]["sha256"] != s["weights"]["sha256"]:
+        diffs.append("weights: the store was extracted with other weights (sha256 differs)")
+    missing = [b for b in config["blocks"] if b not in store.taps]
+    if missing:
+        diffs.append(f"taps: the run uses blocks {missing} that the store does not hold")
+    if diffs:
+        raise UserError(f"{store.path} does not match the run's features: " + "; ".join(diffs))
+    return [store.taps.index(b) for b in config["blocks"]]
+
+
+def evaluate_run(run: Path, cache: Path, device: str = "cpu") -> dict[str, float]:
+    """Accuracy of a run's adapter on every complete split of a store."""
+    config, state = load_run(run)
+    store = open_store(cache)
+    positions = check_store(config, store)
+    model = _model(config, state, store.norms()).to(device)
+    layers = positions if model.side is not None else positions[-model.head_layers:]
+    accs = {}
+    for name in store.splits:
+        if not store.split(name).complete:
+            continue
+        correct = n = 0
+        with torch.no_grad():
+            for b in ShardLoader(store, name, 256, shuffle=False, layers=layers, device=device).epoch(0):
+                correct += (model(b.tokens).argmax(1) == b.labels).sum().item()
+                n += len(b.labels)
+        accs[name] = correct / max(n, 1)
+    return accs
+
+
+def _backbone_for(config: dict, weights: Path | None):
+    """Rebuild the exact backbone the store was extracted with (checked by its hash)."""
+    s = config["store"]
+    source = s["weights"]["source"]
+    img_size = s["transform"]["input_size"][-1]
+    if source.startswith("random-init:seed="):
+        bb = load_backbone(s["model"]["name"], random_init=True, img_size=img_size,
+                           seed=int(source.split("=")[1]))
+    elif source.startswith("file:") and weights is None:
+        raise UserError(f"the run's backbone weights came from the file {source[5:]}: pass it "
+                        "with --weights.")
+    else:
+        bb = load_backbone(s["model"]["name"], weights=weights, img_size=img_size)
+    if bb.weights["sha256"] != s["weights"]["sha256"]:
+        raise UserError("these backbone weights differ from the ones the run's store was "
+                        "extracted with (sha256 mismatch); pass the same --weights file.")
+    return bb
+
+
+@torch.no_grad()
+def predict(run: Path, images: list[Path], weights: Path | None = None, device: str = "cpu",
+            batch_size: int = 32) -> list[dict]:
+    """Class and probability for each image file, backbone and adapter run live."""
+    config, state = load_run(run)
+    bb = _backbone_for(config, weights)
+    model = _model(config, state, bb.final_norms())
+    live = EndToEnd(bb.model, config["blocks"], model).to(device).eval()
+    s = config["store"]
+    transform = timm.data.create_transform(**{**s["transform"], "input_size": tuple(s["transform"]["input_size"])},
+                                           is_training=False)
+    out = []
+    for start in range(0, len(images), batch_size):
+        paths = images[start:start + batch_size]
+        batch = []
+        for p in paths:
+            try:
+                with Image.open(p) as img:
+                    batch.append(transform(to_rgb(img)))
+            except Exception as e:
+                raise UserError(f"cannot read image {p}: {e}") from None
+        probs = live(torch.stack(batch).to(device)).softmax(1).cpu()
+        for p, pr in zip(paths, probs):
+            k = int(pr.argmax())
+            out.append({"path": str(p), "label": k, "class": s["classes"][k], "prob": float(pr[k])})
+    return out

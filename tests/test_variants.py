@@ -1,0 +1,125 @@
+"""Every LoSA option, sweeps, resume, NaN, eval and predict."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from featcache import ExtractConfig, UserError, extract, open_store
+from sidetrain import FitConfig, ModelSpec, build_classifier, evaluate_run, fit, predict, sweep
+from sidetrain import train as train_module
+
+from .conftest import TINY
+
+
+@pytest.mark.parametrize("variant", ["A", "B", "C"])
+@pytest.mark.parametrize("order", ["channel-token", "token-channel", "alternate"])
+@pytest.mark.parametrize("head_input", ["pool", "cls+mean", "last4", "all"])
+def test_every_variant_starts_at_its_probe_and_learns(fp32_store, variant, order, head_input):
+    store = open_store(fp32_store)
+    z = torch.from_numpy(store.split("train").tokens[:8])
+    y = torch.from_numpy(store.split("train").labels[:8])
+    spec = ModelSpec("losa", rank=4, variant=variant, order=order, head_input=head_input)
+    losa = build_classifier(spec, store, seed=1)
+    probe = build_classifier(ModelSpec("linear", head_input=head_input), store, seed=1)
+    torch.testing.assert_close(losa(z), probe(z), rtol=0, atol=0)
+    opt = torch.optim.AdamW(losa.parameters(), lr=1e-2)
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(losa(z), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert not torch.allclose(losa(z), probe(z))  # the side network moved the logits
+
+
+def test_zero_init_off_and_mlp_head(fp32_store):
+    store = open_store(fp32_store)
+    z = torch.from_numpy(store.split("train").tokens[:4])
+    a = build_classifier(ModelSpec("losa", rank=4, zero_init=False), store, seed=0)
+    b = build_classifier(ModelSpec("linear"), store, seed=0)
+    assert not torch.allclose(a(z), b(z))
+    mlp = build_classifier(ModelSpec("mlp", mlp_hidden=32), store, seed=0)
+    assert mlp(z).shape == (4, 10)
+
+
+def test_a_sweep_trains_each_configuration_as_fit_would(fp32_store, tmp_path):
+    base = FitConfig(cache=fp32_store, epochs=2, batch_size=8, dropout=0.1)
+    results = sweep(base, {"method": ["losa", "linear"], "rank": [2, 4], "lr": [1e-3]}, tmp_path / "sw")
+    assert sorted(r.run.name for r in results) == ["linear", "losa-rank2", "losa-rank4"]
+    assert (tmp_path / "sw" / "pareto.png").is_file() and (tmp_path / "sw" / "sweep.json").is_file()
+    for r in results:
+        alone = fit(r.config.__class__(**{**vars(r.config), "out": tmp_path / "alone" / r.run.name}))
+        assert alone.val_acc == r.val_acc and alone.history[-1]["train_loss"] == pytest.approx(
+            r.history[-1]["train_loss"], abs=1e-6)
+        a, b = load_file(str(r.run / "adapter.safetensors")), load_file(str(alone.run / "adapter.safetensors"))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_killed_fit_resumes_to_the_uninterrupted_result(fp32_store, tmp_path, monkeypatch):
+    cfg = FitConfig(cache=fp32_store, rank=4, epochs=4, batch_size=8, dropout=0.1)
+    whole = fit(FitConfig(**{**vars(cfg), "out": tmp_path / "whole"}))
+    original = train_module.Trainer.end_epoch
+
+    def crash_after_two(self, *args):
+        original(self, *args)
+        if self.epoch == 2:
+            raise KeyboardInterrupt  # as if killed right after the epoch-1 checkpoint
+
+    monkeypatch.setattr(train_module.Trainer, "end_epoch", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        fit(FitConfig(**{**vars(cfg), "out": tmp_path / "resumed"}))
+    monkeypatch.setattr(train_module.Trainer, "end_epoch", original)
+    resumed = fit(FitConfig(**{**vars(cfg), "out": tmp_path / "resumed"}))
+    assert [h["val_loss"] for h in resumed.history] == [h["val_loss"] for h in whole.history]
+    a = load_file(str(whole.run / "adapter.safetensors"))
+    b = load_file(str(resumed.run / "adapter.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(UserError, match="another configuration"):
+        fit(FitConfig(**{**vars(cfg), "rank": 2, "out": tmp_path / "resumed"}))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fp32_store, tmp_path, monkeypatch):
+    original = train_module.Trainer.train_batch
+
+    def poisoned(self, tokens, labels):
+        return original(self, tokens * float("nan") if self.epoch >= 2 else tokens, labels)
+
+    monkeypatch.setattr(train_module.Trainer, "train_batch", poisoned)
+    with pytest.raises(UserError, match="loss became nan at epoch 2"):
+        fit(FitConfig(cache=fp32_store, rank=4, epochs=4, batch_size=8, out=tmp_path / "nan"))
+    state = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert len((tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_eval_matches_training_and_refuses_foreign_stores(fp32_store, tmp_path):
+    r = fit(FitConfig(cache=fp32_store, rank=4, epochs=2, batch_size=8, out=tmp_path / "run"))
+    accs = evaluate_run(r.run, fp32_store)
+    assert accs["val"] == r.val_acc and accs["test"] == r.test_acc
+    other = tmp_path / "other"
+    extract(ExtractConfig(dataset="demo", out=other, limit=8, **{**TINY, "seed": 7}))
+    with pytest.raises(UserError, match="weights"):
+        evaluate_run(r.run, other)
+
+
+def test_predict_on_raw_images_equals_the_cached_path(image_folder, tmp_path):
+    store_path = tmp_path / "store"
+    extract(ExtractConfig(dataset=str(image_folder), out=store_path, dtype="fp32", **TINY))
+    r = fit(FitConfig(cache=store_path, rank=2, epochs=3, batch_size=4, head_input="last4",
+                      out=tmp_path / "run"))
+    store = open_store(store_path)
+    val = store.split("val")
+    files = [image_folder.parent / "images" / k for k in val.keys]
+    preds = predict(r.run, files)
+    model = build_classifier(ModelSpec(**{k: v for k, v in json.loads((r.run / "config.json").read_text()).items()
+                                          if k in ModelSpec.__dataclass_fields__}), store, seed=0)
+    model.load_state_dict(load_file(str(r.run / "adapter.safetensors")))
+    with torch.no_grad():
+        cached = model.eval()(torch.from_numpy(val.tokens[:])).softmax(1)
+    assert [p["label"] for p in preds] == cached.argmax(1).tolist()
+    np.testing.assert_allclose([p["prob"] for p in preds], cached.max(1).values.numpy(), atol=1e-4)
