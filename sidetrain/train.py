@@ -160,7 +160,7 @@ class Trainer:
         self.best_state: dict[str, torch.Tensor] = {}
         self.failed: str | None = None
         self.rng = _get_rng(self.device)  # own dropout stream: a sweep trains as `fit` would
-        self.train_loss, self.eval_sums = 0.0, [0.0, 0, 0]
+        self.train_loss, self.eval_sums, self.busy = 0.0, [0.0, 0, 0], 0.0
         self.config_json = {**cfg.to_json(), "blocks": [store.taps[p] for p in self.positions],
                             "trainable_params": self.params,
                             "store": {k: store.meta[k] for k in ("model", "weights", "transform",
@@ -239,9 +239,13 @@ class Trainer:
         self.eval_sums = [0.0, 0, 0]
         return loss / max(n, 1), correct / max(n, 1)
 
-    def end_epoch(self, steps: int, seconds: float) -> None:
+    def end_epoch(self, steps: int, shared_seconds: float) -> None:
+        """Close the epoch: record metrics, keep the best state, checkpoint.
+
+        `shared_seconds`: this trainer's share of the data loading of the epoch."""
         val_loss, val_acc = self.take_eval()
-        self.seconds += seconds
+        self.seconds += self.busy + shared_seconds
+        self.busy = 0.0
         row = {"epoch": self.epoch, "step": self.step, "train_loss": self.train_loss / max(steps, 1),
                "val_loss": val_loss, "val_acc": val_acc, "lr": self.opt.param_groups[0]["lr"],
                "seconds": self.seconds}
@@ -276,19 +280,28 @@ def _set_rng(device: torch.device, state: list[torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def _pass(loader: ShardLoader, epoch: int, trainers: list[Trainer], union: list[int], train: bool) -> int:
-    """One pass over a split, each batch fed to every trainer; returns the batch count."""
+def _pass(loader: ShardLoader, epoch: int, trainers: list[Trainer], union: list[int], train: bool
+          ) -> tuple[int, float]:
+    """One pass over a split, each batch fed to every trainer.
+
+    Returns (batches, seconds spent loading); each trainer adds its own compute time to
+    `busy`, so a sweep reports every configuration's own cost, not an average."""
     picks = [None if t.layers == union else torch.tensor([union.index(p) for p in t.layers],
                                                          device=loader.device) for t in trainers]
-    batches = 0
+    batches, loading = 0, 0.0
+    t0 = time.perf_counter()
     for b in loader.epoch(epoch):
+        loading += time.perf_counter() - t0
         for t, pick in zip(trainers, picks):
             if t.failed:
                 continue
+            t1 = time.perf_counter()
             z = b.tokens if pick is None else b.tokens.index_select(1, pick)
             (t.train_batch if train else t.eval_batch)(z, b.labels)
+            t.busy += time.perf_counter() - t1
         batches += 1
-    return batches
+        t0 = time.perf_counter()
+    return batches, loading
 
 
 def train_many(configs: list[FitConfig]) -> list[FitResult]:
@@ -315,16 +328,15 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
         active = [t for t in trainers if t.active and t.epoch == epoch]
         if not active:
             continue
-        t0 = time.perf_counter()
-        steps_done = _pass(train, epoch, active, union, train=True)
-        _pass(val, 0, active, union, train=False)
-        dt = (time.perf_counter() - t0) / len(active)  # the shared pass, split evenly
+        steps_done, load_train = _pass(train, epoch, active, union, train=True)
+        _, load_val = _pass(val, 0, active, union, train=False)
+        shared = (load_train + load_val) / len(active)  # reading is shared: split it evenly
         for t in active:
             if t.failed:
                 console.print(f"[red]{t.run.name}: {t.failed}[/]")
                 t.take_eval()
                 continue
-            t.end_epoch(steps_done, dt)
+            t.end_epoch(steps_done, shared)
             row = t.history[-1]
             console.print(f"{t.run.name}  epoch {epoch:3d}  train loss {row['train_loss']:.4f}  "
                           f"val loss {row['val_loss']:.4f}  val acc {100 * row['val_acc']:.1f}%")
