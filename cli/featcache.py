@@ -27,13 +27,26 @@ def extract_cmd(
                               "vit_base_patch16_224.augreg2_in21k_ft_in1k) or an alias: vit_tiny, "
                               "vit_small, vit_base, vit_large, deit_*, dinov2_small/base/large, "
                               "dinov2_*_reg, clip_base, siglip_base."),
-    dataset: str = typer.Option(..., help="'demo' (1,500 embedded Fashion-MNIST images) or a folder in "
-                                "ImageFolder layout: <root>/<class>/<img>, optionally with a "
-                                "train/ val/ test/ level; without one, a seeded stratified "
-                                "train/val split is made."),
+    dataset: str = typer.Option(..., help="'demo' (1,500 embedded Fashion-MNIST images); a folder in "
+                                "ImageFolder layout (<root>/<class>/<img>, optionally under "
+                                "train/ val/ test/); a .csv or .jsonl manifest (path,label[,split]); "
+                                "vtab1k:<task>; or a name: mnist, fashion-mnist (IDX files), "
+                                "cifar10, cifar100, svhn, stl10, flowers102, dtd, food101, "
+                                "oxford-pets, eurosat, caltech101, places365 (torchvision). "
+                                "Without a val split, a seeded stratified one is made from train."),
+    data_root: Optional[Path] = typer.Option(None, help="Where named datasets, VTAB-1k task folders "
+                                             "or a manifest's images are (default: data/<name>; "
+                                             "fashion-mnist: /usr/share/datasets/fashion-mnist)."),
+    download: bool = typer.Option(False, help="Fetch a named dataset into --data-root (needs network)."),
+    split: Optional[str] = typer.Option(None, help="Only these splits, comma-separated (e.g. train,val)."),
+    per_class: Optional[int] = typer.Option(None, help="At most N samples of each class per split (seeded)."),
+    views: int = typer.Option(1, help="Store K augmented views of every train image (random 60-100 % "
+                              "crops and flips), as K samples sharing a key: caching otherwise "
+                              "removes augmentation."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Store folder. Default: ./cache/<dataset name>."),
-    weights: Optional[Path] = typer.Option(None, help="Local weights file (.safetensors, .pth) for "
-                                           "--model; position embeddings are resampled to the image size."),
+    weights: Optional[Path] = typer.Option(None, help="Local weights file (.safetensors, .pth, or a "
+                                           "big_vision .npz) for --model; position embeddings are "
+                                           "resampled to the image size."),
     random_init: bool = typer.Option(False, "--random-init", help="Seeded random weights: for trying the "
                                      "pipeline offline; the features carry no pretrained knowledge."),
     dtype: str = typer.Option("fp16", help="Stored precision: fp16 (default), bf16, int8 (a quarter "
@@ -44,6 +57,10 @@ def extract_cmd(
                                         "seeded): for quick tries on big datasets."),
     img_size: Optional[int] = typer.Option(None, help="Input resolution instead of the model's "
                                            "pretrained one (a multiple of the patch size)."),
+    crop_pct: Optional[float] = typer.Option(None, help="Override the pretrained config's center-crop fraction."),
+    interpolation: Optional[str] = typer.Option(None, help="Override the resize interpolation (bilinear, bicubic)."),
+    mean: Optional[str] = typer.Option(None, help="Override the normalisation mean: three comma-separated numbers."),
+    std: Optional[str] = typer.Option(None, help="Override the normalisation std: three comma-separated numbers."),
     taps: str = typer.Option("all", help="Blocks to keep: all, every:K, last:M, or indices like 3,7,11."),
     seed: int = typer.Option(0, help="Seed for the train/val split, --limit and --random-init."),
     val_fraction: float = typer.Option(0.2, help="Share of each class held out for val when the "
@@ -65,6 +82,10 @@ def extract_cmd(
                               random_init=random_init, dtype=dtype, batch_size=batch_size,
                               device=device, limit=limit, img_size=img_size, taps=taps, seed=seed,
                               val_fraction=val_fraction, workers=workers, shard_size=shard_size,
+                              per_class=per_class, split=split.split(",") if split else None,
+                              data_root=data_root, download=download, views=views,
+                              crop_pct=crop_pct, interpolation=interpolation,
+                              mean=_triple("--mean", mean), std=_triple("--std", std),
                               force=force, dry_run=dry_run))
     summary = {"path": str(r.path), "status": r.status, "bytes": r.plan.total, "written": r.written,
                "skipped": r.skipped, "seconds": round(r.seconds, 2)}
@@ -77,6 +98,18 @@ def extract_cmd(
         out.print(f"[yellow]skipped {len(bad)} unreadable input(s) in {split}[/]:")
         for key, why in list(bad.items())[:10]:
             out.print(f"  {key}: {why}")
+
+
+def _triple(option: str, text: Optional[str]) -> Optional[tuple[float, float, float]]:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise UserError(f"{option} takes three comma-separated numbers, like 0.485,0.456,0.406")
+    return values
 
 
 @app.command("info")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -53,8 +54,27 @@ class ExtractConfig:
     val_fraction: float = 0.2
     workers: int = min(4, max((os.cpu_count() or 1) - 1, 0))  # leave a core to the backbone
     shard_size: int | None = None  # samples per shard file; default: about 128 MiB per shard
+    per_class: int | None = None
+    split: list[str] | None = None  # extract only these splits
+    data_root: Path | None = None  # where named datasets, manifests' images, VTAB-1k live
+    download: bool = False
+    views: int = 1  # augmented views per train image (VIEW_POLICY), stored as samples
+    crop_pct: float | None = None  # transform overrides; default: the model's pretrained config
+    interpolation: str | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
     force: bool = False
     dry_run: bool = False
+
+
+# --views: random 60-100 % crops and flips, no colour jitter (a crop can cut away what
+# sets the label, so measure per task; docs/losa.md).
+VIEW_POLICY = {"scale": (0.6, 1.0), "hflip": 0.5, "color_jitter": None}
+
+
+def transform_overrides(cfg: ExtractConfig) -> dict:
+    return {k: v for k, v in (("crop_pct", cfg.crop_pct), ("interpolation", cfg.interpolation),
+                              ("mean", cfg.mean), ("std", cfg.std)) if v is not None}
 
 
 @dataclass
@@ -68,20 +88,32 @@ class ExtractResult:
 
 
 class _Images(torch.utils.data.Dataset):
-    """Decodes and transforms in DataLoader workers; an unreadable input becomes a reason."""
+    """Decodes and transforms in DataLoader workers; an unreadable input becomes a reason.
 
-    def __init__(self, splits: list[Split], transform):
-        self.splits, self.transform = splits, transform
+    `transforms[k]` is split k's transform; a split listed in `augmented` gets a random one
+    seeded by (seed, sample index), so its views are the same on every run and resume.
+    """
+
+    def __init__(self, splits: list[Split], transforms: list, augmented: set[int], seed: int):
+        self.splits, self.transforms, self.augmented, self.seed = splits, transforms, augmented, seed
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.splits)
 
     def __getitem__(self, item: tuple[int, int]):
         split, i = item
+        if split in self.augmented:
+            torch.manual_seed(self.seed * 1_000_003 + i)
+            random.seed(self.seed * 1_000_003 + i)
         try:
-            return item, self.transform(to_rgb(self.splits[split].open(i))), ""
+            return item, self.transforms[split](to_rgb(self.splits[split].open(i))), ""
         except Exception as e:  # any decoder failure: record it, never stop the run
             return item, None, f"{type(e).__name__}: {e}"
+
+
+def _repeat(split: Split, k: int) -> Split:
+    """Each sample k times in a row (same key, same label): the slots of k augmented views."""
+    return split.subset(np.repeat(np.arange(len(split)), k))
 
 
 def _collate(batch):
@@ -91,13 +123,19 @@ def _collate(batch):
     return items, images, np.array(ok), [b[2] for b in batch]
 
 
+def _lists(d: dict) -> dict:
+    """Tuples as lists, recursively: what the attributes read back as from JSON."""
+    return {k: _lists(v) if isinstance(v, dict) else list(v) if isinstance(v, tuple) else v
+            for k, v in d.items()}
+
+
 def _settings(backbone: Backbone, ds: Dataset, taps: list[int], cfg: ExtractConfig) -> dict:
     """The store's root attributes that define its contents (compared on resume)."""
     return {"model": {"name": backbone.name, "depth": len(backbone.blocks),
                       "params": sum(p.numel() for p in backbone.model.parameters())},
             "weights": backbone.weights,
-            "transform": {k: list(v) if isinstance(v, tuple) else v
-                          for k, v in backbone.data_config.items()},
+            "transform": _lists({**backbone.data_config, **(
+                {"views": cfg.views, "view_policy": VIEW_POLICY} if cfg.views > 1 else {})}),
             "taps": taps, "layout": backbone.layout().to_dict(), "dtype": cfg.dtype,
             # batch composition changes the low bits of a forward pass: resume must match it
             "batch_size": cfg.batch_size,
@@ -187,9 +225,15 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         raise UserError("--batch-size and --shard-size must be at least 1")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but torch sees no CUDA device here.")
-    ds = open_dataset(cfg.dataset, cfg.seed, cfg.val_fraction, cfg.limit)
+    if cfg.views < 1:
+        raise UserError("--views must be at least 1")
+    ds = open_dataset(cfg.dataset, cfg.seed, cfg.val_fraction, cfg.limit, cfg.per_class,
+                      cfg.split, cfg.data_root, cfg.download)
+    if cfg.views > 1 and "train" in ds.splits:
+        ds.splits["train"] = _repeat(ds.splits["train"], cfg.views)
     out = Path(cfg.out) if cfg.out else Path("cache") / ds.name
-    backbone = load_backbone(cfg.model, cfg.weights, cfg.random_init, cfg.img_size, cfg.seed)
+    backbone = load_backbone(cfg.model, cfg.weights, cfg.random_init, cfg.img_size, cfg.seed,
+                             transform_overrides(cfg))
     if cfg.random_init:
         console.print(f"[yellow]note:[/] {backbone.name} has RANDOM weights (--random-init): "
                       "its features only exercise the pipeline.")
@@ -208,8 +252,12 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         plan.check_fits(cfg.force)
     device = torch.device(cfg.device)
     backbone.model.to(device)
-    transform = timm.data.create_transform(**backbone.data_config, is_training=False)
-    images = _Images([ds.splits[n] for n in ds.splits], transform)
+    names = list(ds.splits)
+    plain = timm.data.create_transform(**backbone.data_config, is_training=False)
+    views = timm.data.create_transform(**backbone.data_config, is_training=True, **VIEW_POLICY)
+    augmented = {names.index("train")} if cfg.views > 1 and "train" in names else set()
+    images = _Images([ds.splits[n] for n in names],
+                     [views if k in augmented else plain for k in range(len(names))], augmented, cfg.seed)
 
     def calibration() -> np.ndarray | None:
         """int8 only: channel scales from the first batch of the first split (deterministic)."""
@@ -223,7 +271,6 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
 
     with StoreLock(out):
         store = _open_or_create(out, settings, ds, backbone, plan, cfg.shard_size, calibration)
-        names = list(ds.splits)
         batches = _shard_batches(store, names, cfg.batch_size)
         if not batches:
             result.status = "already complete"

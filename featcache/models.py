@@ -169,7 +169,18 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def load_weights_file(model: nn.Module, path: Path) -> None:
     """Load a local state dict the way timm loads pretrained ones (its checkpoint filter
-    resamples position embeddings to the model's image size)."""
+    resamples position embeddings to the model's image size). .npz files are big_vision
+    checkpoints, read by the model's own timm loader."""
+    if path.suffix == ".npz":
+        if not hasattr(model, "load_pretrained"):
+            raise UserError(f"{type(model).__name__} cannot read .npz checkpoints; convert to .safetensors.")
+        if not path.is_file():
+            raise UserError(f"weights file not found: {path}")
+        try:
+            model.load_pretrained(str(path))
+        except Exception as e:
+            raise UserError(f"cannot load {path} into {type(model).__name__}: {e}") from None
+        return
     sd = read_state_dict(path)
     filter_fn = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
@@ -205,12 +216,14 @@ def _cached_pretrained_file(model_name: str) -> str | None:
 
 
 def load_backbone(name: str, weights: Path | None = None, random_init: bool = False,
-                  img_size: int | None = None, seed: int = 0) -> Backbone:
+                  img_size: int | None = None, seed: int = 0,
+                  transform: dict | None = None) -> Backbone:
     """Build a frozen, eval-mode timm ViT with weights from a file, the hub, or a seeded init.
 
     Without `weights` or `random_init`, timm's pretrained weights are used: from the local
     Hugging Face cache when present, else downloaded. An offline machine gets a UserError
-    naming the alternatives immediately, instead of timm's minute of retries.
+    naming the alternatives immediately, instead of timm's minute of retries. `transform`
+    overrides entries of the pretrained data config (crop_pct, interpolation, mean, std).
     """
     full = resolve_name(name)
     kwargs: dict = {"num_classes": 0}
@@ -244,5 +257,5 @@ def load_backbone(name: str, weights: Path | None = None, random_init: bool = Fa
     model.eval().requires_grad_(False)
     info["sha256"] = state_sha256(model)
     overrides = {"input_size": (3, *model.patch_embed.img_size)} if img_size else {}
-    data_config = timm.data.resolve_data_config(overrides, model=model)
+    data_config = timm.data.resolve_data_config({**overrides, **(transform or {})}, model=model)
     return Backbone(model=model, name=full, weights=info, data_config=data_config)

@@ -1,0 +1,64 @@
+"""A CSV or JSON-lines manifest: one image per row with `path`, `label` and optional `split`.
+
+Paths are relative to --data-root (default: the manifest's folder). Labels are class
+names or integers. A missing file is not an error here: like any unreadable input it is
+skipped and recorded by the extractor. A row without a usable label is an error.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from .base import Dataset
+from .imagefolder import FileSplit
+
+
+def _rows(path: Path) -> list[dict]:
+    if path.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    raise UserError(f"{path}:{n}: not a JSON object: {line[:80]}") from None
+        return rows
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def open_manifest(path: Path, data_root: Path | None) -> tuple[Dataset, bool]:
+    """The manifest as a Dataset; the flag says whether it named the splits itself."""
+    rows = _rows(path)
+    if not rows:
+        raise UserError(f"{path} has no rows")
+    if "path" not in rows[0] or "label" not in rows[0]:
+        raise UserError(f"{path} must have the columns path and label (and optionally split); "
+                        f"it has {sorted(rows[0])}")
+    for n, r in enumerate(rows, 2 if path.suffix == ".csv" else 1):
+        if r.get("label") in (None, "") or not r.get("path"):
+            raise UserError(f"{path} row {n}: missing path or label: {r}")
+    names = [str(r["label"]).strip() for r in rows]
+    if all(n.lstrip("-").isdigit() for n in names):
+        ints = [int(n) for n in names]
+        if min(ints) < 0:
+            raise UserError(f"{path}: integer labels must be 0 or more")
+        classes = [str(i) for i in range(max(ints) + 1)]
+        labels = np.array(ints)
+    else:
+        classes = sorted(set(names))
+        labels = np.array([classes.index(n) for n in names])
+    root = (data_root or path.parent).resolve()
+    ds = Dataset(name=path.stem, source=f"manifest:{path.resolve()}", classes=classes)
+    split_of = [str(r.get("split") or "") for r in rows]
+    has_splits = all(split_of)
+    groups = sorted(set(split_of)) if has_splits else [""]
+    for g in groups:
+        idx = [i for i, s in enumerate(split_of) if s == g]
+        ds.splits[g] = FileSplit(root, [str(rows[i]["path"]) for i in idx], labels[idx])
+    return ds, has_splits

@@ -1,0 +1,140 @@
+"""Every dataset source on tiny generated files, subsets, views, overrides, prefix tokens."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from featcache import ExtractConfig, UserError, extract, load_backbone, open_dataset, open_store
+
+from .conftest import TINY, make_image_folder
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_from_idx_files(tmp_path):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 40), ("t10k", 20)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    ds = open_dataset("fashion-mnist", data_root=tmp_path, val_fraction=0.25)
+    assert {k: len(v) for k, v in ds.splits.items()} == {"train": 30, "val": 10, "test": 20}
+    assert ds.classes[9] == "ankle boot" and ds.splits["test"].open(3).size == (28, 28)
+    with pytest.raises(UserError, match="--download"):
+        open_dataset("mnist", data_root=tmp_path / "empty")
+
+
+def test_csv_manifest_with_splits_a_missing_file_and_a_bad_label(image_folder, tmp_path):
+    files = sorted(p.relative_to(image_folder) for p in image_folder.rglob("*.png"))
+    rows = ["path,label,split"] + [f"{p},{p.parent.name},{'val' if i % 3 == 0 else 'train'}"
+                                   for i, p in enumerate(files)] + ["class0/gone.png,class0,train"]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    r = extract(ExtractConfig(dataset=str(manifest), data_root=image_folder, out=tmp_path / "s", **TINY))
+    assert r.skipped["train"].keys() == {"class0/gone.png"}
+    store = open_store(tmp_path / "s")
+    assert store.splits == ["train", "val"] and store.classes == ["class0", "class1", "class2"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,label\nclass0/img00.png,\n")
+    with pytest.raises(UserError, match="row 2"):
+        open_dataset(str(bad))
+
+
+def test_jsonl_manifest_without_splits_gets_a_stratified_split(image_folder):
+    lines = [json.dumps({"path": str(p), "label": int(p.parent.name[-1])})
+             for p in sorted(image_folder.rglob("*.png"))]
+    manifest = image_folder / "m.jsonl"
+    manifest.write_text("\n".join(lines))
+    ds = open_dataset(str(manifest), val_fraction=0.34)
+    assert np.bincount(ds.splits["val"].labels).tolist() == [2, 2, 2]
+    assert ds.classes == ["0", "1", "2"]
+
+
+def test_vtab1k_layout(tmp_path):
+    task = tmp_path / "vtab-1k" / "dtd"
+    make_image_folder(task / "images", classes=2, per_class=4)
+    files = sorted(p.relative_to(task) for p in (task / "images").rglob("*.png"))
+    for name, part in (("train800.txt", files[:4]), ("val200.txt", files[4:6]), ("test.txt", files[6:])):
+        (task / name).write_text("".join(f"{p} {int(p.parent.name[-1])}\n" for p in part))
+    ds = open_dataset("vtab1k:dtd", data_root=tmp_path / "vtab-1k")
+    assert {k: len(v) for k, v in ds.splits.items()} == {"train": 4, "val": 2, "test": 2}
+    assert ds.splits["train"].open(0).size == (40, 40)
+    with pytest.raises(UserError, match="vtab1k:cifar"):
+        open_dataset("vtab1k:cifar", data_root=tmp_path / "vtab-1k")
+
+
+def test_named_torchvision_set_offline_says_what_to_do(tmp_path):
+    with pytest.raises(UserError, match="--download"):
+        open_dataset("cifar10", data_root=tmp_path)
+
+
+def test_per_class_and_split_selection():
+    ds = open_dataset("demo", per_class=3, split=["train", "test"])
+    assert list(ds.splits) == ["train", "test"]
+    assert np.bincount(ds.splits["train"].labels).tolist() == [3] * 10
+    with pytest.raises(UserError, match="--split"):
+        open_dataset("demo", split=["holdout"])
+
+
+def test_views_are_stored_as_samples_sharing_a_key_and_are_reproducible(tmp_path):
+    cfg = dict(dataset="demo", limit=6, views=3, split=["train", "val"], **TINY)
+    extract(ExtractConfig(out=tmp_path / "a", **cfg))
+    extract(ExtractConfig(out=tmp_path / "b", **cfg))
+    a, b = open_store(tmp_path / "a").split("train"), open_store(tmp_path / "b").split("train")
+    assert a.n == 18 and list(a.keys[:3]) == [a.keys[0]] * 3
+    np.testing.assert_array_equal(a.tokens[:], b.tokens[:])  # same views on every run
+    assert not np.array_equal(a.tokens[0], a.tokens[1])  # the views differ
+    assert open_store(tmp_path / "a").split("val").n == 6  # val is not augmented
+    assert open_store(tmp_path / "a").meta["transform"]["views"] == 3
+
+
+def test_transform_overrides_are_applied_and_recorded():
+    bb = load_backbone("vit_tiny", random_init=True, img_size=32,
+                       transform={"crop_pct": 1.0, "mean": (0.1, 0.2, 0.3)})
+    assert bb.data_config["crop_pct"] == 1.0 and bb.data_config["mean"] == (0.1, 0.2, 0.3)
+
+
+def test_register_and_class_tokens_of_a_dinov2_reg_model(tmp_path):
+    extract(ExtractConfig(model="vit_small_patch14_reg4_dinov2", random_init=True, img_size=28,
+                          dataset="demo", limit=2, split=["val"], workers=0, dtype="fp32",
+                          taps="last:2", out=tmp_path / "reg"))
+    store = open_store(tmp_path / "reg")
+    lay = store.layout
+    assert (lay.prefix_tokens, lay.register_tokens, lay.class_token, lay.grid) == (5, 4, True, (2, 2))
+    assert store.split("val").tokens.shape == (2, 2, 9, 384)
+    bb = load_backbone("vit_small_patch14_reg4_dinov2", random_init=True, img_size=28)
+    m = bb.model
+    x = m.patch_embed(torch.zeros(1, 3, 28, 28))
+    seq = m._pos_embed(x)  # [cls, reg x4, patches]: the order the store documents
+    assert m.no_embed_class  # DINOv2: no position embedding on the prefix tokens
+    torch.testing.assert_close(seq[0, 0], m.cls_token[0, 0])
+    torch.testing.assert_close(seq[0, 1:5], m.reg_token[0])
+
+
+WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / \
+    "vit_small_patch14_dinov2.imgfocus.safetensors"
+
+
+@pytest.mark.skipif(not WEIGHTS.is_file(), reason="../shared/weights is not here")
+def test_real_dinov2_features_beat_random_ones(tmp_path):
+    """A linear probe on the real DINOv2-S features beats the same probe on random-init ones."""
+    from sidetrain import FitConfig, fit
+    accs = {}
+    for name, extra in (("real", {"weights": WEIGHTS}), ("random", {"random_init": True})):
+        extract(ExtractConfig(model="dinov2_small", img_size=56, dataset="demo", limit=150,
+                              workers=0, taps="last:1", out=tmp_path / name, **extra))
+    for name in ("real", "random"):
+        accs[name] = fit(FitConfig(cache=tmp_path / name, method="linear", lr=1e-2, epochs=15,
+                                   out=tmp_path / f"run-{name}")).test_acc
+    assert accs["real"] > accs["random"] + 0.1, accs
