@@ -19,7 +19,6 @@ benchmarks/results/losa_study.{json,md} and one pareto PNG per task.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 from collections import defaultdict
 from dataclasses import replace
@@ -29,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from featcache import ExtractConfig, extract
+from featcache.sources.idx import read_idx
 from sidetrain import FitConfig, train_many
 from sidetrain.plots import plot_pareto
 
@@ -36,13 +36,6 @@ from common import RESULTS, backbone_args
 
 IDX = Path("/usr/share/datasets/fashion-mnist")
 WORK = Path(__file__).resolve().parent / "work"  # git-ignored: images, stores, runs
-
-
-def read_idx(path: Path) -> np.ndarray:
-    raw = gzip.open(path, "rb").read()
-    ndim = raw[3]
-    dims = np.frombuffer(raw[4:4 + 4 * ndim], dtype=">u4").astype(int)
-    return np.frombuffer(raw[4 + 4 * ndim:], dtype=np.uint8).reshape(dims)
 
 
 def per_class(labels: np.ndarray, start: int, count: int, classes: int) -> np.ndarray:

@@ -6,27 +6,20 @@ take a fixed, class-balanced slice of Fashion-MNIST (Zalando, MIT licence) from 
 file become train/val, the first 50 of each class of the test file become test.
 
     apt-get install dataset-fashion-mnist
-    python scripts/build_demo_data.py [/usr/share/datasets/fashion-mnist]
+    .venv/bin/python scripts/build_demo_data.py [/usr/share/datasets/fashion-mnist]
 """
 
 from __future__ import annotations
 
-import gzip
 import sys
 from pathlib import Path
 
 import numpy as np
 
-CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat",
-           "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+from featcache.sources.idx import CLASSES as IDX_CLASSES
+from featcache.sources.idx import read_idx
 
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (gzipped or not): magic, dims as big-endian uint32, then uint8 data."""
-    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
-    ndim = raw[3]
-    dims = np.frombuffer(raw[4:4 + 4 * ndim], dtype=">u4").astype(int)
-    return np.frombuffer(raw[4 + 4 * ndim:], dtype=np.uint8).reshape(dims)
+CLASSES = IDX_CLASSES["fashion-mnist"]
 
 
 def first_per_class(labels: np.ndarray, start: int, count: int) -> np.ndarray:
