@@ -69,6 +69,12 @@ def extract_cmd(
                                 "main process). Default: one less than the CPU cores, at most 4."),
     shard_size: Optional[int] = typer.Option(None, help="Samples per shard file. Default: about "
                                              "128 MiB per shard (at most 1024 samples)."),
+    shard: Optional[str] = typer.Option(None, help="K/N: this process writes part K (0-based) of N "
+                                        "of the store; run N processes (GPUs, SLURM array tasks) "
+                                        "with the same other options. The store is complete when "
+                                        "all parts have run."),
+    dask: Optional[str] = typer.Option(None, help="Run the N parts on a dask.distributed cluster: "
+                                       "tcp://HOST:PORT, or local:N for N local worker processes."),
     force: bool = typer.Option(False, help="Write even if the store looks larger than the free space."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and the store size, write nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
@@ -78,15 +84,19 @@ def extract_cmd(
     Rerunning the same command continues an interrupted extraction from its last finished
     shard; on a complete store it does nothing.
     """
-    r = extract(ExtractConfig(model=model, dataset=dataset, out=out_path, weights=weights,
-                              random_init=random_init, dtype=dtype, batch_size=batch_size,
-                              device=device, limit=limit, img_size=img_size, taps=taps, seed=seed,
-                              val_fraction=val_fraction, workers=workers, shard_size=shard_size,
-                              per_class=per_class, split=split.split(",") if split else None,
-                              data_root=data_root, download=download, views=views,
-                              crop_pct=crop_pct, interpolation=interpolation,
-                              mean=_triple("--mean", mean), std=_triple("--std", std),
-                              force=force, dry_run=dry_run))
+    cfg = ExtractConfig(
+        model=model, dataset=dataset, out=out_path, weights=weights, random_init=random_init,
+        dtype=dtype, batch_size=batch_size, device=device, limit=limit, img_size=img_size,
+        taps=taps, seed=seed, val_fraction=val_fraction, workers=workers, shard_size=shard_size,
+        per_class=per_class, split=split.split(",") if split else None, data_root=data_root,
+        download=download, views=views, crop_pct=crop_pct, interpolation=interpolation,
+        mean=_triple("--mean", mean), std=_triple("--std", std), force=force, dry_run=dry_run,
+        shard=_part(shard))
+    if dask:
+        from featcache.distribute import extract_on_dask
+        r = extract_on_dask(cfg, dask)
+    else:
+        r = extract(cfg)
     summary = {"path": str(r.path), "status": r.status, "bytes": r.plan.total, "written": r.written,
                "skipped": r.skipped, "seconds": round(r.seconds, 2)}
     if as_json:
@@ -98,6 +108,16 @@ def extract_cmd(
         out.print(f"[yellow]skipped {len(bad)} unreadable input(s) in {split}[/]:")
         for key, why in list(bad.items())[:10]:
             out.print(f"  {key}: {why}")
+
+
+def _part(text: Optional[str]) -> Optional[tuple[int, int]]:
+    if text is None:
+        return None
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard takes K/N, like 0/4, not '{text}'") from None
+    return k, n
 
 
 def _triple(option: str, text: Optional[str]) -> Optional[tuple[float, float, float]]:

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from .codec import DTYPES, STORAGE, calibrate, encode
 from .errors import UserError
-from .lock import LOCK_NAME, StoreLock
+from .lock import StoreLock, meta_lock
 from .models import Backbone, load_backbone
 from .plan import StorePlan, human_bytes, make_plan
 from .sources import Dataset, Split, open_dataset
@@ -54,6 +54,7 @@ class ExtractConfig:
     val_fraction: float = 0.2
     workers: int = min(4, max((os.cpu_count() or 1) - 1, 0))  # leave a core to the backbone
     shard_size: int | None = None  # samples per shard file; default: about 128 MiB per shard
+    shard: tuple[int, int] | None = None  # (K, N): this process writes part K of N
     per_class: int | None = None
     split: list[str] | None = None  # extract only these splits
     data_root: Path | None = None  # where named datasets, manifests' images, VTAB-1k live
@@ -84,7 +85,7 @@ class ExtractResult:
     written: dict[str, int] = field(default_factory=dict)  # samples written this run, per split
     skipped: dict[str, dict[str, str]] = field(default_factory=dict)  # split -> key -> reason
     seconds: float = 0.0
-    status: str = "written"  # "written" | "resumed" | "already complete" | "dry run"
+    status: str = "written"  # written | resumed | already complete | part done | dry run
 
 
 class _Images(torch.utils.data.Dataset):
@@ -167,20 +168,28 @@ def _open_or_create(out: Path, settings: dict, ds: Dataset, backbone: Backbone, 
                             "--out or delete it. Differences: " + "; ".join(diffs))
         return store
     if out.exists() and not (out / "zarr.json").exists() and any(
-            p.name != LOCK_NAME for p in out.iterdir()):
+            not p.name.startswith(".featcache.") for p in out.iterdir()):  # our lock files
         raise UserError(f"{out} exists and is not a featcache store; choose another --out.")
     splits = {name: (len(s), s.fingerprint()) for name, s in ds.splits.items()}
     shard = shard_size or shard_size_for(plan.bytes_per_sample, max(n for n, _ in splits.values()))
     return create_store(out, settings, splits, backbone.final_norms(), shard, calibration())
 
 
-def _shard_batches(store: Store, names: list[str], batch_size: int) -> list[list]:
-    """Batches of (split id, index) covering every shard not yet done; never across shards."""
-    batches = []
+def _shard_batches(store: Store, names: list[str], batch_size: int,
+                   part: tuple[int, int] | None) -> list[list]:
+    """Batches of (split id, index) covering every shard not yet done (of this part, with
+    --shard K/N: the shards whose position over all splits is K modulo N); never across
+    shards."""
+    batches, position = [], 0
+    k_of, n_of = part or (0, 1)
     for sid, name in enumerate(names):
         arrays = store.split(name)
         s, n = arrays.shard_size, arrays.n
-        for k in np.flatnonzero(~arrays.done):
+        for k, done in enumerate(arrays.done):
+            mine = position % n_of == k_of
+            position += 1
+            if done or not mine:
+                continue
             lo, hi = k * s, min((k + 1) * s, n)
             for b in range(lo, hi, batch_size):
                 batches.append([(sid, i) for i in range(b, min(b + batch_size, hi))])
@@ -227,6 +236,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         raise UserError("--device cuda was asked for, but torch sees no CUDA device here.")
     if cfg.views < 1:
         raise UserError("--views must be at least 1")
+    if cfg.shard is not None and not 0 <= cfg.shard[0] < cfg.shard[1]:
+        raise UserError(f"--shard K/N needs 0 <= K < N, not {cfg.shard[0]}/{cfg.shard[1]}")
     ds = open_dataset(cfg.dataset, cfg.seed, cfg.val_fraction, cfg.limit, cfg.per_class,
                       cfg.split, cfg.data_root, cfg.download)
     if cfg.views > 1 and "train" in ds.splits:
@@ -269,18 +280,27 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
             raise UserError("int8 calibration needs readable images at the start of the first split.")
         return calibrate(forward_taps(backbone.model, batch.to(device), taps))
 
-    with StoreLock(out):
-        store = _open_or_create(out, settings, ds, backbone, plan, cfg.shard_size, calibration)
-        batches = _shard_batches(store, names, cfg.batch_size)
-        if not batches:
-            result.status = "already complete"
-            console.print(f"{out} is already complete: nothing to do.")
-            return result
-        result.status = "resumed" if existed else "written"
-        _run(cfg, backbone, store, images, ds, names, taps, batches, result)
-        for name in names:
-            mark_complete(store, name)
-        mark_complete(store)
+    with StoreLock(out, cfg.shard):
+        with meta_lock(out):  # the parts of a sharded run create the store once
+            store = _open_or_create(out, settings, ds, backbone, plan, cfg.shard_size, calibration)
+        batches = _shard_batches(store, names, cfg.batch_size, cfg.shard)
+        if batches:
+            result.status = "resumed" if existed else "written"
+            _run(cfg, backbone, store, images, ds, names, taps, batches, result)
+        with meta_lock(out):
+            store = open_store(out, mode="r+")  # other parts may have finished shards meanwhile
+            for name in names:
+                if store.split(name).done.all():
+                    mark_complete(store, name)
+            if all(store.split(n).done.all() for n in names):
+                mark_complete(store)
+                if not batches:
+                    result.status = "already complete"
+                    console.print(f"{out} is already complete: nothing to do.")
+            elif not batches:
+                result.status = "part done"
+                console.print(f"part {cfg.shard[0]}/{cfg.shard[1]} of {out} is done; "
+                              "the store completes when every part has run.")
     return result
 
 

@@ -29,6 +29,7 @@ from zarr.codecs import Crc32cCodec
 
 from .codec import STORAGE
 from .errors import UserError
+from .lock import meta_lock
 from .models import TokenLayout
 
 FORMAT_VERSION = 1
@@ -208,9 +209,12 @@ def write_shard(store: Store, split: str, index: int, tokens: np.ndarray,
     g["labels"][lo:hi] = labels
     g["keys"][lo:hi] = np.array(keys, dtype=str)
     if skipped:
-        attrs = dict(g.attrs[ATTR])
-        attrs["skipped"] = {**attrs["skipped"], **skipped}
-        g.attrs[ATTR] = attrs
+        with meta_lock(store.path):  # the parts of a sharded run share these attributes
+            g = zarr.open_group(str(Path(store.path) / split), mode="r+")
+            attrs = dict(g.attrs[ATTR])
+            attrs["skipped"] = {**attrs["skipped"], **skipped}
+            g.attrs[ATTR] = attrs
+        g = store.group[split]
     g["done"][index] = True
 
 

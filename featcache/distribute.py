@@ -1,0 +1,99 @@
+"""`featcache extract --dask ADDRESS`: the N parts of a sharded extraction as dask tasks.
+
+One task per worker, so each worker loads the model once. A task is part K of N of the
+same store (`--shard K/N`); a worker that dies loses nothing durable, and dask reruns its
+task elsewhere (retries), which resumes from the part's last finished shard. Progress is
+read from the store itself (its `done` flags), so it reflects what is durable.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import zarr
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .errors import UserError
+from .extract import ExtractConfig, ExtractResult, console, extract
+
+
+def _run_part(cfg: ExtractConfig) -> ExtractResult:
+    """A dask task. Daemonic worker processes may not fork DataLoader workers."""
+    if multiprocessing.current_process().daemon:
+        cfg = replace(cfg, workers=0)
+    return extract(cfg)
+
+
+def _progress(out: Path) -> tuple[int, int]:
+    """(shards done, shards) over every split of the store, or (0, 0) before it exists."""
+    try:
+        root = zarr.open_group(str(out), mode="r")
+        flags = [root[s]["done"][:] for s in root.attrs["featcache"]["splits"]]
+    except Exception:  # not laid out yet
+        return 0, 0
+    return int(sum(f.sum() for f in flags)), int(sum(len(f) for f in flags))
+
+
+def extract_on_dask(cfg: ExtractConfig, address: str) -> ExtractResult:
+    """Run the extraction as one `--shard K/N` task per worker of a dask cluster."""
+    import dask
+    from dask.distributed import Client, LocalCluster
+
+    plan = extract(replace(cfg, dry_run=True))  # the size, said once, before any work
+    out = plan.path
+    if not (out / "zarr.json").exists():
+        plan.plan.check_fits(cfg.force)
+    if cfg.dry_run:
+        return plan
+    if address.startswith("local:"):
+        try:
+            n = int(address[6:])
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise UserError(f"--dask local:N needs a worker count N >= 1, not '{address}'")
+        with dask.config.set({"distributed.worker.daemon": False}):
+            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                   dashboard_address=None)
+        client = Client(cluster)
+    else:
+        try:
+            client = Client(address, timeout=30)
+        except OSError as e:
+            raise UserError(f"cannot reach the dask scheduler at {address}: {e}") from None
+        cluster = None
+    try:
+        parts = max(1, len(client.scheduler_info()["workers"]))
+        futures = client.map(_run_part, [replace(cfg, shard=(k, parts)) for k in range(parts)],
+                             retries=3, pure=False)
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn())
+        t0 = time.perf_counter()
+        with Progress(*columns, console=console) as bar:
+            task = bar.add_task(f"{parts} dask workers -> {out} (shards)", total=None)
+            while not all(f.done() for f in futures):
+                done, total = _progress(out)
+                bar.update(task, completed=done, total=total or None)
+                time.sleep(0.5)
+            done, total = _progress(out)
+            bar.update(task, completed=done, total=total)
+        results: list[ExtractResult] = client.gather(futures)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    merged = ExtractResult(path=out, plan=plan.plan, seconds=time.perf_counter() - t0)
+    for r in results:
+        for split, count in r.written.items():
+            merged.written[split] = merged.written.get(split, 0) + count
+        for split, bad in r.skipped.items():
+            merged.skipped.setdefault(split, {}).update(bad)
+    statuses = {r.status for r in results}
+    merged.status = "already complete" if statuses == {"already complete"} else \
+        "resumed" if "resumed" in statuses else "written"
+    if total and done < total:
+        raise UserError(f"only {done} of {total} shards of {out} are done; rerun the command.")
+    return merged

@@ -1,0 +1,86 @@
+"""Many processes, one store: --shard K/N and --dask equal a single-process extraction."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+
+from featcache import ExtractConfig, UserError, extract, open_store
+from featcache.distribute import extract_on_dask
+from featcache.lock import StoreLock
+from featcache.verify import verify
+
+from .conftest import TINY
+
+ARGS = ["--model", "vit_tiny", "--random-init", "--img-size", "32", "--dataset", "demo",
+        "--limit", "12", "--shard-size", "4", "--batch-size", "2", "--workers", "0"]
+
+
+def arrays(path) -> dict[str, np.ndarray]:
+    root = zarr.open_group(str(path), mode="r")
+    return {f"{s}/{a}": root[s][a][:] for s in ("train", "val", "test") for a in ("tokens", "labels", "keys")}
+
+
+def run_single(out, **env) -> None:
+    subprocess.run([sys.executable, "-m", "cli.featcache", "extract", *ARGS, "--out", str(out)],
+                   check=True, capture_output=True, env={**os.environ, **env})
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "s"
+    run_single(out)
+    return out
+
+
+def test_n_processes_fill_one_store_bit_for_bit(single, tmp_path):
+    out = tmp_path / "parts"
+    procs = [subprocess.Popen([sys.executable, "-m", "cli.featcache", "extract", *ARGS, "--out", str(out),
+                               "--shard", f"{k}/3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for k in range(3)]
+    for p in procs:
+        assert p.wait() == 0, p.stderr.read().decode()
+    store = open_store(out)
+    assert store.complete and store.meta["complete"] and verify(store).ok
+    expected = arrays(single)
+    for name, value in arrays(out).items():
+        np.testing.assert_array_equal(value, expected[name], err_msg=name)
+
+
+def test_a_part_alone_leaves_the_store_incomplete(tmp_path):
+    cfg = dict(dataset="demo", out=tmp_path / "p", limit=12, shard_size=4, **TINY)
+    r = extract(ExtractConfig(shard=(0, 2), **cfg))
+    assert r.status == "written" and not open_store(tmp_path / "p").complete
+    assert extract(ExtractConfig(shard=(0, 2), **cfg)).status == "part done"
+    assert extract(ExtractConfig(shard=(1, 2), **cfg)).status == "resumed"  # the store existed
+    assert open_store(tmp_path / "p").complete
+
+
+def test_locks_between_parts(tmp_path):
+    cfg = dict(dataset="demo", out=tmp_path / "l", limit=4, **TINY)
+    with StoreLock(tmp_path / "l", (0, 2)):
+        with pytest.raises(UserError, match="another featcache process"):
+            extract(ExtractConfig(shard=(0, 2), **cfg))  # the same part twice
+        with pytest.raises(UserError, match="another featcache process"):
+            extract(ExtractConfig(**cfg))  # a whole-store writer beside a part
+        assert extract(ExtractConfig(shard=(1, 2), **cfg)).status == "written"  # another part
+
+
+def test_dask_local_cluster_equals_a_single_process(tmp_path):
+    """Bits depend on the CPU thread count (the order of the matmul sums): dask workers run
+    one thread each, so the reference runs with one thread too."""
+    single = tmp_path / "single"
+    run_single(single, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    out = tmp_path / "dask"
+    r = extract_on_dask(ExtractConfig(dataset="demo", out=out, limit=12, shard_size=4,
+                                      **{**TINY, "batch_size": 2}), "local:2")
+    assert r.written == {"train": 12, "val": 12, "test": 12}
+    assert open_store(out).complete
+    expected = arrays(single)
+    for name, value in arrays(out).items():
+        np.testing.assert_array_equal(value, expected[name], err_msg=name)
