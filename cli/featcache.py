@@ -75,6 +75,9 @@ def extract_cmd(
                                         "all parts have run."),
     dask: Optional[str] = typer.Option(None, help="Run the N parts on a dask.distributed cluster: "
                                        "tcp://HOST:PORT, or local:N for N local worker processes."),
+    reuse: bool = typer.Option(True, help="If a complete store with the same content (model, weights, "
+                               "transform, taps, dtype, inputs) exists beside --out, use it "
+                               "instead of extracting again."),
     force: bool = typer.Option(False, help="Write even if the store looks larger than the free space."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and the store size, write nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
@@ -91,7 +94,7 @@ def extract_cmd(
         per_class=per_class, split=split.split(",") if split else None, data_root=data_root,
         download=download, views=views, crop_pct=crop_pct, interpolation=interpolation,
         mean=_triple("--mean", mean), std=_triple("--std", std), force=force, dry_run=dry_run,
-        shard=_part(shard))
+        shard=_part(shard), reuse=reuse)
     if dask:
         from featcache.distribute import extract_on_dask
         r = extract_on_dask(cfg, dask)

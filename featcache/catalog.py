@@ -41,4 +41,5 @@ def _summary(path: Path, meta: dict) -> dict:
             splits[name] = None
     return {"path": str(path), "model": meta["model"]["name"], "dataset": meta["dataset"]["name"],
             "splits": splits, "dtype": meta["dtype"], "taps": len(meta["taps"]),
-            "bytes_on_disk": disk_usage(path), "complete": bool(meta.get("complete"))}
+            "bytes_on_disk": disk_usage(path), "complete": bool(meta.get("complete")),
+            "content_key": meta.get("content_key")}

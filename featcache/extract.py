@@ -7,6 +7,8 @@ bit-identical (on CPU) to a run that was never interrupted.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import queue
 import random
@@ -23,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
+from .catalog import find_stores
 from .codec import DTYPES, STORAGE, calibrate, encode
 from .errors import UserError
 from .lock import StoreLock, meta_lock
@@ -55,6 +58,7 @@ class ExtractConfig:
     workers: int = min(4, max((os.cpu_count() or 1) - 1, 0))  # leave a core to the backbone
     shard_size: int | None = None  # samples per shard file; default: about 128 MiB per shard
     shard: tuple[int, int] | None = None  # (K, N): this process writes part K of N
+    reuse: bool = True  # an identical complete store beside `out` is returned instead
     per_class: int | None = None
     split: list[str] | None = None  # extract only these splits
     data_root: Path | None = None  # where named datasets, manifests' images, VTAB-1k live
@@ -85,7 +89,7 @@ class ExtractResult:
     written: dict[str, int] = field(default_factory=dict)  # samples written this run, per split
     skipped: dict[str, dict[str, str]] = field(default_factory=dict)  # split -> key -> reason
     seconds: float = 0.0
-    status: str = "written"  # written | resumed | already complete | part done | dry run
+    status: str = "written"  # written | resumed | reused | already complete | part done | dry run
 
 
 class _Images(torch.utils.data.Dataset):
@@ -141,6 +145,25 @@ def _settings(backbone: Backbone, ds: Dataset, taps: list[int], cfg: ExtractConf
             # batch composition changes the low bits of a forward pass: resume must match it
             "batch_size": cfg.batch_size,
             "classes": ds.classes, "dataset": {"name": ds.name, "source": ds.source}}
+
+
+def content_key(settings: dict, ds: Dataset) -> str:
+    """What a store holds, independent of where its inputs lay on disk or how it was batched:
+    model, weights hash, transform, taps, layout, dtype, classes and each split's inputs."""
+    what = {k: settings[k] for k in ("transform", "taps", "layout", "dtype", "classes")}
+    what |= {"model": settings["model"]["name"], "weights": settings["weights"]["sha256"],
+             "splits": {name: s.fingerprint() for name, s in ds.splits.items()}}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def _identical_store(out: Path, key: str) -> Path | None:
+    """A complete store with this content key elsewhere under out's parent folder."""
+    if not out.parent.is_dir():
+        return None
+    for s in find_stores(out.parent):
+        if s["complete"] and s.get("content_key") == key and Path(s["path"]).resolve() != out.resolve():
+            return Path(s["path"])
+    return None
 
 
 def _differences(store: Store, settings: dict, ds: Dataset) -> list[str]:
@@ -258,7 +281,14 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         result.status = "dry run"
         return result
     settings = _settings(backbone, ds, taps, cfg)
+    settings["content_key"] = content_key(settings, ds)
     existed = (out / "zarr.json").exists()
+    twin = None if existed or not cfg.reuse else _identical_store(out, settings["content_key"])
+    if twin is not None:
+        console.print(f"{twin} already holds exactly this (same model, weights, transform, taps, "
+                      "dtype and inputs): reusing it. Pass --no-reuse to extract anyway.")
+        result.path, result.status = twin, "reused"
+        return result
     if not existed:
         plan.check_fits(cfg.force)
     device = torch.device(cfg.device)

@@ -84,3 +84,15 @@ def test_dask_local_cluster_equals_a_single_process(tmp_path):
     expected = arrays(single)
     for name, value in arrays(out).items():
         np.testing.assert_array_equal(value, expected[name], err_msg=name)
+
+
+def test_an_identical_store_is_found_and_reused(tmp_path):
+    cfg = dict(dataset="demo", limit=4, **TINY)
+    first = extract(ExtractConfig(out=tmp_path / "cache" / "alice", **cfg))
+    again = extract(ExtractConfig(out=tmp_path / "cache" / "bob", **{**cfg, "batch_size": 3}))
+    assert again.status == "reused" and again.path == first.path
+    assert not (tmp_path / "cache" / "bob").exists()
+    other = extract(ExtractConfig(out=tmp_path / "cache" / "carol", **{**cfg, "dtype": "fp32"}))
+    assert other.status == "written"  # different content: extracted
+    forced = extract(ExtractConfig(out=tmp_path / "cache" / "dave", reuse=False, **cfg))
+    assert forced.status == "written"
