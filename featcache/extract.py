@@ -168,7 +168,9 @@ def _identical_store(out: Path, key: str) -> Path | None:
 
 def _differences(store: Store, settings: dict, ds: Dataset) -> list[str]:
     diffs = [f"{k}: store has {store.meta.get(k)!r}, this run {v!r}"
-             for k, v in settings.items() if k not in ("dataset", "weights") and store.meta.get(k) != v]
+             for k, v in settings.items()
+             # content_key is derived from the settings compared here (and older stores lack it)
+             if k not in ("dataset", "weights", "content_key") and store.meta.get(k) != v]
     if store.meta["weights"]["sha256"] != settings["weights"]["sha256"]:
         diffs.append(f"weights: store has sha256 {store.meta['weights']['sha256'][:12]}..., "
                      f"this run {settings['weights']['sha256'][:12]}...")

@@ -10,12 +10,15 @@ decoded to float32 on the training device (bf16 and int8 are expanded there, not
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from featcache.codec import decode
+from featcache.fastread import make_reader
 from featcache.store import Store
 
 BUFFER_BYTES = 512 * 2**20
@@ -31,8 +34,9 @@ class Batch:
 class ShardLoader:
     def __init__(self, store: Store, split: str, batch_size: int, shuffle: bool, seed: int = 0,
                  buffer_bytes: int = BUFFER_BYTES, layers: list[int] | None = None,
-                 device: str | torch.device = "cpu"):
-        """`layers`: positions among the store's taps to hand out (None: all of them)."""
+                 device: str | torch.device = "cpu", reader: str = "auto"):
+        """`layers`: positions among the store's taps to hand out (None: all of them).
+        `reader`: auto (memory-map local shard files where possible), memmap, or zarr."""
         self.split = store.split(split)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.dtype, self.device = store.dtype, torch.device(device)
@@ -40,6 +44,9 @@ class ShardLoader:
         cs = store.channel_scale
         self.channel_scale = None if cs is None else torch.from_numpy(cs[self.layers]).to(self.device)
         self.arrays = [a for a in (self.split.tokens, self.split.scales) if a is not None]
+        folder = Path(store.path) / split
+        self.readers = [make_reader(a, folder / name, reader)
+                        for a, name in zip(self.arrays, ("tokens", "scales"))]
         sample_bytes = sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize for a in self.arrays)
         self.buffer_shards = max(1, buffer_bytes // (self.split.shard_size * sample_bytes))
         self.num_shards = -(-self.split.n // self.split.shard_size)
@@ -78,24 +85,33 @@ class ShardLoader:
         labels = torch.from_numpy(self.split.labels[index]).to(self.device, non_blocking=True)
         return Batch(tokens, labels, index)
 
+    def _read(self, group: np.ndarray) -> list[np.ndarray]:
+        """Every array's samples of these shards, one read call per shard."""
+        ranges = [self._shard_range(k) for k in group]
+        return [np.concatenate([r.read(x[0], x[-1] + 1) for x in ranges]) for r in self.readers]
+
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
         if self.buffer_shards >= self.num_shards:  # the buffer holds it all: read it once
             if self._resident is None:
-                self._resident = [a[:] for a in self.arrays]
+                self._resident = self._read(np.arange(self.num_shards))
             for _, batches, _ in self.plan(epoch):
                 for b in batches:
                     yield self._batch(self._resident, b, b)
             return
+        plan = list(self.plan(epoch))
         ids = np.empty(0, dtype=np.int64)
         data: list[np.ndarray] = []
-        for group, batches, carry in self.plan(epoch):
-            ranges = [self._shard_range(k) for k in group]
-            data = [np.concatenate(([data[i]] if data else []) + [a[r[0]:r[-1] + 1] for r in ranges])
-                    for i, a in enumerate(self.arrays)]
-            ids = np.concatenate([ids, *ranges])
-            order = np.argsort(ids, kind="stable")
-            sorted_ids = ids[order]
-            for b in batches:
-                yield self._batch(data, order[np.searchsorted(sorted_ids, b)], b)
-            keep = order[np.searchsorted(sorted_ids, carry)]
-            data, ids = [d[keep] for d in data], carry.copy()
+        with ThreadPoolExecutor(max_workers=1) as pool:  # reads the next fill while we train
+            pending = pool.submit(self._read, plan[0][0])
+            for g, (group, batches, carry) in enumerate(plan):
+                fresh = pending.result()
+                if g + 1 < len(plan):
+                    pending = pool.submit(self._read, plan[g + 1][0])
+                data = [np.concatenate(([data[i]] if data else []) + [f]) for i, f in enumerate(fresh)]
+                ids = np.concatenate([ids, *[self._shard_range(k) for k in group]])
+                order = np.argsort(ids, kind="stable")
+                sorted_ids = ids[order]
+                for b in batches:
+                    yield self._batch(data, order[np.searchsorted(sorted_ids, b)], b)
+                keep = order[np.searchsorted(sorted_ids, carry)]
+                data, ids = [d[keep] for d in data], carry.copy()

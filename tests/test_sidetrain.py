@@ -92,3 +92,22 @@ def test_training_on_a_subset_of_the_taps(fp32_store, tmp_path):
     assert config["blocks"] == [9, 10, 11]
     with pytest.raises(UserError, match="--taps"):
         fit(FitConfig(cache=fp32_store, taps="12", out=tmp_path / "bad"))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_memmap_and_zarr_readers_give_identical_batches(fp32_store, tmp_path, dtype):
+    from featcache import ExtractConfig, extract
+    from featcache.fastread import MemmapReader
+    from .conftest import TINY
+    path = fp32_store
+    if dtype != "fp32":
+        path = tmp_path / dtype
+        extract(ExtractConfig(dataset="demo", out=path, dtype=dtype, limit=24, shard_size=5, **TINY))
+    store = open_store(path)
+    small = store.split("train").tokens.nbytes // 24 * 6  # forces the buffered, prefetching path
+    loaders = {mode: ShardLoader(store, "train", batch_size=4, shuffle=True, seed=2, reader=mode,
+                                 buffer_bytes=small) for mode in ("memmap", "zarr")}
+    assert isinstance(loaders["memmap"].readers[0], MemmapReader)
+    for a, b in zip(*(list(loader.epoch(1)) for loader in loaders.values())):
+        assert np.array_equal(a.index, b.index)
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.labels, b.labels)

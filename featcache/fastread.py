@@ -1,0 +1,98 @@
+"""Reading many samples of a split at once: through zarr, or straight from the shard files.
+
+zarr-python pays a large per-call cost (about 100 MB/s for one ~300 KB chunk per call
+here), while the page cache serves bytes at several GB/s. For a local store written by
+featcache (format 1: sharding with `bytes` + `crc32c` inner codecs, index at the end), the
+shard file layout is simple enough to memory-map:
+
+    [sample 0 bytes][crc32c 4 B][sample 1 bytes][crc32c 4 B] ... [index: S x (offset, nbytes)
+    as little-endian uint64][crc32c 4 B]
+
+MemmapReader returns views into those files (no decode, no checksum: `featcache verify`
+checks every checksum); ZarrReader is the path for anything else (remote or foreign
+codecs). Both return the same arrays (tested).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+EMPTY = np.uint64(2**64 - 1)  # the index's offset/nbytes of a chunk that was never written
+
+
+class ZarrReader:
+    def __init__(self, array: zarr.Array):
+        self.array = array
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        return self.array[lo:hi]
+
+
+class MemmapReader:
+    def __init__(self, array: zarr.Array, folder: Path):
+        self.array, self.folder = array, Path(folder)
+        self.shard = array.shards[0]
+        self.tail = array.shape[1:]
+        self.dtype = np.dtype(array.dtype)
+        self.sample_bytes = int(np.prod(self.tail)) * self.dtype.itemsize
+        self._open: dict[int, tuple[np.memmap, np.ndarray]] = {}
+
+    @staticmethod
+    def supports(array: zarr.Array, folder: Path) -> bool:
+        """A local sharded array whose inner chunks are single samples, raw + crc32c."""
+        codecs = array.metadata.to_dict().get("codecs", ())
+        if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed" or not Path(folder).is_dir():
+            return False
+        conf = codecs[0]["configuration"]
+        inner = [c["name"] for c in conf["codecs"]]
+        endian = conf["codecs"][0].get("configuration", {}).get("endian", "little")
+        return (inner == ["bytes", "crc32c"] and endian == "little" and conf["index_location"] == "end"
+                and tuple(conf["chunk_shape"]) == (1, *array.shape[1:])
+                and [c["name"] for c in conf["index_codecs"]] == ["bytes", "crc32c"])
+
+    def _shard(self, k: int) -> tuple[np.memmap, np.ndarray] | None:
+        if k not in self._open:
+            path = self.folder.joinpath("c", str(k), *["0"] * len(self.tail))
+            if not path.is_file():
+                return None
+            mm = np.memmap(path, dtype=np.uint8, mode="r")
+            index = np.frombuffer(mm[len(mm) - 16 * self.shard - 4:len(mm) - 4], dtype="<u8")
+            self._open[k] = (mm, index.reshape(self.shard, 2))
+        return self._open[k]
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """Samples lo..hi-1, which must lie in one shard."""
+        k, first = divmod(lo, self.shard)
+        if (hi - 1) // self.shard != k:
+            raise ValueError("MemmapReader.read spans two shards")
+        opened = self._shard(k)
+        n = hi - lo
+        if opened is None:  # a shard never written reads as the fill value, as in zarr
+            return np.zeros((n, *self.tail), self.dtype)
+        mm, index = opened
+        offsets, sizes = index[first:first + n, 0], index[first:first + n, 1]
+        stride = self.sample_bytes + 4
+        if (offsets != EMPTY).all() and (sizes == stride).all() and \
+                (n == 1 or (np.diff(offsets) == stride).all()):  # contiguous: one strided view
+            start = int(offsets[0])
+            rows = mm[start:start + n * stride].reshape(n, stride)[:, :self.sample_bytes]
+            return rows.view(self.dtype).reshape(n, *self.tail)
+        out = np.zeros((n, *self.tail), self.dtype)
+        for i, (off, size) in enumerate(zip(offsets, sizes)):
+            if off != EMPTY:
+                out[i] = mm[int(off):int(off) + self.sample_bytes].view(self.dtype).reshape(self.tail)
+        return out
+
+
+def make_reader(array: zarr.Array, folder: Path | None, mode: str = "auto"):
+    """mode: auto (memmap where supported), memmap (must be supported) or zarr."""
+    if mode == "zarr" or folder is None:
+        return ZarrReader(array)
+    if MemmapReader.supports(array, folder):
+        return MemmapReader(array, folder)
+    if mode == "memmap":
+        raise ValueError(f"{folder} cannot be memory-mapped (remote, or codecs other than bytes+crc32c)")
+    return ZarrReader(array)
