@@ -1,0 +1,127 @@
+"""Loader throughput against np.memmap random reads of the same bytes.
+
+    python benchmarks/loader_throughput.py [--samples 2000] [--buffer-mb 256]
+
+Writes a store of random fp16 tokens shaped like DINOv2 ViT-S/14 at 112 px (12 x 65 x 384,
+599 kB per sample) and reads one epoch in random order with:
+
+- memmap random:  np.memmap of the shard files, one sample per read at a random index:
+                  the bytes-per-second ceiling of random access from the page cache;
+- loader/memmap:  sidetrain's ShardLoader, shard-wise shuffle, memory-mapped reads;
+- loader/zarr:    the same loader reading through zarr (one call per shard);
+- zarr/sample:    one zarr call per random sample (what the loader avoids).
+
+Page cache warm (a previous read) and cold (posix_fadvise DONTNEED on every file first).
+Target: the loader at 0.5x or more of memmap random, warm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from featcache.fastread import MemmapReader
+from featcache.models import TokenLayout
+from featcache.store import create_store, open_store, write_shard
+from sidetrain import ShardLoader
+
+from common import machine, save
+
+SHAPE = (12, 65, 384)
+
+
+def make_store(path: Path, n: int) -> None:
+    layout = TokenLayout(1, True, 0, (8, 8), 1, SHAPE[2], "token")
+    meta = {"model": {"name": "synthetic", "depth": 12, "params": 0}, "weights": {"sha256": "0"},
+            "transform": {}, "taps": list(range(12)), "layout": layout.to_dict(), "dtype": "fp16",
+            "batch_size": 1, "classes": [str(i) for i in range(10)], "dataset": {"name": "random", "source": "random"}}
+    shard = 128 * 2**20 // (np.prod(SHAPE) * 2)
+    store = create_store(path, meta, {"train": (n, "0")}, {"norm": {"type": "identity"},
+                         "fc_norm": {"type": "identity"}}, int(shard))
+    rng = np.random.default_rng(0)
+    for k in range(-(-n // shard)):
+        lo, hi = k * shard, min((k + 1) * shard, n)
+        write_shard(store, "train", k, rng.standard_normal((hi - lo, *SHAPE)).astype(np.float16), None,
+                    np.arange(lo, hi) % 10, [str(i) for i in range(lo, hi)], {})
+
+
+def drop_cache(path: Path) -> None:
+    for f in path.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+
+def memmap_random(store_path: Path, n: int, batch: int) -> float:
+    store = open_store(store_path)
+    reader = MemmapReader(store.split("train").tokens, store_path / "train" / "tokens")
+    order = np.random.default_rng(1).permutation(n)
+    t0 = time.perf_counter()
+    for b in range(0, n, batch):
+        np.stack([reader.read(int(i), int(i) + 1)[0] for i in order[b:b + batch]])
+    return time.perf_counter() - t0
+
+
+def loader_epoch(store_path: Path, mode: str, batch: int, buffer: int) -> float:
+    loader = ShardLoader(open_store(store_path), "train", batch, shuffle=True, seed=0,
+                         buffer_bytes=buffer, reader=mode)
+    t0 = time.perf_counter()
+    for _ in loader.epoch(0):
+        pass
+    return time.perf_counter() - t0
+
+
+def zarr_per_sample(store_path: Path, n: int) -> float:
+    tokens = open_store(store_path).split("train").tokens
+    order = np.random.default_rng(1).permutation(n)[:200]  # slow: a sample of the epoch
+    t0 = time.perf_counter()
+    for i in order:
+        tokens[int(i)]
+    return (time.perf_counter() - t0) * n / len(order)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--buffer-mb", type=int, default=256, help="loader buffer (less than the store)")
+    args = ap.parse_args()
+    n, gb = args.samples, args.samples * np.prod(SHAPE) * 2 / 1e9
+    rows = []
+    with tempfile.TemporaryDirectory(dir=Path(__file__).parent) as tmp:
+        path = Path(tmp) / "store"
+        make_store(path, n)
+        runs = {"memmap random": lambda: memmap_random(path, n, args.batch_size),
+                "loader/memmap": lambda: loader_epoch(path, "memmap", args.batch_size, args.buffer_mb * 2**20),
+                "loader/zarr": lambda: loader_epoch(path, "zarr", args.batch_size, args.buffer_mb * 2**20),
+                "zarr/sample": lambda: zarr_per_sample(path, n)}
+        for cache in ("warm", "cold"):
+            for name, run in runs.items():
+                if cache == "warm":
+                    run()  # fill the page cache
+                else:
+                    drop_cache(path)
+                seconds = run()
+                rows.append({"reader": name, "cache": cache, "samples_s": n / seconds, "gb_s": gb / seconds})
+    base = {r["cache"]: r["gb_s"] for r in rows if r["reader"] == "memmap random"}
+    for r in rows:
+        r["vs_memmap_random"] = r["gb_s"] / base[r["cache"]]
+    print(f"\nloader throughput: {n} samples of {np.prod(SHAPE) * 2 / 1e3:.0f} kB (fp16, decoded to "
+          f"fp32 by the loader), random order, batch {args.batch_size}, buffer {args.buffer_mb} MB, "
+          f"{machine()}\n")
+    print("| reader | page cache | samples/s | GB/s | vs memmap random |")
+    print("|---|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['reader']} | {r['cache']} | {r['samples_s']:,.0f} | {r['gb_s']:.2f} | "
+              f"{r['vs_memmap_random']:.2f}x |")
+    print(f"\nwritten: {save('loader_throughput', {'samples': n, 'machine': machine(), 'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()
