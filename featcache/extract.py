@@ -322,10 +322,11 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         with meta_lock(out):
             store = open_store(out, mode="r+")  # other parts may have finished shards meanwhile
             for name in names:
-                if store.split(name).done.all():
+                if store.split(name).done.all() and not store.split(name).attrs["complete"]:
                     mark_complete(store, name)
             if all(store.split(n).done.all() for n in names):
-                mark_complete(store)
+                if not store.meta["complete"]:
+                    mark_complete(store)
                 if not batches:
                     result.status = "already complete"
                     console.print(f"{out} is already complete: nothing to do.")

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from featcache import ExtractConfig, UserError, extract, load_backbone, open_dataset, open_store
 

@@ -62,7 +62,7 @@ def test_a_second_writer_is_refused_while_the_first_lives(tmp_path):
         with pytest.raises(UserError, match="another featcache process"):
             extract(ExtractConfig(dataset="demo", out=out, limit=4, **TINY))
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from featcache.lock import "
-                               f"StoreLock; lock = StoreLock(sys.argv[1]); lock.__enter__(); print(1, flush=True); "
+                               "StoreLock; lock = StoreLock(sys.argv[1]); lock.__enter__(); print(1, flush=True); "
                                "time.sleep(60)", str(out)], stdout=subprocess.PIPE)
     holder.stdout.readline()
     with pytest.raises(UserError, match="pid"):
