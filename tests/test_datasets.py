@@ -137,3 +137,17 @@ def test_real_dinov2_features_beat_random_ones(tmp_path):
         accs[name] = fit(FitConfig(cache=tmp_path / name, method="linear", lr=1e-2, epochs=15,
                                    out=tmp_path / f"run-{name}")).test_acc
     assert accs["real"] > accs["random"] + 0.1, accs
+
+
+@pytest.mark.parametrize("name,size,layout", [
+    ("eva02_tiny_patch14_224.mim_in22k", 28, (1, True, "avg")),
+    ("vit_base_patch16_siglip_224.webli", 32, (0, False, "avg")),  # attention pool: mean instead
+    ("vit_base_patch16_clip_224.openai", 32, (1, True, "token")),
+    ("deit_tiny_distilled_patch16_224.fb_in1k", 32, (2, True, "token")),  # class + distillation
+])
+def test_vit_families_extract_with_their_prefix_tokens(tmp_path, name, size, layout):
+    r = extract(ExtractConfig(model=name, random_init=True, img_size=size, dataset="demo", limit=2,
+                              split=["val"], workers=0, taps="last:1", out=tmp_path / "s"))
+    lay = open_store(r.path).layout
+    assert (lay.prefix_tokens, lay.class_token, lay.pool) == layout
+    assert open_store(r.path).split("val").tokens.shape == (2, 1, layout[0] + 4, lay.width)
