@@ -313,6 +313,9 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
         diff = [k for k in shared if getattr(c, k) != getattr(first, k)]
         if diff:
             raise ValueError(f"configurations to train together must share {diff}")
+    # Denormal floats (GELU tails, LayerNorm gradients) made CPU steps 10x slower here
+    # (measured: 5.4 s against 0.55 s per LoSA step); they carry no signal, so flush them.
+    torch.set_flush_denormal(True)
     store = open_store(first.cache)
     val_split = _check_store(first, store)
     for c in configs:
