@@ -9,7 +9,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 MODEL ?= vit_tiny
 WEIGHTS ?=
 
-.PHONY: demo test install clean
+.PHONY: demo test bench study install clean
 
 install: $(STAMP)
 
@@ -25,6 +25,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Measurements (never part of the tests): tables on stdout, JSON and PNG in benchmarks/results/.
+bench: $(STAMP)
+	cd benchmarks && ../$(PY) extract_throughput.py --n 256 && ../$(PY) loader_throughput.py \
+	  && ../$(PY) training_cost.py && ../$(PY) sweep_cost.py && ../$(PY) int8_error.py
+
+# The real-feature LoSA study (hours on a CPU; resumes where it stopped).
+study: $(STAMP)
+	cd benchmarks && ../$(PY) losa_study.py
 
 clean:
 	rm -rf cache runs .pytest_cache

@@ -79,7 +79,9 @@ class ShardLoader:
             parts = [d[rows] for d in data]
         else:
             parts = [d[np.ix_(rows, self.layers)] for d in data]
-        stored = [torch.from_numpy(p).to(self.device, non_blocking=True) for p in parts]
+        cuda = self.device.type == "cuda"  # pinned pages let the copy overlap compute
+        stored = [(torch.from_numpy(p).pin_memory() if cuda else torch.from_numpy(p))
+                  .to(self.device, non_blocking=True) for p in parts]
         tokens = decode(stored[0], self.dtype, stored[1] if len(stored) > 1 else None,
                         self.channel_scale)
         labels = torch.from_numpy(self.split.labels[index]).to(self.device, non_blocking=True)

@@ -1,0 +1,60 @@
+"""A sweep of 8 configurations in one data pass against 1 configuration alone.
+
+    python benchmarks/sweep_cost.py [--store PATH] [--epochs 3]
+
+Without --store, a store is extracted from the demo set (random-init ViT-S, 112 px).
+Reports wall time for 1 configuration and for 8 (LoSA ranks 4/8/16/32 x lr 1e-3/3e-3;
+and 8 linear probes x lr), each in one pass over the data. The 8-in-one-pass sweep costs
+the reads once; what remains is each model's own compute, so the ratio shows how much of
+a run was reading (target for the cheap heads: under 2x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from featcache import ExtractConfig, extract
+from sidetrain import FitConfig, train_many
+
+from common import machine, save
+
+
+def timed(configs: list[FitConfig]) -> float:
+    t0 = time.perf_counter()
+    train_many(configs)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", type=Path, default=None)
+    ap.add_argument("--epochs", type=int, default=3)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(dir=Path(__file__).parent) as tmp:
+        store = args.store or extract(ExtractConfig(model="vit_small", random_init=True, img_size=112,
+                                                    dataset="demo", out=Path(tmp) / "store")).path
+        base = FitConfig(cache=store, epochs=args.epochs)
+        grids = {
+            "losa": [replace(base, rank=r, lr=lr) for r in (4, 8, 16, 32) for lr in (1e-3, 3e-3)],
+            "linear": [replace(base, method="linear", lr=lr) for lr in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)],
+        }
+        rows = []
+        for name, configs in grids.items():
+            configs = [replace(c, out=Path(tmp) / "runs" / name / f"{i}") for i, c in enumerate(configs)]
+            one = timed(configs[:1])
+            eight = timed([replace(c, out=Path(str(c.out) + "-sweep")) for c in configs])
+            rows.append({"method": name, "one_s": one, "eight_s": eight, "ratio": eight / one})
+    print(f"\nsweep of 8 in one pass vs 1 configuration, {args.epochs} epochs, {machine()}\n")
+    print("| configurations | 1 config (s) | 8 configs, one pass (s) | ratio |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['method']} | {r['one_s']:.1f} | {r['eight_s']:.1f} | {r['ratio']:.1f}x |")
+    print(f"\nwritten: {save('sweep_cost', {'machine': machine(), 'epochs': args.epochs, 'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()
