@@ -34,7 +34,8 @@ def plot_pareto(points: list[tuple[str, int, float]], path: Path, title: str) ->
     for label, params, acc in points:
         ax.scatter(params, 100 * acc)
         ax.annotate(label, (params, 100 * acc), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set(xscale="log", xlabel="trainable parameters", ylabel="accuracy (%)", title=title)
+    ax.set(xscale="log", xlabel="trainable parameters", ylabel="accuracy (%)")
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

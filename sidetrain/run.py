@@ -20,7 +20,7 @@ from featcache.models import TokenLayout, load_backbone
 from featcache.sources.base import to_rgb
 from featcache.store import Store, open_store
 
-from .classifier import Classifier, ModelSpec, make_classifier
+from .classifier import Classifier, ModelSpec, input_layers, make_classifier
 from .endtoend import EndToEnd
 from .loader import ShardLoader
 
@@ -67,7 +67,7 @@ def evaluate_run(run: Path, cache: Path, device: str = "cpu") -> dict[str, float
     store = open_store(cache)
     positions = check_store(config, store)
     model = _model(config, state, store.norms()).to(device)
-    layers = positions if model.side is not None else positions[-model.head_layers:]
+    layers = input_layers(model, positions)
     accs = {}
     for name in store.splits:
         if not store.split(name).complete:

@@ -45,6 +45,6 @@ def sweep(base: FitConfig, grid: dict[str, list], out_root: Path) -> list[FitRes
     (out_root / "sweep.json").write_text(json.dumps([r.to_json() for r in results], indent=2))
     score = [(r.run.name, r.params, r.test_acc if r.test_acc is not None else r.val_acc)
              for r in results if r.best_epoch >= 0]
-    plot_pareto(score, out_root / "pareto.png", title=f"{Path(base.cache).name}: accuracy against "
-                "trainable parameters (test, or val without a test split)")
+    plot_pareto(score, out_root / "pareto.png", title=f"{Path(base.cache).name}: test accuracy "
+                "(val without a test split) against trainable parameters")
     return results
