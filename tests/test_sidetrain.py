@@ -111,3 +111,17 @@ def test_memmap_and_zarr_readers_give_identical_batches(fp32_store, tmp_path, dt
     for a, b in zip(*(list(loader.epoch(1)) for loader in loaders.values())):
         assert np.array_equal(a.index, b.index)
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.labels, b.labels)
+
+
+def test_loader_memory_is_bounded_by_its_buffer(fp32_store, monkeypatch):
+    """A store larger than the buffer is read one buffer fill at a time, never whole."""
+    store = open_store(fp32_store)
+    split = store.split("train")
+    buffer = split.tokens.nbytes // split.n * 10  # two 5-sample shards of 24 samples
+    loader = ShardLoader(store, "train", batch_size=4, shuffle=True, buffer_bytes=buffer)
+    fills = []
+    original = loader._read
+    monkeypatch.setattr(loader, "_read", lambda group: fills.append(len(group)) or original(group))
+    seen = sum(len(b.index) for b in loader.epoch(0))
+    assert seen == 24 and max(fills) == loader.buffer_shards == 2 and len(fills) == 3
+    assert loader._resident is None  # nothing kept across epochs
