@@ -21,8 +21,8 @@ HELP = {
     "cache": "Store folder written by `featcache extract`.",
     "method": "losa (side network + head), linear (a linear probe) or mlp (an MLP head).",
     "rank": "LoSA rank r of every low-rank mixer (channel and token); 1..min(width, tokens).",
-    "variant": "LoSA recurrence: A (h_i = h_{i-1} + g(z_i + h_{i-1})), B (r_i = z_i + g(r_{i-1})) "
-               "or C (h_i = g(z_i + h_{i-1})); see docs/losa.md.",
+    "variant": "LoSA recurrence: A (h_i = h_{i-1} + g(z_i + h_{i-1})), B (r_i = z_i + g(r_{i-1}), "
+               "the default: best in the study) or C (h_i = g(z_i + h_{i-1})); see docs/losa.md.",
     "order": "Mixer order: channel-token, token-channel, or alternate (channel mixing at odd "
              "layers, token mixing at even ones).",
     "head_input": "What the head reads: pool (the backbone's own feature), cls+mean (class and "
@@ -34,8 +34,8 @@ HELP = {
     "seed": "Seed for initialisation and data order.",
     "epochs": "Passes over the train split.",
     "batch_size": "Samples per step.",
-    "taps": "Which of the store's tapped blocks to use: all, every:K, last:M or block indices "
-            "like 3,7,11. The head reads the last ones.",
+    "taps": "Which of the store's taps to use: all, last:M (its last M), every:K (every K-th, "
+            "counting back from its last) or block indices like 3,7,11. The head reads the last ones.",
     "warmup": "Share of all steps spent warming the learning rate up.",
     "label_smoothing": "Label smoothing of the cross-entropy loss.",
     "grad_clip": "Clip the global gradient norm to this (0: off).",
@@ -56,11 +56,12 @@ def fit_cmd(
     cache: Path = typer.Option(..., help=HELP["cache"]),
     method: str = typer.Option("losa", help=HELP["method"]),
     rank: int = typer.Option(16, help=HELP["rank"]),
-    variant: str = typer.Option("A", help=HELP["variant"]),
+    variant: str = typer.Option("B", help=HELP["variant"]),
     order: str = typer.Option("channel-token", help=HELP["order"]),
     head_input: str = typer.Option("pool", help=HELP["head_input"]),
     dropout: float = typer.Option(0.0, help=HELP["dropout"]),
     zero_init: bool = typer.Option(True, help=HELP["zero_init"]),
+    mlp_hidden: int = typer.Option(512, help="Hidden width of the mlp head."),
     taps: str = typer.Option("all", help=HELP["taps"]),
     epochs: int = typer.Option(10, help=HELP["epochs"]),
     lr: float = typer.Option(1e-3, help=HELP["lr"]),
@@ -83,7 +84,8 @@ def fit_cmd(
     same command after a crash resumes from the last finished epoch.
     """
     r = fit(FitConfig(cache=cache, method=method, rank=rank, variant=variant, order=order,
-                      head_input=head_input, dropout=dropout, zero_init=zero_init, taps=taps,
+                      head_input=head_input, dropout=dropout, zero_init=zero_init,
+                      mlp_hidden=mlp_hidden, taps=taps,
                       epochs=epochs, lr=lr, weight_decay=weight_decay, warmup=warmup,
                       label_smoothing=label_smoothing, grad_clip=grad_clip, batch_size=batch_size,
                       seed=seed, precision=precision, device=device, out=out_dir))
@@ -111,7 +113,7 @@ def sweep_cmd(
     method: str = typer.Option("losa,linear", help="Comma list. " + HELP["method"]),
     rank: str = typer.Option("16", help="Comma list. " + HELP["rank"]),
     lr: str = typer.Option("1e-3", help="Comma list. " + HELP["lr"]),
-    variant: str = typer.Option("A", help="Comma list. " + HELP["variant"]),
+    variant: str = typer.Option("B", help="Comma list. " + HELP["variant"]),
     order: str = typer.Option("channel-token", help="Comma list. " + HELP["order"]),
     head_input: str = typer.Option("pool", help="Comma list. " + HELP["head_input"]),
     dropout: str = typer.Option("0", help="Comma list. " + HELP["dropout"]),

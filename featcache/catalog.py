@@ -25,7 +25,11 @@ def find_stores(root: Path) -> list[dict]:
                 found.append(_summary(d, meta))
                 return
         if depth < MAX_DEPTH:
-            for child in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            try:
+                children = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+            except OSError:  # an unreadable folder in a shared cache root: skip it
+                return
+            for child in children:
                 walk(child, depth + 1)
 
     walk(Path(root), 0)

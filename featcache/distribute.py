@@ -42,7 +42,8 @@ def extract_on_dask(cfg: ExtractConfig, address: str) -> ExtractResult:
     import dask
     from dask.distributed import Client, LocalCluster
 
-    plan = extract(replace(cfg, dry_run=True))  # the size, said once, before any work
+    # the size, said once before any work (on this machine's CPU: it may have no GPU)
+    plan = extract(replace(cfg, dry_run=True, device="cpu"))
     out = plan.path
     if not (out / "zarr.json").exists():
         plan.plan.check_fits(cfg.force)

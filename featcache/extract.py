@@ -140,7 +140,8 @@ def _settings(backbone: Backbone, ds: Dataset, taps: list[int], cfg: ExtractConf
                       "params": sum(p.numel() for p in backbone.model.parameters())},
             "weights": backbone.weights,
             "transform": _lists({**backbone.data_config, **(
-                {"views": cfg.views, "view_policy": VIEW_POLICY} if cfg.views > 1 else {})}),
+                {"views": cfg.views, "view_policy": VIEW_POLICY, "view_seed": cfg.seed}
+                if cfg.views > 1 else {})}),
             "taps": taps, "layout": backbone.layout().to_dict(), "dtype": cfg.dtype,
             # batch composition changes the low bits of a forward pass: resume must match it
             "batch_size": cfg.batch_size,
@@ -191,6 +192,11 @@ def _open_or_create(out: Path, settings: dict, ds: Dataset, backbone: Backbone, 
         if diffs:
             raise UserError(f"{out} already holds a store made with other settings; use another "
                             "--out or delete it. Differences: " + "; ".join(diffs))
+        if store.meta["dataset"]["source"] != settings["dataset"]["source"]:
+            console.print(f"[yellow]note:[/] {out} was made from {store.meta['dataset']['source']}; "
+                          f"this run reads {settings['dataset']['source']} (same keys and labels).")
+        if shard_size and shard_size != store.meta["shard_size"]:
+            console.print(f"[yellow]note:[/] {out} keeps its shard size {store.meta['shard_size']}.")
         return store
     if out.exists() and not (out / "zarr.json").exists() and any(
             not p.name.startswith(".featcache.") for p in out.iterdir()):  # our lock files
@@ -207,7 +213,8 @@ def _shard_batches(store: Store, names: list[str], batch_size: int,
     shards."""
     batches, position = [], 0
     k_of, n_of = part or (0, 1)
-    for sid, name in enumerate(names):
+    for name in store.splits:  # the store's order: every part numbers shards alike
+        sid = names.index(name)
         arrays = store.split(name)
         s, n = arrays.shard_size, arrays.n
         for k, done in enumerate(arrays.done):
@@ -306,11 +313,16 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         """int8 only: channel scales from the first batch of the first split (deterministic)."""
         if cfg.dtype != "int8":
             return None
-        n = min(cfg.batch_size, len(images.splits[0]))
-        batch = _collate([images[(0, i)] for i in range(n)])[1]
-        if batch is None:
-            raise UserError("int8 calibration needs readable images at the start of the first split.")
-        return calibrate(forward_taps(backbone.model, batch.to(device), taps))
+        readable = []
+        for i in range(len(images.splits[0])):  # the first batch_size readable images
+            item = images[(0, i)]
+            if item[1] is not None:
+                readable.append(item)
+            if len(readable) == cfg.batch_size:
+                break
+        if not readable:
+            raise UserError(f"int8 calibration found no readable image in split '{names[0]}'.")
+        return calibrate(forward_taps(backbone.model, _collate(readable)[1].to(device), taps))
 
     with StoreLock(out, cfg.shard):
         with meta_lock(out):  # the parts of a sharded run create the store once

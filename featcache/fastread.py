@@ -15,12 +15,14 @@ codecs). Both return the same arrays (tested).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import zarr
 
-EMPTY = np.uint64(2**64 - 1)  # the index's offset/nbytes of a chunk that was never written
+EMPTY = np.uint64(2**64 - 1)
+OPEN_SHARDS = 16  # the index's offset/nbytes of a chunk that was never written
 
 
 class ZarrReader:
@@ -38,7 +40,7 @@ class MemmapReader:
         self.tail = array.shape[1:]
         self.dtype = np.dtype(array.dtype)
         self.sample_bytes = int(np.prod(self.tail)) * self.dtype.itemsize
-        self._open: dict[int, tuple[np.memmap, np.ndarray]] = {}
+        self._open: OrderedDict[int, tuple[np.memmap, np.ndarray]] = OrderedDict()
 
     @staticmethod
     def supports(array: zarr.Array, folder: Path) -> bool:
@@ -54,13 +56,18 @@ class MemmapReader:
                 and [c["name"] for c in conf["index_codecs"]] == ["bytes", "crc32c"])
 
     def _shard(self, k: int) -> tuple[np.memmap, np.ndarray] | None:
-        if k not in self._open:
-            path = self.folder.joinpath("c", str(k), *["0"] * len(self.tail))
-            if not path.is_file():
-                return None
-            mm = np.memmap(path, dtype=np.uint8, mode="r")
-            index = np.frombuffer(mm[len(mm) - 16 * self.shard - 4:len(mm) - 4], dtype="<u8")
-            self._open[k] = (mm, index.reshape(self.shard, 2))
+        """The shard file mapped, keeping at most OPEN_SHARDS open (each holds a descriptor)."""
+        if k in self._open:
+            self._open.move_to_end(k)
+            return self._open[k]
+        path = self.folder.joinpath("c", str(k), *["0"] * len(self.tail))
+        if not path.is_file():
+            return None
+        mm = np.memmap(path, dtype=np.uint8, mode="r")
+        index = np.frombuffer(mm[len(mm) - 16 * self.shard - 4:len(mm) - 4], dtype="<u8")
+        self._open[k] = (mm, index.reshape(self.shard, 2))
+        if len(self._open) > OPEN_SHARDS:
+            self._open.popitem(last=False)  # the mapping closes when its arrays are gone
         return self._open[k]
 
     def read(self, lo: int, hi: int) -> np.ndarray:

@@ -69,11 +69,6 @@ class SplitArrays:
     def complete(self) -> bool:
         return bool(self.attrs.get("complete")) and bool(self.done.all())
 
-    @property
-    def valid(self) -> np.ndarray:
-        """Indices of samples that were read (unreadable inputs have label -1)."""
-        return np.flatnonzero(self.labels >= 0)
-
 
 class Store:
     """A format-1 store opened for reading (and, by the extractor, for appending shards)."""

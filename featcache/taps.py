@@ -29,7 +29,9 @@ def parse_taps(spec: str | None, depth: int) -> list[int]:
             m = int(spec[5:])
             taps = list(range(max(depth - m, 0), depth)) if m > 0 else []
         else:
-            taps = sorted({int(t) % depth if int(t) < 0 else int(t) for t in spec.split(",")})
+            given = [int(t) for t in spec.split(",")]
+            taps = [] if any(t < -depth for t in given) else sorted({t + depth if t < 0 else t
+                                                                     for t in given})
     except ValueError:
         taps = []
     if not taps or taps[-1] >= depth:

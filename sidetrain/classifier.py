@@ -31,7 +31,7 @@ class ModelSpec:
 
     method: str = "losa"
     rank: int = 16
-    variant: str = "A"  # A | B | C, see losa.py
+    variant: str = "B"  # A | B | C, see losa.py; B measured best (docs/losa.md)
     order: str = "channel-token"  # channel-token | token-channel | alternate
     head_input: str = "pool"  # pool | cls+mean | last4 | all, see readout.py
     dropout: float = 0.0  # on the side network's updates
@@ -66,10 +66,13 @@ class Classifier(nn.Module):
 
 
 def select_taps(store: Store, spec: str | None) -> list[int]:
-    """Positions (in the store's tap list) of the blocks `spec` picks, with featcache's
-    --taps syntax over block indices: all, every:K, last:M or a list such as 3,7,11."""
+    """Positions in the store's tap list of the taps `spec` picks: all; last:M and every:K
+    over the store's taps (every K-th counting back from the last); or block indices."""
     taps = store.taps
-    blocks = parse_taps(spec, store.meta["model"]["depth"]) if spec not in (None, "", "all") else taps
+    spec = (spec or "all").strip()
+    if spec.startswith(("last:", "every:")):
+        return parse_taps(spec, len(taps))  # positions, with the same syntax and errors
+    blocks = parse_taps(spec, store.meta["model"]["depth"]) if spec != "all" else taps
     missing = [b for b in blocks if b not in taps]
     if missing:
         raise UserError(f"--taps asks for blocks {missing} that the store does not hold "

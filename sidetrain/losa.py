@@ -3,7 +3,7 @@
 Mercea et al., CVPR 2024, reconstructed (docs/losa.md). With z_i the tapped tokens:
 
     A:  h_0 = 0;  h_i = h_{i-1} + g_i(z_i + h_{i-1});  refined r_i = z_i + h_i
-    B:  r_1 = z_1 + g_1(z_1);  r_i = z_i + g_i(r_{i-1})
+    B:  r_1 = z_1 + g_1(z_1);  r_i = z_i + g_i(r_{i-1})     (the default: measured best)
     C:  h_0 = 0;  h_i = g_i(z_i + h_{i-1});            refined r_i = z_i + h_i
 
 g mixes channels and tokens through rank-r bottlenecks. The up-projections start at zero
@@ -75,7 +75,7 @@ def _steps(order: str, layer: int) -> tuple[str, ...]:
 class LoSA(nn.Module):
     """Maps tapped tokens (B, L, T, D) to refined tokens (B, L, T, D) (see module doc)."""
 
-    def __init__(self, layers: int, width: int, tokens: int, rank: int, variant: str = "A",
+    def __init__(self, layers: int, width: int, tokens: int, rank: int, variant: str = "B",
                  order: str = "channel-token", dropout: float = 0.0, zero_init: bool = True):
         super().__init__()
         if not 1 <= rank <= min(width, tokens):

@@ -50,7 +50,7 @@ def check_store(config: dict, store: Store) -> list[int]:
     """The store must hold the features the run was trained on; returns the tap positions."""
     s = config["store"]
     diffs = [f"{k}: run has {s[k]!r}, store has {store.meta[k]!r}"
-             for k in ("model", "layout", "classes") if store.meta[k] != s[k]]
+             for k in ("model", "layout", "classes", "transform") if store.meta[k] != s[k]]
     if store.meta["weights"]["sha256"] != s["weights"]["sha256"]:
         diffs.append("weights: the store was extracted with other weights (sha256 differs)")
     missing = [b for b in config["blocks"] if b not in store.taps]
@@ -109,7 +109,8 @@ def predict(run: Path, images: list[Path], weights: Path | None = None, device: 
     model = _model(config, state, bb.final_norms())
     live = EndToEnd(bb.model, config["blocks"], model).to(device).eval()
     s = config["store"]
-    transform = timm.data.create_transform(**{**s["transform"], "input_size": tuple(s["transform"]["input_size"])},
+    plain = {k: v for k, v in s["transform"].items() if k not in ("views", "view_policy", "view_seed")}
+    transform = timm.data.create_transform(**{**plain, "input_size": tuple(plain["input_size"])},
                                            is_training=False)
     out = []
     for start in range(0, len(images), batch_size):

@@ -26,8 +26,11 @@ def expand(base: FitConfig, grid: dict[str, list], out_root: Path) -> list[FitCo
         cfg = replace(base, **dict(zip(grid, values)))
         if cfg.method != "losa":
             cfg = replace(cfg, **{k: getattr(ModelSpec, k) for k in LOSA_ONLY})
+        if cfg.method == "linear":
+            cfg = replace(cfg, dropout=0.0)  # a linear head has nothing to drop
+        ignored = (LOSA_ONLY if cfg.method != "losa" else ()) + (("dropout",) if cfg.method == "linear" else ())
         name = "-".join([cfg.method] + [f"{k}{getattr(cfg, k)}" for k in varying
-                                        if k != "method" and not (cfg.method != "losa" and k in LOSA_ONLY)])
+                                        if k != "method" and k not in ignored])
         if name in seen:
             continue
         seen.add(name)

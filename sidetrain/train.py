@@ -38,7 +38,7 @@ class FitConfig:
     cache: Path
     method: str = "losa"
     rank: int = 16
-    variant: str = "A"
+    variant: str = "B"
     order: str = "channel-token"
     head_input: str = "pool"
     dropout: float = 0.0
@@ -101,18 +101,6 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
     return 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, z: torch.Tensor,
-               y: torch.Tensor, label_smoothing: float = 0.0, grad_clip: float = 0.0) -> float:
-    """One plain fp32 step (the trainers below add autocast and loss scaling on CUDA)."""
-    loss = F.cross_entropy(model(z), y, label_smoothing=label_smoothing)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    opt.step()
-    return loss.item()
 
 
 def _check_store(cfg: FitConfig, store: Store) -> str:
@@ -234,10 +222,11 @@ class Trainer:
         self.eval_sums[1] += (logits.argmax(1) == labels).sum().item()
         self.eval_sums[2] += len(labels)
 
-    def take_eval(self) -> tuple[float, float]:
+    def take_eval(self) -> tuple[float, float | None]:
+        """(mean loss, accuracy) of the pass just made; accuracy None when it saw no sample."""
         loss, correct, n = self.eval_sums
         self.eval_sums = [0.0, 0, 0]
-        return loss / max(n, 1), correct / max(n, 1)
+        return loss / max(n, 1), (correct / n if n else None)
 
     def end_epoch(self, steps: int, shared_seconds: float) -> None:
         """Close the epoch: record metrics, keep the best state, checkpoint.
@@ -347,7 +336,9 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
     for t in trainers:
         if t.best_state:
             t.model.load_state_dict(t.best_state)
-    if "test" in store.splits and store.split("test").complete:
+    if "test" in store.splits and not store.split("test").complete:
+        console.print(f"[yellow]note:[/] the test split of {store.path} is incomplete: not scored.")
+    elif "test" in store.splits:
         ok = [t for t in trainers if t.best_state]
         _pass(ShardLoader(store, "test", shuffle=False, **load), 0, ok, union, train=False)
         for t in ok:

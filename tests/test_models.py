@@ -56,7 +56,7 @@ def test_taps_specs(spec, taps):
     assert parse_taps(spec, 12) == taps
 
 
-@pytest.mark.parametrize("spec", ["12", "every:0", "last:x", "a,b"])
+@pytest.mark.parametrize("spec", ["12", "-13", "every:0", "last:x", "a,b"])
 def test_bad_taps_are_refused(spec):
     with pytest.raises(UserError, match="--taps"):
         parse_taps(spec, 12)

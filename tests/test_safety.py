@@ -24,7 +24,7 @@ from .conftest import TINY
 
 CMD = [sys.executable, "-m", "cli.featcache", "extract", "--model", "vit_tiny", "--random-init",
        "--img-size", "32", "--dataset", "demo", "--limit", "60", "--shard-size", "6",
-       "--batch-size", "2", "--workers", "0", "--json"]
+       "--batch-size", "2", "--workers", "0", "--json", "--no-reuse"]
 
 
 def arrays(path: Path) -> dict[str, np.ndarray]:

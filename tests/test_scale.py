@@ -77,7 +77,7 @@ def test_dask_local_cluster_equals_a_single_process(tmp_path):
     single = tmp_path / "single"
     run_single(single, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     out = tmp_path / "dask"
-    r = extract_on_dask(ExtractConfig(dataset="demo", out=out, limit=12, shard_size=4,
+    r = extract_on_dask(ExtractConfig(dataset="demo", out=out, limit=12, shard_size=4, reuse=False,
                                       **{**TINY, "batch_size": 2}), "local:2")
     assert r.written == {"train": 12, "val": 12, "test": 12}
     assert open_store(out).complete

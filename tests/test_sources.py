@@ -45,3 +45,9 @@ def test_missing_dataset_is_a_clear_error(spec):
 def test_folder_without_classes_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="no class folders"):
         open_dataset(str(tmp_path))
+
+
+def test_a_split_that_would_be_empty_is_refused(tmp_path):
+    make_image_folder(tmp_path / "tiny", classes=2, per_class=1)  # nothing to hold out
+    with pytest.raises(UserError, match="would be empty"):
+        open_dataset(str(tmp_path / "tiny"))

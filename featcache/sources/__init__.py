@@ -77,6 +77,10 @@ def open_dataset(spec: str, seed: int = 0, val_fraction: float = 0.2, limit: int
         train, val = stratified_split(ds.splits["train"].labels, val_fraction, np.random.default_rng(seed))
         whole = ds.splits.pop("train")
         ds.splits = {"train": whole.subset(train), "val": whole.subset(val), **ds.splits}
+    empty = [name for name, s in ds.splits.items() if len(s) == 0]
+    if empty:
+        raise UserError(f"{ds.name}: split(s) {', '.join(empty)} would be empty (too few images per "
+                        "class to hold some out?); add images or raise --val-fraction.")
     if split:
         unknown = [s for s in split if s not in ds.splits]
         if unknown:

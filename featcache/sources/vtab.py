@@ -39,6 +39,8 @@ def open_vtab1k(task: str, root: Path | None) -> Dataset:
             except ValueError:
                 raise UserError(f"{path}:{n}: expected '<path> <integer label>', got '{line[:80]}'") from None
             keys.append(key)
+        if not keys:
+            raise UserError(f"vtab1k:{task}: {path} lists no images")
         parsed[split] = (keys, np.array(labels, dtype=np.int64))
     classes = [str(i) for i in range(1 + max(int(l.max()) for _, l in parsed.values()))]
     ds = Dataset(name=f"vtab1k-{task}", source=f"vtab1k:{folder.resolve()}", classes=classes)
