@@ -294,10 +294,10 @@ def _pass(loader: ShardLoader, epoch: int, trainers: list[Trainer], union: list[
 
 
 def train_many(configs: list[FitConfig]) -> list[FitResult]:
-    """Train configurations that share a store, seed, batch size, epochs and device in one
-    pass over the data per epoch. Returns one FitResult per configuration, in order."""
+    """Train configurations that share a store, seed, batch size, epochs, device and
+    precision in one pass over the data per epoch. Returns one FitResult per configuration, in order."""
     first = configs[0]
-    shared = ("cache", "seed", "batch_size", "epochs", "device")
+    shared = ("cache", "seed", "batch_size", "epochs", "device", "precision")
     for c in configs[1:]:
         diff = [k for k in shared if getattr(c, k) != getattr(first, k)]
         if diff:
@@ -307,11 +307,8 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
     torch.set_flush_denormal(True)
     store = open_store(first.cache)
     val_split = _check_store(first, store)
-    for c in configs:
-        if c.precision != first.precision:
-            raise ValueError("configurations to train together must share precision")
-    steps = ShardLoader(store, "train", first.batch_size, shuffle=True, seed=first.seed)
-    trainers = [Trainer(c, store, len(steps)) for c in configs]
+    steps = len(ShardLoader(store, "train", first.batch_size, shuffle=True, seed=first.seed))
+    trainers = [Trainer(c, store, steps) for c in configs]
     union = sorted({p for t in trainers for p in t.layers})
     load = dict(batch_size=first.batch_size, layers=union, device=first.device)
     train = ShardLoader(store, "train", shuffle=True, seed=first.seed, **load)
