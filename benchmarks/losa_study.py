@@ -76,7 +76,8 @@ def write_counting(root: Path, seed: int = 0) -> None:
 
 
 def configurations(cache: Path, epochs: int, seed: int, runs: Path) -> list[FitConfig]:
-    base = FitConfig(cache=cache, epochs=epochs, seed=seed, batch_size=64)
+    # every row names its variant: the table must not change when the library default does
+    base = FitConfig(cache=cache, epochs=epochs, seed=seed, batch_size=64, variant="A")
     rows = {
         "linear (pool)": [dict(method="linear", lr=lr) for lr in (1e-3, 1e-2)],
         "strong probe (last4)": [dict(method="linear", head_input="last4", lr=lr) for lr in (1e-3, 1e-2)],
