@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument("--weights", type=Path, default=None)
     args = ap.parse_args()
     bb = backbone_args(args.weights)
-    table = {}
+    table = previous_results(args)  # tasks not rerun now keep their last results
     for task in args.tasks.split(","):
         images = WORK / "images" / task
         if not images.exists():
@@ -132,16 +132,27 @@ def main() -> None:
         report(table, bb, args)  # after every task: a long study shows its progress
 
 
+def previous_results(args: argparse.Namespace) -> dict:
+    path = RESULTS / "losa_study.json"
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    same = old.get("img_size") == args.img_size and old.get("epochs") == args.epochs
+    return old["tasks"] if same else {}
+
+
 def report(table: dict, bb: dict, args: argparse.Namespace) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "losa_study.json").write_text(json.dumps({"backbone": {k: str(v) for k, v in bb.items()},
                                                          "img_size": args.img_size, "epochs": args.epochs,
                                                          "tasks": table}, indent=2))
-    lines = [f"LoSA study: {bb['model']} at {args.img_size} px, {args.epochs} epochs, seeds {args.seeds}; "
+    lines = [f"LoSA study: {bb['model']} at {args.img_size} px, {args.epochs} epochs; "
              "800 train / 200 val / 1000 test; best val epoch scored on test; probes: best of lr "
              "1e-3, 1e-2 on val.", ""]
     for task, rows in table.items():
-        lines += [f"### {task}", "", "| configuration | trainable params | val acc | test acc (mean ± std) "
+        seeds = sorted({x["seed"] for v in rows.values() for x in v})
+        lines += [f"### {task} (seeds {', '.join(map(str, seeds))})", "",
+                  "| configuration | trainable params | val acc | test acc (mean ± std) "
                   "| train time per run |", "|---|---:|---:|---:|---:|"]
         for row, v in rows.items():
             test = np.array([x["test"] for x in v]) * 100
