@@ -9,7 +9,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 MODEL ?= vit_tiny
 WEIGHTS ?=
 
-.PHONY: demo test bench study install clean
+.PHONY: demo demo-video test bench study install clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m cli.demo --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS))
+
+# Video: which way does an object move? Only LoSA's temporal mixing can tell.
+demo-video: $(STAMP)
+	$(PY) -m cli.demo_video --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS))
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -12,6 +12,7 @@ from rich.table import Table
 from featcache import ExtractConfig, UserError, extract, open_store
 from featcache.catalog import find_stores
 from featcache.info import store_info
+from featcache.location import is_url
 from featcache.plan import human_bytes
 from featcache.verify import verify
 
@@ -28,8 +29,9 @@ def extract_cmd(
                               "vit_small, vit_base, vit_large, deit_*, dinov2_small/base/large, "
                               "dinov2_*_reg, clip_base, siglip_base."),
     dataset: str = typer.Option(..., help="'demo' (1,500 embedded Fashion-MNIST images); a folder in "
-                                "ImageFolder layout (<root>/<class>/<img>, optionally under "
-                                "train/ val/ test/); a .csv or .jsonl manifest (path,label[,split]); "
+                                "ImageFolder layout (<root>/<class>/<img or video>, optionally under "
+                                "train/ val/ test/); a .csv or .jsonl manifest (path,label[,split]"
+                                "[,start,end] with start/end in seconds for videos); "
                                 "vtab1k:<task>; or a name: mnist, fashion-mnist (IDX files), "
                                 "cifar10, cifar100, svhn, stl10, flowers102, dtd, food101, "
                                 "oxford-pets, eurosat, caltech101, places365 (torchvision). "
@@ -43,7 +45,17 @@ def extract_cmd(
     views: int = typer.Option(1, help="Store K augmented views of every train image (random 60-100 % "
                               "crops and flips), as K samples sharing a key: caching otherwise "
                               "removes augmentation."),
-    out_path: Optional[Path] = typer.Option(None, "--out", help="Store folder. Default: ./cache/<dataset name>."),
+    frames: int = typer.Option(8, help="Video: frames per clip; each runs through the ViT and the "
+                               "store keeps the frame axis."),
+    sampling: str = typer.Option("segment", help="Video: segment (the middle frame of F equal "
+                                 "segments, spanning the clip) or uniform (F frames at --fps from "
+                                 "the clip's centre). Too-short clips are skipped and recorded."),
+    fps: Optional[float] = typer.Option(None, help="Video, uniform sampling: frames per second "
+                                        "(default: the video's own rate)."),
+    out_path: Optional[str] = typer.Option(None, "--out", help="Store folder, or an fsspec URL such as "
+                                           "s3://bucket/cache/name (one writer; credentials and "
+                                           "endpoint the fsspec way, see docs/labs.md). "
+                                           "Default: ./cache/<dataset name>."),
     weights: Optional[Path] = typer.Option(None, help="Local weights file (.safetensors, .pth, or a "
                                            "big_vision .npz) for --model; position embeddings are "
                                            "resampled to the image size."),
@@ -51,7 +63,7 @@ def extract_cmd(
                                      "pipeline offline; the features carry no pretrained knowledge."),
     dtype: str = typer.Option("fp16", help="Stored precision: fp16 (default), bf16, int8 (a quarter "
                               "of fp32, ~0.5-0.8 % error; see docs/store-format.md) or fp32 (exact)."),
-    batch_size: int = typer.Option(32, help="Images per backbone forward."),
+    batch_size: int = typer.Option(32, help="Images (or clips) per backbone forward."),
     device: str = typer.Option("cpu", help="cpu or cuda (or cuda:N)."),
     limit: Optional[int] = typer.Option(None, help="At most N samples per split (class-balanced, "
                                         "seeded): for quick tries on big datasets."),
@@ -92,7 +104,7 @@ def extract_cmd(
         dtype=dtype, batch_size=batch_size, device=device, limit=limit, img_size=img_size,
         taps=taps, seed=seed, val_fraction=val_fraction, workers=workers, shard_size=shard_size,
         per_class=per_class, split=split.split(",") if split else None, data_root=data_root,
-        download=download, views=views, crop_pct=crop_pct, interpolation=interpolation,
+        download=download, views=views, frames=frames, sampling=sampling, fps=fps, crop_pct=crop_pct, interpolation=interpolation,
         mean=_triple("--mean", mean), std=_triple("--std", std), force=force, dry_run=dry_run,
         shard=_part(shard), reuse=reuse)
     if dask:
@@ -136,7 +148,7 @@ def _triple(option: str, text: Optional[str]) -> Optional[tuple[float, float, fl
 
 
 @app.command("info")
-def info_cmd(path: Path = typer.Argument(..., help="A store folder."),
+def info_cmd(path: str = typer.Argument(..., help="A store folder or URL."),
              as_json: bool = typer.Option(False, "--json", help="Print everything as JSON on stdout.")) -> None:
     """Model, weights hash, taps, token layout, dtype, splits, size and completeness of a store."""
     info = store_info(open_store(path))
@@ -161,7 +173,7 @@ def info_cmd(path: Path = typer.Argument(..., help="A store folder."),
 
 
 @app.command("verify")
-def verify_cmd(path: Path = typer.Argument(..., help="A store folder."),
+def verify_cmd(path: str = typer.Argument(..., help="A store folder or URL."),
                as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout.")) -> None:
     """Read every shard (checking each chunk's crc32c) and check completeness, labels, NaN/Inf.
 
@@ -183,10 +195,10 @@ def verify_cmd(path: Path = typer.Argument(..., help="A store folder."),
 
 
 @app.command("ls")
-def ls_cmd(root: Path = typer.Argument(Path("cache"), help="Folder to search for stores."),
+def ls_cmd(root: str = typer.Argument("cache", help="Folder or URL prefix (s3://bucket/cache) to search for stores."),
            as_json: bool = typer.Option(False, "--json", help="Print the list as JSON on stdout.")) -> None:
     """One line per store under ROOT: model, dataset, splits, dtype, size, complete?"""
-    if not root.is_dir():
+    if not is_url(root) and not Path(root).is_dir():
         raise UserError(f"{root} is not a folder")
     stores = find_stores(root)
     if as_json:

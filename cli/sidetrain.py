@@ -18,7 +18,7 @@ app = make_app("Train LoSA side networks and probes from a featcache store.")
 out = Console()
 
 HELP = {
-    "cache": "Store folder written by `featcache extract`.",
+    "cache": "Store written by `featcache extract`: a folder or a URL (s3://bucket/cache/name).",
     "method": "losa (side network + head), linear (a linear probe) or mlp (an MLP head).",
     "rank": "LoSA rank r of every low-rank mixer (channel and token); 1..min(width, tokens).",
     "variant": "LoSA recurrence: A (h_i = h_{i-1} + g(z_i + h_{i-1})), B (r_i = z_i + g(r_{i-1}), "
@@ -40,6 +40,10 @@ HELP = {
     "label_smoothing": "Label smoothing of the cross-entropy loss.",
     "grad_clip": "Clip the global gradient norm to this (0: off).",
     "zero_init": "Start LoSA's up-projections at zero, so training starts at the probe.",
+    "temporal": "Video stores: LoSA mixes tokens across frames (a temporal mixer summed with "
+                "the spatial one). --no-temporal mixes within frames only.",
+    "prefix_mixing": "join: class/register tokens take part in token mixing (of their frame); "
+                     "channel: they get channel mixing only.",
     "precision": "fp32, or autocast bf16 / fp16 (with loss scaling) on CUDA; ignored on CPU.",
     "device": "cpu or cuda (or cuda:N).",
     "json": "Print the result as JSON on stdout.",
@@ -53,7 +57,7 @@ def _group() -> None:
 
 @app.command("fit")
 def fit_cmd(
-    cache: Path = typer.Option(..., help=HELP["cache"]),
+    cache: str = typer.Option(..., help=HELP["cache"]),
     method: str = typer.Option("losa", help=HELP["method"]),
     rank: int = typer.Option(16, help=HELP["rank"]),
     variant: str = typer.Option("B", help=HELP["variant"]),
@@ -61,6 +65,8 @@ def fit_cmd(
     head_input: str = typer.Option("pool", help=HELP["head_input"]),
     dropout: float = typer.Option(0.0, help=HELP["dropout"]),
     zero_init: bool = typer.Option(True, help=HELP["zero_init"]),
+    temporal: bool = typer.Option(True, help=HELP["temporal"]),
+    prefix_mixing: str = typer.Option("join", help=HELP["prefix_mixing"]),
     mlp_hidden: int = typer.Option(512, help="Hidden width of the mlp head."),
     taps: str = typer.Option("all", help=HELP["taps"]),
     epochs: int = typer.Option(10, help=HELP["epochs"]),
@@ -85,7 +91,7 @@ def fit_cmd(
     """
     r = fit(FitConfig(cache=cache, method=method, rank=rank, variant=variant, order=order,
                       head_input=head_input, dropout=dropout, zero_init=zero_init,
-                      mlp_hidden=mlp_hidden, taps=taps,
+                      temporal=temporal, prefix_mixing=prefix_mixing, mlp_hidden=mlp_hidden, taps=taps,
                       epochs=epochs, lr=lr, weight_decay=weight_decay, warmup=warmup,
                       label_smoothing=label_smoothing, grad_clip=grad_clip, batch_size=batch_size,
                       seed=seed, precision=precision, device=device, out=out_dir))
@@ -109,7 +115,7 @@ def _grid(**lists: str) -> dict[str, list]:
 
 @app.command("sweep")
 def sweep_cmd(
-    cache: Path = typer.Option(..., help=HELP["cache"]),
+    cache: str = typer.Option(..., help=HELP["cache"]),
     method: str = typer.Option("losa,linear", help="Comma list. " + HELP["method"]),
     rank: str = typer.Option("16", help="Comma list. " + HELP["rank"]),
     lr: str = typer.Option("1e-3", help="Comma list. " + HELP["lr"]),
@@ -148,7 +154,7 @@ def sweep_cmd(
 
 @app.command("eval")
 def eval_cmd(run_dir: Path = typer.Option(..., "--run", help="A run folder from fit or sweep."),
-             cache: Path = typer.Option(..., help="A store with the same backbone, taps and classes."),
+             cache: str = typer.Option(..., help="A store (folder or URL) with the same backbone, taps and classes."),
              device: str = typer.Option("cpu", help=HELP["device"]),
              as_json: bool = typer.Option(False, "--json", help=HELP["json"])) -> None:
     """Accuracy of a trained adapter on every split of a store."""
@@ -161,7 +167,7 @@ def eval_cmd(run_dir: Path = typer.Option(..., "--run", help="A run folder from 
 
 
 @app.command("predict")
-def predict_cmd(images: list[Path] = typer.Argument(..., help="Image files."),
+def predict_cmd(images: list[Path] = typer.Argument(..., help="Image files (video files for a run trained on a video store)."),
                 run_dir: Path = typer.Option(..., "--run", help="A run folder from fit or sweep."),
                 weights: Optional[Path] = typer.Option(None, help="The backbone weights file the "
                                                        "store was extracted with, if it came from one."),

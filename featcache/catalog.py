@@ -1,17 +1,21 @@
-"""`featcache ls`: the stores under a folder, one line each."""
+"""`featcache ls`: the stores under a folder or a bucket prefix, one line each."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from .location import Location, filesystem, is_url, join, normalize, read_json
 from .store import ATTR, disk_usage
 
 MAX_DEPTH = 4  # cache roots are shallow: <root>/<dataset>/ or <root>/<user>/<dataset>/
 
 
-def find_stores(root: Path) -> list[dict]:
+def find_stores(root: Location) -> list[dict]:
     """Every featcache store at or below `root` (not looking inside stores)."""
+    root = normalize(root)
+    if is_url(root):
+        return _find_remote(root)
     found = []
 
     def walk(d: Path, depth: int) -> None:
@@ -32,15 +36,39 @@ def find_stores(root: Path) -> list[dict]:
             for child in children:
                 walk(child, depth + 1)
 
-    walk(Path(root), 0)
+    walk(root, 0)
     return found
 
 
-def _summary(path: Path, meta: dict) -> dict:
+def _find_remote(root: str) -> list[dict]:
+    """The same walk over an object store's prefixes."""
+    fs, base = filesystem(root)
+    protocol = root.split("://", 1)[0]
+    found = []
+
+    def walk(path: str, depth: int) -> None:
+        try:
+            meta = json.loads(fs.cat_file(f"{path}/zarr.json")).get("attributes", {}).get(ATTR)
+        except (OSError, ValueError):
+            meta = None
+        if meta:
+            found.append(_summary(f"{protocol}://{path}", meta))
+            return
+        if depth < MAX_DEPTH:
+            children = sorted(e["name"] for e in fs.ls(path, detail=True)
+                              if e["type"] == "directory" and not e["name"].rsplit("/", 1)[-1].startswith("."))
+            for child in children:
+                walk(child, depth + 1)
+
+    walk(base.rstrip("/"), 0)
+    return found
+
+
+def _summary(path: Location, meta: dict) -> dict:
     splits = {}
     for name in meta.get("splits", []):
         try:
-            splits[name] = json.loads((path / name / "zarr.json").read_text())["attributes"][ATTR]["n"]
+            splits[name] = read_json(join(path, name, "zarr.json"))["attributes"][ATTR]["n"]
         except (OSError, ValueError, KeyError):
             splits[name] = None
     return {"path": str(path), "model": meta["model"]["name"], "dataset": meta["dataset"]["name"],

@@ -42,8 +42,9 @@ def extract_on_dask(cfg: ExtractConfig, address: str) -> ExtractResult:
     import dask
     from dask.distributed import Client, LocalCluster
 
-    # the size, said once before any work (on this machine's CPU: it may have no GPU)
-    plan = extract(replace(cfg, dry_run=True, device="cpu"))
+    # the size, said once before any work (on this machine's CPU: it may have no GPU);
+    # a URL store is refused here, as by every --shard part
+    plan = extract(replace(cfg, dry_run=True, device="cpu", shard=(0, 1)))
     out = plan.path
     if not (out / "zarr.json").exists():
         plan.plan.check_fits(cfg.force)

@@ -29,9 +29,10 @@ from .catalog import find_stores
 from .codec import DTYPES, STORAGE, calibrate, encode
 from .errors import UserError
 from .lock import StoreLock, meta_lock
-from .models import Backbone, load_backbone
+from .location import Location, exists, is_url, join, normalize, parent
+from .models import Backbone, TokenLayout, load_backbone
 from .plan import StorePlan, human_bytes, make_plan
-from .sources import Dataset, Split, open_dataset
+from .sources import Dataset, FrameSampling, Split, open_dataset
 from .sources.base import to_rgb
 from .store import (Store, create_store, is_partial_layout, mark_complete, open_store,
                     shard_size_for, write_shard)
@@ -44,7 +45,7 @@ console = Console(stderr=True)
 class ExtractConfig:
     model: str
     dataset: str
-    out: Path | None = None  # default: ./cache/<dataset name>
+    out: Location | None = None  # a folder or an fsspec URL; default: ./cache/<dataset name>
     weights: Path | None = None
     random_init: bool = False
     dtype: str = "fp16"  # fp16 | bf16 | int8 | fp32
@@ -64,6 +65,9 @@ class ExtractConfig:
     data_root: Path | None = None  # where named datasets, manifests' images, VTAB-1k live
     download: bool = False
     views: int = 1  # augmented views per train image (VIEW_POLICY), stored as samples
+    frames: int = 8  # video only: frames per clip, sampled as `sampling` says
+    sampling: str = "segment"  # video only: segment | uniform (see sources/video.py)
+    fps: float | None = None  # video only, uniform sampling: frames per second
     crop_pct: float | None = None  # transform overrides; default: the model's pretrained config
     interpolation: str | None = None
     mean: tuple[float, float, float] | None = None
@@ -95,6 +99,8 @@ class ExtractResult:
 class _Images(torch.utils.data.Dataset):
     """Decodes and transforms in DataLoader workers; an unreadable input becomes a reason.
 
+    A video sample is its frames, transformed one by one and stacked: (F, C, H, W).
+
     `transforms[k]` is split k's transform; a split listed in `augmented` gets a random one
     seeded by (seed, sample index), so its views are the same on every run and resume.
     """
@@ -111,7 +117,10 @@ class _Images(torch.utils.data.Dataset):
             torch.manual_seed(self.seed * 1_000_003 + i)
             random.seed(self.seed * 1_000_003 + i)
         try:
-            return item, self.transforms[split](to_rgb(self.splits[split].open(i))), ""
+            sample, transform = self.splits[split].open(i), self.transforms[split]
+            if isinstance(sample, list):
+                return item, torch.stack([transform(to_rgb(f)) for f in sample]), ""
+            return item, transform(to_rgb(sample)), ""
         except Exception as e:  # any decoder failure: record it, never stop the run
             return item, None, f"{type(e).__name__}: {e}"
 
@@ -134,6 +143,11 @@ def _lists(d: dict) -> dict:
             for k, v in d.items()}
 
 
+def _layout(backbone: Backbone, ds: Dataset) -> TokenLayout:
+    layout = backbone.layout()
+    return layout.with_frames(ds.video.frames) if ds.video else layout
+
+
 def _settings(backbone: Backbone, ds: Dataset, taps: list[int], cfg: ExtractConfig) -> dict:
     """The store's root attributes that define its contents (compared on resume)."""
     return {"model": {"name": backbone.name, "depth": len(backbone.blocks),
@@ -141,8 +155,8 @@ def _settings(backbone: Backbone, ds: Dataset, taps: list[int], cfg: ExtractConf
             "weights": backbone.weights,
             "transform": _lists({**backbone.data_config, **(
                 {"views": cfg.views, "view_policy": VIEW_POLICY, "view_seed": cfg.seed}
-                if cfg.views > 1 else {})}),
-            "taps": taps, "layout": backbone.layout().to_dict(), "dtype": cfg.dtype,
+                if cfg.views > 1 else {}), **({"video": ds.video.to_dict()} if ds.video else {})}),
+            "taps": taps, "layout": _layout(backbone, ds).to_dict(), "dtype": cfg.dtype,
             # batch composition changes the low bits of a forward pass: resume must match it
             "batch_size": cfg.batch_size,
             "classes": ds.classes, "dataset": {"name": ds.name, "source": ds.source}}
@@ -157,13 +171,16 @@ def content_key(settings: dict, ds: Dataset) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
-def _identical_store(out: Path, key: str) -> Path | None:
-    """A complete store with this content key elsewhere under out's parent folder."""
-    if not out.parent.is_dir():
+def _identical_store(out: Location, key: str) -> Location | None:
+    """A complete store with this content key elsewhere under out's parent folder (or prefix)."""
+    if not exists(parent(out)):
         return None
-    for s in find_stores(out.parent):
-        if s["complete"] and s.get("content_key") == key and Path(s["path"]).resolve() != out.resolve():
-            return Path(s["path"])
+    here = out if is_url(out) else Path(out).resolve()
+    for s in find_stores(parent(out)):
+        there = normalize(s["path"])
+        if s["complete"] and s.get("content_key") == key and (
+                there if is_url(there) else Path(there).resolve()) != here:
+            return there
     return None
 
 
@@ -183,10 +200,10 @@ def _differences(store: Store, settings: dict, ds: Dataset) -> list[str]:
     return diffs
 
 
-def _open_or_create(out: Path, settings: dict, ds: Dataset, backbone: Backbone, plan: StorePlan,
+def _open_or_create(out: Location, settings: dict, ds: Dataset, backbone: Backbone, plan: StorePlan,
                     shard_size: int | None, calibration: Callable[[], np.ndarray | None]) -> Store:
     """The existing store at `out` when it was made with the same settings, else a new one."""
-    if (out / "zarr.json").exists() and not is_partial_layout(out):
+    if exists(join(out, "zarr.json")) and not is_partial_layout(out):
         store = open_store(out, mode="r+")
         diffs = _differences(store, settings, ds)
         if diffs:
@@ -198,7 +215,7 @@ def _open_or_create(out: Path, settings: dict, ds: Dataset, backbone: Backbone, 
         if shard_size and shard_size != store.meta["shard_size"]:
             console.print(f"[yellow]note:[/] {out} keeps its shard size {store.meta['shard_size']}.")
         return store
-    if out.exists() and not (out / "zarr.json").exists() and any(
+    if not is_url(out) and out.exists() and not (out / "zarr.json").exists() and any(
             not p.name.startswith(".featcache.") for p in out.iterdir()):  # our lock files
         raise UserError(f"{out} exists and is not a featcache store; choose another --out.")
     splits = {name: (len(s), s.fingerprint()) for name, s in ds.splits.items()}
@@ -243,8 +260,12 @@ class _ShardWriter:
             if self.error is None:
                 try:
                     write_shard(self.store, *job)
-                except BaseException as e:  # surfaced in the main thread by put/close
-                    self.error = e
+                except Exception as e:  # surfaced in the main thread by put/close
+                    self.error = UserError(
+                        f"writing shard {job[1]} of split '{job[0]}' to {self.store.path} failed "
+                        f"({type(e).__name__}: {e}). Every shard written before it is kept: "
+                        "rerun the same command to continue from there.")
+                    self.error.__cause__ = e
 
     def put(self, *job) -> None:
         if self.error:
@@ -271,17 +292,24 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     if cfg.shard is not None and not 0 <= cfg.shard[0] < cfg.shard[1]:
         raise UserError(f"--shard K/N needs 0 <= K < N, not {cfg.shard[0]}/{cfg.shard[1]}")
     ds = open_dataset(cfg.dataset, cfg.seed, cfg.val_fraction, cfg.limit, cfg.per_class,
-                      cfg.split, cfg.data_root, cfg.download)
+                      cfg.split, cfg.data_root, cfg.download,
+                      FrameSampling(cfg.frames, cfg.sampling, cfg.fps))
+    if cfg.views > 1 and ds.video:
+        raise UserError("--views is for images; a video dataset keeps one view per clip.")
     if cfg.views > 1 and "train" in ds.splits:
         ds.splits["train"] = _repeat(ds.splits["train"], cfg.views)
-    out = Path(cfg.out) if cfg.out else Path("cache") / ds.name
+    out = normalize(cfg.out) if cfg.out else Path("cache") / ds.name
+    if is_url(out) and cfg.shard:
+        raise UserError(f"{out}: object stores have no locks, so a URL store takes one writer. "
+                        "Extract with --shard or --dask to a shared folder (then copy it to the "
+                        "bucket), or in one process straight to the URL.")
     backbone = load_backbone(cfg.model, cfg.weights, cfg.random_init, cfg.img_size, cfg.seed,
                              transform_overrides(cfg))
     if cfg.random_init:
         console.print(f"[yellow]note:[/] {backbone.name} has RANDOM weights (--random-init): "
                       "its features only exercise the pipeline.")
     taps = parse_taps(cfg.taps, len(backbone.blocks))
-    layout = backbone.layout()
+    layout = _layout(backbone, ds)
     plan = make_plan({k: len(v) for k, v in ds.splits.items()}, len(taps), layout.tokens,
                      layout.width, cfg.dtype, out)
     console.print(plan.describe())
@@ -291,7 +319,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         return result
     settings = _settings(backbone, ds, taps, cfg)
     settings["content_key"] = content_key(settings, ds)
-    existed = (out / "zarr.json").exists()
+    existed = exists(join(out, "zarr.json"))
     twin = None if existed or not cfg.reuse else _identical_store(out, settings["content_key"])
     if twin is not None:
         console.print(f"{twin} already holds exactly this (same model, weights, transform, taps, "
@@ -389,8 +417,9 @@ def _run(cfg: ExtractConfig, backbone: Backbone, store: Store, images: _Images, 
     loader = DataLoader(images, batch_sampler=batches,
                         num_workers=cfg.workers, collate_fn=_collate,
                         pin_memory=device.type == "cuda")
-    layout = backbone.layout()
+    layout = _layout(backbone, ds)
     shape = (len(taps), layout.tokens, layout.width)
+    unit = "clips" if ds.video else "img"
     sizes = [store.split(n).shard_size for n in names]
     writer = _ShardWriter(store)
     shard: _Shard | None = None
@@ -413,7 +442,7 @@ def _run(cfg: ExtractConfig, backbone: Backbone, store: Store, images: _Images, 
             shard.fill(items, encoded, ok, reasons)
             done += len(items)
             dt = time.perf_counter() - t0
-            bar.update(task, completed=done, rate=f"{done / dt:.1f} img/s, "
+            bar.update(task, completed=done, rate=f"{done / dt:.1f} {unit}/s, "
                        f"{human_bytes(done * result.plan.bytes_per_sample / dt)}/s")
         if shard is not None:
             _flush(writer, shard, result)

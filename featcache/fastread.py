@@ -9,12 +9,13 @@ shard file layout is simple enough to memory-map:
     as little-endian uint64][crc32c 4 B]
 
 MemmapReader returns views into those files (no decode, no checksum: `featcache verify`
-checks every checksum); ZarrReader is the path for anything else (remote or foreign
+checks every checksum), and asks the kernel to read a shard ahead as soon as it is opened; ZarrReader is the path for anything else (remote or foreign
 codecs). Both return the same arrays (tested).
 """
 
 from __future__ import annotations
 
+import mmap
 from collections import OrderedDict
 from pathlib import Path
 
@@ -40,7 +41,7 @@ class MemmapReader:
         self.tail = array.shape[1:]
         self.dtype = np.dtype(array.dtype)
         self.sample_bytes = int(np.prod(self.tail)) * self.dtype.itemsize
-        self._open: OrderedDict[int, tuple[np.memmap, np.ndarray]] = OrderedDict()
+        self._open: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
 
     @staticmethod
     def supports(array: zarr.Array, folder: Path) -> bool:
@@ -55,7 +56,7 @@ class MemmapReader:
                 and tuple(conf["chunk_shape"]) == (1, *array.shape[1:])
                 and [c["name"] for c in conf["index_codecs"]] == ["bytes", "crc32c"])
 
-    def _shard(self, k: int) -> tuple[np.memmap, np.ndarray] | None:
+    def _shard(self, k: int) -> tuple[np.ndarray, np.ndarray] | None:
         """The shard file mapped, keeping at most OPEN_SHARDS open (each holds a descriptor)."""
         if k in self._open:
             self._open.move_to_end(k)
@@ -63,7 +64,10 @@ class MemmapReader:
         path = self.folder.joinpath("c", str(k), *["0"] * len(self.tail))
         if not path.is_file():
             return None
-        mm = np.memmap(path, dtype=np.uint8, mode="r")
+        with open(path, "rb") as f:
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        mapping.madvise(mmap.MADV_WILLNEED)  # read-ahead now: batches gather from it later
+        mm = np.frombuffer(mapping, dtype=np.uint8)
         index = np.frombuffer(mm[len(mm) - 16 * self.shard - 4:len(mm) - 4], dtype="<u8")
         self._open[k] = (mm, index.reshape(self.shard, 2))
         if len(self._open) > OPEN_SHARDS:

@@ -21,14 +21,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
+from .location import Location, is_url
 
 LOCK_NAME = ".featcache.lock"
 META_LOCK = ".featcache.meta.lock"
 
 
 class StoreLock:
-    def __init__(self, store_dir: Path, part: tuple[int, int] | None = None):
-        self.dir = Path(store_dir)
+    """Held while writing a local store. Object stores have no locks: a URL store takes one
+    writer, which extract enforces by refusing --shard and --dask there."""
+
+    def __init__(self, store_dir: Location, part: tuple[int, int] | None = None):
+        self.remote = is_url(store_dir)
+        self.dir = Path(store_dir) if not self.remote else store_dir
         self.part = part
         self.files: list = []
 
@@ -51,6 +56,8 @@ class StoreLock:
         self.files.append(f)
 
     def __enter__(self) -> "StoreLock":
+        if self.remote:
+            return self
         self.dir.mkdir(parents=True, exist_ok=True)
         if self.part is None or self.part[1] == 1:
             self._take(LOCK_NAME, fcntl.LOCK_EX)
@@ -70,8 +77,12 @@ class StoreLock:
 
 
 @contextmanager
-def meta_lock(store_dir: Path):
-    """Serialise attribute updates between the parts of a sharded extraction."""
+def meta_lock(store_dir: Location):
+    """Serialise attribute updates between the parts of a sharded extraction (local stores:
+    a URL store has a single writer)."""
+    if is_url(store_dir):
+        yield
+        return
     Path(store_dir).mkdir(parents=True, exist_ok=True)
     with open(Path(store_dir) / META_LOCK, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)

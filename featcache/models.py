@@ -10,7 +10,7 @@ import difflib
 import hashlib
 import importlib
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import timm
@@ -43,11 +43,16 @@ HF_HOST = "huggingface.co"
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """Where each token of a tapped activation comes from; stored in the store's attributes."""
+    """Where each token of a tapped activation comes from; stored in the store's attributes.
 
-    prefix_tokens: int  # class + distillation + register tokens, in front of the patches
-    class_token: bool
-    register_tokens: int
+    Video runs every frame through the image backbone, so each frame has its own prefix
+    tokens. The token axis is [the prefix tokens of frame 0, of frame 1, ...] followed by
+    [the patches of frame 0 (row-major), of frame 1, ...]: prefix_tokens counts them all.
+    """
+
+    prefix_tokens: int  # class + distillation + register tokens in front of the patches, all frames
+    class_token: bool  # per frame
+    register_tokens: int  # per frame
     grid: tuple[int, int]  # patch grid (h, w)
     frames: int
     width: int  # embedding dimension D
@@ -55,7 +60,21 @@ class TokenLayout:
 
     @property
     def tokens(self) -> int:
-        return self.prefix_tokens + self.frames * self.grid[0] * self.grid[1]
+        return self.prefix_tokens + self.frames * self.patches
+
+    @property
+    def patches(self) -> int:
+        """Patch tokens per frame."""
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def frame_prefix(self) -> int:
+        """Prefix tokens per frame."""
+        return self.prefix_tokens // self.frames
+
+    def with_frames(self, frames: int) -> "TokenLayout":
+        """This (single-image) layout for clips of `frames` frames."""
+        return replace(self, frames=frames, prefix_tokens=self.frame_prefix * frames)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "grid": list(self.grid), "tokens": self.tokens}

@@ -6,6 +6,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .location import Location, is_url
+
 import numpy as np
 
 from .codec import STORAGE
@@ -30,7 +32,7 @@ class StorePlan:
     width: int
     itemsize: int
     scale_bytes: int  # per token per tap: the int8 scales (0 for other dtypes)
-    free: int  # bytes free on the filesystem that will hold the store
+    free: int | None  # bytes free on the filesystem that will hold the store (None: a bucket)
 
     @property
     def bytes_per_sample(self) -> int:
@@ -47,26 +49,29 @@ class StorePlan:
                 f"tokens x {self.width} channels x {self.itemsize} B"
                 + (f" (+ {self.scale_bytes} B scale per token)" if self.scale_bytes else "")
                 + f" = {human_bytes(self.total)} "
-                f"({human_bytes(self.bytes_per_sample)} per sample); free: {human_bytes(self.free)}")
+                f"({human_bytes(self.bytes_per_sample)} per sample); free: "
+                + ("unknown (object store)" if self.free is None else human_bytes(self.free)))
 
     def check_fits(self, force: bool) -> None:
-        if self.total > self.free and not force:
+        if self.free is not None and self.total > self.free and not force:
             raise UserError(
                 f"the store needs {human_bytes(self.total)} but only {human_bytes(self.free)} is "
                 "free. Shrink it (--limit N samples per split, --taps last:4 or every:2, "
                 "--dtype fp16) or pass --force to write anyway.")
 
 
-def free_bytes(path: Path) -> int:
-    """Free space where `path` will be created (its nearest existing parent)."""
-    p = path.resolve()
+def free_bytes(path: Location) -> int | None:
+    """Free space where `path` will be created (its nearest existing parent); None for URLs."""
+    if is_url(path):
+        return None
+    p = Path(path).resolve()
     while not p.exists():
         p = p.parent
     return shutil.disk_usage(p).free
 
 
 def make_plan(splits: dict[str, int], taps: int, tokens: int, width: int, dtype: str,
-              out: Path) -> StorePlan:
+              out: Location) -> StorePlan:
     """`dtype`: one of codec.DTYPES."""
     return StorePlan(splits=splits, taps=taps, tokens=tokens, width=width,
                      itemsize=np.dtype(STORAGE[dtype]).itemsize,

@@ -21,7 +21,6 @@ import datetime as _dt
 import math
 from dataclasses import dataclass
 from importlib.metadata import version
-from pathlib import Path
 
 import numpy as np
 import zarr
@@ -29,6 +28,7 @@ from zarr.codecs import Crc32cCodec
 
 from .codec import STORAGE
 from .errors import UserError
+from .location import Location, exists, join, normalize, usage
 from .lock import meta_lock
 from .models import TokenLayout
 
@@ -126,10 +126,12 @@ class Store:
         return all(self.split(s).complete for s in self.splits)
 
 
-def open_store(path: str | Path, mode: str = "r") -> Store:
-    """Open an existing store ("r", or "r+" to add shards), or explain why `path` is not one."""
-    p = Path(path)
-    if not p.exists():
+def open_store(path: Location, mode: str = "r") -> Store:
+    """Open an existing store ("r", or "r+" to add shards), or explain why `path` is not one.
+
+    `path` is a folder or an fsspec URL (location.py)."""
+    p = normalize(path)
+    if not exists(p):
         raise UserError(f"no store at {path}: the path does not exist. Create one with "
                         "`featcache extract`.")
     try:
@@ -144,7 +146,7 @@ def open_store(path: str | Path, mode: str = "r") -> Store:
     return Store(group, str(p))
 
 
-def create_store(path: Path, meta: dict, splits: dict[str, tuple[int, str]],
+def create_store(path: Location, meta: dict, splits: dict[str, tuple[int, str]],
                  norms: dict[str, dict], shard: int, channel_scale: np.ndarray | None = None
                  ) -> Store:
     """Lay out an empty store: every array is created up front, filled shard by shard.
@@ -205,7 +207,7 @@ def write_shard(store: Store, split: str, index: int, tokens: np.ndarray,
     g["keys"][lo:hi] = np.array(keys, dtype=str)
     if skipped:
         with meta_lock(store.path):  # the parts of a sharded run share these attributes
-            g = zarr.open_group(str(Path(store.path) / split), mode="r+")
+            g = zarr.open_group(str(join(store.path, split)), mode="r+")
             attrs = dict(g.attrs[ATTR])
             attrs["skipped"] = {**attrs["skipped"], **skipped}
             g.attrs[ATTR] = attrs
@@ -223,7 +225,7 @@ def mark_complete(store: Store, split: str | None = None) -> None:
         store.meta = attrs
 
 
-def is_partial_layout(path: Path) -> bool:
+def is_partial_layout(path: Location) -> bool:
     """A folder where create_store began but never wrote the root attributes."""
     try:
         return not zarr.open_group(str(path), mode="r").attrs.asdict()
@@ -231,5 +233,5 @@ def is_partial_layout(path: Path) -> bool:
         return False
 
 
-def disk_usage(path: str | Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+def disk_usage(path: Location) -> int:
+    return usage(normalize(path))

@@ -48,8 +48,21 @@ class _StopForward(Exception):
 def forward_taps(model: nn.Module, images: torch.Tensor, taps: list[int]) -> torch.Tensor:
     """Run `model` on `images` and return the tapped blocks' tokens as (B, L, T, D).
 
-    No gradient is ever taken through the backbone, so this runs under no_grad.
+    Clips (B, F, C, H, W) run frame by frame and come back in the video token order of
+    TokenLayout: every frame's prefix tokens, then every frame's patches. No gradient is
+    ever taken through the backbone, so this runs under no_grad.
     """
+    if images.ndim == 5:
+        b, f = images.shape[:2]
+        z = _forward(model, images.flatten(0, 1), taps).unflatten(0, (b, f))  # (B, F, L, P+S, D)
+        p = int(model.num_prefix_tokens)
+        prefix = z[:, :, :, :p].permute(0, 2, 1, 3, 4).flatten(2, 3)
+        patches = z[:, :, :, p:].permute(0, 2, 1, 3, 4).flatten(2, 3)
+        return torch.cat([prefix, patches], dim=2)
+    return _forward(model, images, taps)
+
+
+def _forward(model: nn.Module, images: torch.Tensor, taps: list[int]) -> torch.Tensor:
     outputs: dict[int, torch.Tensor] = {}
     last = max(taps)
 

@@ -36,6 +36,8 @@ class ModelSpec:
     head_input: str = "pool"  # pool | cls+mean | last4 | all, see readout.py
     dropout: float = 0.0  # on the side network's updates
     zero_init: bool = True  # start the mixers' up-projections at zero
+    temporal: bool = True  # video: mix over frames as well as within them
+    prefix_mixing: str = "join"  # join (prefix tokens in each frame's token mixer) | channel
     mlp_hidden: int = 512  # hidden width of the "mlp" head
 
     def to_dict(self) -> dict:
@@ -56,8 +58,8 @@ class Classifier(nn.Module):
             self.head = nn.Linear(features, num_classes)
         self.side = None
         if spec.method == "losa":
-            self.side = LoSA(layers, width, readout.tokens, spec.rank, spec.variant,
-                             spec.order, spec.dropout, spec.zero_init)
+            self.side = LoSA(layers, readout.layout, spec.rank, spec.variant, spec.order,
+                             spec.dropout, spec.zero_init, spec.temporal, spec.prefix_mixing)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """z: (B, L, T, D) tapped tokens (a probe may be given only its last k taps)."""

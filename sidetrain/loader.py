@@ -19,6 +19,7 @@ import torch
 
 from featcache.codec import decode
 from featcache.fastread import make_reader
+from featcache.location import is_url
 from featcache.store import Store
 
 BUFFER_BYTES = 512 * 2**20
@@ -44,14 +45,14 @@ class ShardLoader:
         cs = store.channel_scale
         self.channel_scale = None if cs is None else torch.from_numpy(cs[self.layers]).to(self.device)
         self.arrays = [a for a in (self.split.tokens, self.split.scales) if a is not None]
-        folder = Path(store.path) / split
-        self.readers = [make_reader(a, folder / name, reader)
+        folder = None if is_url(store.path) else Path(store.path) / split  # buckets: zarr reads
+        self.readers = [make_reader(a, folder and folder / name, reader)
                         for a, name in zip(self.arrays, ("tokens", "scales"))]
         sample_bytes = sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize for a in self.arrays)
         self.buffer_shards = max(1, buffer_bytes // (self.split.shard_size * sample_bytes))
         self.num_shards = -(-self.split.n // self.split.shard_size)
         self.valid = self.split.labels >= 0  # unreadable inputs were stored with label -1
-        self._resident: list[np.ndarray] | None = None  # the whole split, when it fits the buffer
+        self._resident: dict[int, list[np.ndarray]] | None = None  # all shards, when they fit the buffer
 
     def __len__(self) -> int:
         return -(-int(self.valid.sum()) // self.batch_size)
@@ -74,11 +75,27 @@ class ShardLoader:
             yield group, [pool[i:i + self.batch_size] for i in range(0, cut, self.batch_size)], pool[cut:]
             carry = pool[cut:]
 
-    def _batch(self, data: list[np.ndarray], rows: np.ndarray, index: np.ndarray) -> Batch:
-        if isinstance(self.layers, slice):
-            parts = [d[rows] for d in data]
-        else:
-            parts = [d[np.ix_(rows, self.layers)] for d in data]
+    def _gather(self, blocks: dict[int, list[np.ndarray]], index: np.ndarray,
+                carry: tuple[np.ndarray, list[np.ndarray]] | None = None) -> list[np.ndarray]:
+        """The samples `index` (with the selected layers) of every array, in one copy each:
+        straight from the shard blocks (views into the shard files on the memmap path), or
+        from `carry`, (sorted ids, rows) kept over from the previous buffer fill."""
+        shard, pos = np.divmod(index, self.split.shard_size)
+        kept = np.zeros(len(index), bool) if carry is None else np.isin(index, carry[0])
+        out = []
+        for i, a in enumerate(self.arrays):
+            tail = a.shape[1:] if isinstance(self.layers, slice) else (len(self.layers), *a.shape[2:])
+            dest = np.empty((len(index), *tail), a.dtype)
+            if kept.any():
+                dest[kept] = carry[1][i][np.searchsorted(carry[0], index[kept])]
+            for k in np.unique(shard[~kept]):
+                m = (shard == k) & ~kept
+                rows = pos[m]
+                dest[m] = blocks[k][i][rows if isinstance(self.layers, slice) else np.ix_(rows, self.layers)]
+            out.append(dest)
+        return out
+
+    def _batch(self, parts: list[np.ndarray], index: np.ndarray) -> Batch:
         cuda = self.device.type == "cuda"  # pinned pages let the copy overlap compute
         stored = [(torch.from_numpy(p).pin_memory() if cuda else torch.from_numpy(p))
                   .to(self.device, non_blocking=True) for p in parts]
@@ -87,10 +104,14 @@ class ShardLoader:
         labels = torch.from_numpy(self.split.labels[index]).to(self.device, non_blocking=True)
         return Batch(tokens, labels, index)
 
-    def _read(self, group: np.ndarray) -> list[np.ndarray]:
-        """Every array's samples of these shards, one read call per shard."""
-        ranges = [self._shard_range(k) for k in group]
-        return [np.concatenate([r.read(x[0], x[-1] + 1) for x in ranges]) for r in self.readers]
+    def _read(self, group: np.ndarray) -> dict[int, list[np.ndarray]]:
+        """Shard k -> every array's samples of that shard, one read call each (a view into
+        the shard file on the memmap path, so nothing is copied until a batch gathers)."""
+        blocks = {}
+        for k in group:
+            r = self._shard_range(int(k))
+            blocks[int(k)] = [reader.read(int(r[0]), int(r[-1]) + 1) for reader in self.readers]
+        return blocks
 
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
         if self.buffer_shards >= self.num_shards:  # the buffer holds it all: read it once
@@ -98,22 +119,17 @@ class ShardLoader:
                 self._resident = self._read(np.arange(self.num_shards))
             for _, batches, _ in self.plan(epoch):
                 for b in batches:
-                    yield self._batch(self._resident, b, b)
+                    yield self._batch(self._gather(self._resident, b), b)
             return
         plan = list(self.plan(epoch))
-        ids = np.empty(0, dtype=np.int64)
-        data: list[np.ndarray] = []
+        carry = None
         with ThreadPoolExecutor(max_workers=1) as pool:  # reads the next fill while we train
             pending = pool.submit(self._read, plan[0][0])
-            for g, (group, batches, carry) in enumerate(plan):
-                fresh = pending.result()
+            for g, (_, batches, left) in enumerate(plan):
+                blocks = pending.result()
                 if g + 1 < len(plan):
                     pending = pool.submit(self._read, plan[g + 1][0])
-                data = [np.concatenate(([data[i]] if data else []) + [f]) for i, f in enumerate(fresh)]
-                ids = np.concatenate([ids, *[self._shard_range(k) for k in group]])
-                order = np.argsort(ids, kind="stable")
-                sorted_ids = ids[order]
                 for b in batches:
-                    yield self._batch(data, order[np.searchsorted(sorted_ids, b)], b)
-                keep = order[np.searchsorted(sorted_ids, carry)]
-                data, ids = [d[keep] for d in data], carry.copy()
+                    yield self._batch(self._gather(blocks, b, carry), b)
+                left = np.sort(left)  # the few samples the next fill's batches still need
+                carry = (left, self._gather(blocks, left, carry))

@@ -18,21 +18,78 @@ import torch.nn.functional as F
 from torch import nn
 
 from featcache.errors import UserError
+from featcache.models import TokenLayout
 
 VARIANTS = ("A", "B", "C")
 ORDERS = ("channel-token", "token-channel", "alternate")
+PREFIX_MIXING = ("join", "channel")
+
+
+class TokenMixer(nn.Module):
+    """Low-rank mixing along the token axis: X + (GELU(LN(X)^T A_t) B_t)^T.
+
+    For video (docs/losa.md "Video") the mixing is factorised and summed: a spatial mixer
+    over the tokens of each frame (weights shared across frames) and a temporal one over the
+    frames (weights shared across positions; rank at most F). `prefix` says whether each
+    frame's prefix tokens join its spatial mixer ("join") or are left to channel mixing
+    ("channel"). An image is a one-frame clip: one spatial mixer over all T tokens.
+    """
+
+    def __init__(self, layout: TokenLayout, width: int, rank: int, temporal: bool, prefix: str):
+        super().__init__()
+        self.frames, self.frame_prefix = layout.frames, layout.frame_prefix
+        self.join = prefix == "join"
+        space = layout.patches + (self.frame_prefix if self.join else 0)
+        self.token_norm = nn.LayerNorm(width)
+        self.token_down = nn.Linear(space, rank)
+        # No bias: it would add a per-token constant across channels, which every
+        # LayerNorm downstream removes. Its gradient is exactly zero, and Adam turns the
+        # rounding noise in such a gradient into full-size random steps.
+        self.token_up = nn.Linear(rank, space, bias=False)
+        self.temporal = temporal and self.frames > 1
+        if self.temporal:
+            self.time_down = nn.Linear(self.frames, min(rank, self.frames))
+            self.time_up = nn.Linear(min(rank, self.frames), self.frames, bias=False)
+
+    def _frames(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, F, Q, D): each frame's tokens (its prefix first when joined)."""
+        if self.frames == 1 and self.join:  # an image: the token axis is the frame
+            return x.unsqueeze(1)
+        f, p = self.frames, self.frames * self.frame_prefix
+        patches = x[:, p:].unflatten(1, (f, -1))
+        return torch.cat([x[:, :p].unflatten(1, (f, -1)), patches], 2) if self.join else patches
+
+    def _tokens(self, u: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The inverse of _frames; prefix tokens left out of the mixing get no update."""
+        p = self.frames * self.frame_prefix
+        if self.frames == 1 and self.join:
+            return u.squeeze(1)
+        if self.join:
+            return torch.cat([u[:, :, :self.frame_prefix].flatten(1, 2),
+                              u[:, :, self.frame_prefix:].flatten(1, 2)], 1)
+        return torch.cat([torch.zeros_like(like[:, :p]), u.flatten(1, 2)], 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The update (B, T, D) for tokens x (B, T, D)."""
+        y = self._frames(self.token_norm(x))  # (B, F, Q, D)
+        u = self.token_up(F.gelu(self.token_down(y.transpose(-1, -2)))).transpose(-1, -2)
+        if self.temporal:
+            t = y.permute(0, 2, 3, 1)  # (B, Q, D, F)
+            u = u + self.time_up(F.gelu(self.time_down(t))).permute(0, 3, 1, 2)
+        return self._tokens(u, x)
 
 
 class LowRankMixer(nn.Module):
     """g(X) = X2 - X with, in channel-token order,
 
         X1 = X  + GELU(LN(X) A_c) B_c            (channels; A_c: D x r, B_c: r x D)
-        X2 = X1 + (GELU(LN(X1)^T A_t) B_t)^T     (tokens;   A_t: T x r, B_t: r x T)
+        X2 = X1 + TokenMixer(X1)                 (tokens; for video, space + time)
 
     `steps` is the order of the two mixings, or just one of them.
     """
 
-    def __init__(self, width: int, tokens: int, rank: int, steps: tuple[str, ...], zero_init: bool):
+    def __init__(self, layout: TokenLayout, width: int, rank: int, steps: tuple[str, ...],
+                 zero_init: bool, temporal: bool = True, prefix: str = "join"):
         super().__init__()
         self.steps = steps
         if "channel" in steps:
@@ -40,16 +97,11 @@ class LowRankMixer(nn.Module):
             self.channel_down = nn.Linear(width, rank)
             self.channel_up = nn.Linear(rank, width)
         if "token" in steps:
-            self.token_norm = nn.LayerNorm(width)
-            self.token_down = nn.Linear(tokens, rank)
-            # No bias: it would add a per-token constant across channels, which every
-            # LayerNorm downstream removes. Its gradient is exactly zero, and Adam turns the
-            # rounding noise in such a gradient into full-size random steps.
-            self.token_up = nn.Linear(rank, tokens, bias=False)
+            self.token = TokenMixer(layout, width, rank, temporal, prefix)
         if zero_init:
-            for name in ("channel_up", "token_up"):
-                if hasattr(self, name):
-                    for p in getattr(self, name).parameters():
+            for name, m in self.named_modules():
+                if name.endswith(("channel_up", "token_up", "time_up")):
+                    for p in m.parameters():
                         nn.init.zeros_(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,8 +111,7 @@ class LowRankMixer(nn.Module):
             if step == "channel":
                 update = update + self.channel_up(F.gelu(self.channel_down(self.channel_norm(y))))
             else:
-                t = self.token_down(self.token_norm(y).transpose(1, 2))
-                update = update + self.token_up(F.gelu(t)).transpose(1, 2)
+                update = update + self.token(y)
         return update
 
 
@@ -75,17 +126,22 @@ def _steps(order: str, layer: int) -> tuple[str, ...]:
 class LoSA(nn.Module):
     """Maps tapped tokens (B, L, T, D) to refined tokens (B, L, T, D) (see module doc)."""
 
-    def __init__(self, layers: int, width: int, tokens: int, rank: int, variant: str = "B",
-                 order: str = "channel-token", dropout: float = 0.0, zero_init: bool = True):
+    def __init__(self, layers: int, layout: TokenLayout, rank: int, variant: str = "B",
+                 order: str = "channel-token", dropout: float = 0.0, zero_init: bool = True,
+                 temporal: bool = True, prefix: str = "join"):
         super().__init__()
+        if variant not in VARIANTS or order not in ORDERS or prefix not in PREFIX_MIXING:
+            raise UserError(f"--variant must be one of {VARIANTS}, --order one of {ORDERS} and "
+                            f"--prefix-mixing one of {PREFIX_MIXING}")
+        width = layout.width
+        tokens = layout.patches + (layout.frame_prefix if prefix == "join" else 0)
         if not 1 <= rank <= min(width, tokens):
             raise UserError(f"--rank {rank} is out of range: it must be between 1 and "
-                            f"min(width {width}, tokens {tokens}) = {min(width, tokens)}.")
-        if variant not in VARIANTS or order not in ORDERS:
-            raise UserError(f"--variant must be one of {VARIANTS} and --order one of {ORDERS}")
+                            f"min(width {width}, tokens per frame {tokens}) = {min(width, tokens)}.")
         self.variant = variant
-        self.mixers = nn.ModuleList(LowRankMixer(width, tokens, rank, _steps(order, i), zero_init)
-                                    for i in range(layers))
+        self.mixers = nn.ModuleList(
+            LowRankMixer(layout, width, rank, _steps(order, i), zero_init, temporal, prefix)
+            for i in range(layers))
         self.drop = nn.Dropout(dropout)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

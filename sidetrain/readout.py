@@ -9,6 +9,9 @@ Head inputs (docs/losa.md "Baselines"):
 - cls+mean: class token and mean patch token of norm(x_L) (2D)
 - last4:    cls+mean of each of the last 4 tapped blocks, DINOv2's strong probe (8D)
 - all:      cls+mean of every tapped block, Head2Toe-style (2D x L)
+
+On video the class token and the mean are averaged over frames too: the probes are
+frame-averaged, and whatever tells the frames' order apart must come from the side network.
 """
 
 from __future__ import annotations
@@ -52,7 +55,9 @@ class Readout(nn.Module):
             raise UserError(f"--head-input must be one of {', '.join(HEAD_INPUTS)}, not '{head_input}'")
         self.norm, self.fc_norm = FrozenNorm(norms["norm"]), FrozenNorm(norms["fc_norm"])
         self.pool, self.prefix, self.head_input = layout.pool, layout.prefix_tokens, head_input
-        self.has_cls, self.tokens = layout.class_token, layout.tokens
+        self.has_cls, self.layout = layout.class_token, layout
+        # each frame's class token; one index for an image
+        self.cls = slice(0, layout.prefix_tokens, layout.frame_prefix) if layout.class_token else None
 
     def features(self, layers: int, width: int) -> int:
         if self.head_input == "pool":
@@ -63,9 +68,9 @@ class Readout(nn.Module):
         x = self.norm(x)
         if self.head_input == "pool":
             last = x[:, -1]
-            pooled = last[:, 0] if self.pool == "token" else last[:, self.prefix:].mean(dim=1)
+            pooled = last[:, self.cls].mean(1) if self.pool == "token" else last[:, self.prefix:].mean(1)
             return self.fc_norm(pooled)
         parts = [x[:, :, self.prefix:].mean(dim=2)]
         if self.has_cls:
-            parts.insert(0, x[:, :, 0])
+            parts.insert(0, x[:, :, self.cls].mean(2))
         return torch.cat(parts, dim=-1).flatten(1)

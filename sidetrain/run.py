@@ -1,12 +1,14 @@
-"""A finished run used again: scored on a store (`eval`) or on raw images (`predict`).
+"""A finished run used again: scored on a store (`eval`) or on raw images or videos (`predict`).
 
-`predict` needs no cache: it runs the frozen backbone and the adapter on the images, with
-the transform the store recorded, and gives the same predictions as the cached path.
+`predict` needs no cache: it runs the frozen backbone and the adapter on the files, with
+the transform (and, for video, the frame sampling) the store recorded, and gives the same
+predictions as the cached path.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from safetensors.torch import load_file
 from featcache.errors import UserError
 from featcache.models import TokenLayout, load_backbone
 from featcache.sources.base import to_rgb
+from featcache.sources.video import FrameSampling, read_clip
 from featcache.store import Store, open_store
 
 from .classifier import Classifier, ModelSpec, input_layers, make_classifier
@@ -35,7 +38,8 @@ def load_run(run: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _spec(config: dict) -> ModelSpec:
-    return ModelSpec(**{f.name: config[f.name] for f in fields(ModelSpec)})
+    """The run's ModelSpec; options added since the run was made take their defaults."""
+    return ModelSpec(**{f.name: config[f.name] for f in fields(ModelSpec) if f.name in config})
 
 
 def _model(config: dict, state: dict, norms: dict) -> Classifier:
@@ -100,29 +104,41 @@ def _backbone_for(config: dict, weights: Path | None):
     return bb
 
 
+def _reader(transform_config: dict) -> Callable[[Path], torch.Tensor]:
+    """Reads one file as the store's extraction did: an image (C, H, W) or a clip (F, C, H, W)."""
+    plain = {k: v for k, v in transform_config.items()
+             if k not in ("views", "view_policy", "view_seed", "video")}
+    transform = timm.data.create_transform(**{**plain, "input_size": tuple(plain["input_size"])},
+                                           is_training=False)
+    video = transform_config.get("video")
+    sampling = video and FrameSampling(video["frames"], video["sampling"], video["fps"])
+
+    def read(path: Path) -> torch.Tensor:
+        try:
+            if sampling:
+                return torch.stack([transform(to_rgb(f)) for f in read_clip(path, sampling)])
+            with Image.open(path) as img:
+                return transform(to_rgb(img))
+        except Exception as e:
+            raise UserError(f"cannot read {'video' if sampling else 'image'} {path}: {e}") from None
+    return read
+
+
 @torch.no_grad()
 def predict(run: Path, images: list[Path], weights: Path | None = None, device: str = "cpu",
             batch_size: int = 32) -> list[dict]:
-    """Class and probability for each image file, backbone and adapter run live."""
+    """Class and probability for each image (or video, for a video run), backbone and
+    adapter run live."""
     config, state = load_run(run)
     bb = _backbone_for(config, weights)
     model = _model(config, state, bb.final_norms())
     live = EndToEnd(bb.model, config["blocks"], model).to(device).eval()
     s = config["store"]
-    plain = {k: v for k, v in s["transform"].items() if k not in ("views", "view_policy", "view_seed")}
-    transform = timm.data.create_transform(**{**plain, "input_size": tuple(plain["input_size"])},
-                                           is_training=False)
+    read = _reader(s["transform"])
     out = []
     for start in range(0, len(images), batch_size):
         paths = images[start:start + batch_size]
-        batch = []
-        for p in paths:
-            try:
-                with Image.open(p) as img:
-                    batch.append(transform(to_rgb(img)))
-            except Exception as e:
-                raise UserError(f"cannot read image {p}: {e}") from None
-        probs = live(torch.stack(batch).to(device)).softmax(1).cpu()
+        probs = live(torch.stack([read(p) for p in paths]).to(device)).softmax(1).cpu()
         for p, pr in zip(paths, probs):
             k = int(pr.argmax())
             out.append({"path": str(p), "label": k, "class": s["classes"][k], "prob": float(pr[k])})

@@ -7,6 +7,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from featcache import location
+
 from .classifier import ModelSpec
 from .plots import plot_pareto
 from .train import FitConfig, FitResult, train_many
@@ -48,6 +50,6 @@ def sweep(base: FitConfig, grid: dict[str, list], out_root: Path) -> list[FitRes
     (out_root / "sweep.json").write_text(json.dumps([r.to_json() for r in results], indent=2))
     score = [(r.run.name, r.params, r.test_acc if r.test_acc is not None else r.val_acc)
              for r in results if r.best_epoch >= 0]
-    plot_pareto(score, out_root / "pareto.png", title=f"{Path(base.cache).name}: test accuracy "
+    plot_pareto(score, out_root / "pareto.png", title=f"{location.name(base.cache)}: test accuracy "
                 "(val without a test split) against trainable parameters")
     return results

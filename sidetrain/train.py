@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from rich.console import Console
 from safetensors.torch import save_file
 
+from featcache import location
 from featcache.errors import UserError
+from featcache.location import Location
 from featcache.store import Store, open_store
 
 from .classifier import ModelSpec, build_classifier, input_layers, select_taps, trainable_parameters
@@ -35,7 +37,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 @dataclass(frozen=True)
 class FitConfig:
-    cache: Path
+    cache: Location  # a store folder or URL
     method: str = "losa"
     rank: int = 16
     variant: str = "B"
@@ -43,6 +45,8 @@ class FitConfig:
     head_input: str = "pool"
     dropout: float = 0.0
     zero_init: bool = True
+    temporal: bool = True  # video: LoSA also mixes across frames
+    prefix_mixing: str = "join"  # prefix tokens in the token mixer (join) or channel mixing only
     mlp_hidden: int = 512
     taps: str = "all"  # which of the store's tapped blocks to train on (featcache --taps syntax)
     epochs: int = 10
@@ -64,7 +68,7 @@ class FitConfig:
     def run_dir(self) -> Path:
         if self.out:
             return Path(self.out)
-        name = f"{Path(self.cache).name}-{self.method}" + (f"-r{self.rank}" if self.method == "losa" else "")
+        name = f"{location.name(self.cache)}-{self.method}" + (f"-r{self.rank}" if self.method == "losa" else "")
         return Path("runs") / f"{name}-s{self.seed}"
 
     def to_json(self) -> dict:

@@ -96,3 +96,47 @@ def test_an_identical_store_is_found_and_reused(tmp_path):
     assert other.status == "written"  # different content: extracted
     forced = extract(ExtractConfig(out=tmp_path / "cache" / "dave", reuse=False, **cfg))
     assert forced.status == "written"
+
+
+def test_a_dask_worker_killed_mid_extraction_has_its_part_redone(tmp_path):
+    """SIGKILL one of two worker processes once the store has some durable shards: the
+    scheduler reruns its part elsewhere, which resumes, and the store ends as one process
+    would have written it."""
+    import signal
+    import threading
+
+    from dask.distributed import Client, LocalCluster
+
+    single = tmp_path / "single"
+    subprocess.run([sys.executable, "-m", "cli.featcache", "extract", *ARGS, "--limit", "24",
+                    "--shard-size", "2", "--out", str(single)], check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    out = tmp_path / "dask"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        pids = list(client.run(os.getpid).values())
+        killed = []
+
+        def kill_when_started() -> None:
+            while not killed:
+                try:
+                    done = np.concatenate([zarr.open_group(str(out), mode="r")[s]["done"][:]
+                                           for s in ("train", "val", "test")])
+                except Exception:  # not laid out yet
+                    done = np.zeros(1, bool)
+                if 0 < done.sum() < len(done) - 4:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(int(done.sum()))
+                threading.Event().wait(0.02)
+
+        watcher = threading.Thread(target=kill_when_started, daemon=True)
+        watcher.start()
+        r = extract_on_dask(ExtractConfig(dataset="demo", out=out, limit=24, shard_size=2, reuse=False,
+                                          **{**TINY, "batch_size": 2}), cluster.scheduler_address)
+        watcher.join(timeout=1)
+    assert killed, "the watcher never saw the extraction under way"
+    assert open_store(out).complete and verify(open_store(out)).ok
+    expected = arrays(single)
+    for name, value in arrays(out).items():
+        np.testing.assert_array_equal(value, expected[name], err_msg=name)
+    assert r.status in ("written", "resumed")

@@ -15,15 +15,16 @@ from .imagefolder import open_imagefolder
 from .manifest import open_manifest
 from .torchvision_sets import REGISTRY as TORCHVISION_SETS
 from .torchvision_sets import open_torchvision
+from .video import FrameSampling
 from .vtab import open_vtab1k
 
-__all__ = ["Dataset", "Split", "open_dataset", "KNOWN"]
+__all__ = ["Dataset", "FrameSampling", "Split", "open_dataset", "KNOWN"]
 
 KNOWN = sorted(set(IDX_SETS) | set(TORCHVISION_SETS))
 
 
-def _source(spec: str, data_root: Path | None, download: bool, seed: int, val_fraction: float
-            ) -> Dataset:
+def _source(spec: str, data_root: Path | None, download: bool, seed: int, val_fraction: float,
+            video: FrameSampling) -> Dataset:
     if spec == "demo":
         return open_demo()
     if spec.startswith("vtab1k:"):
@@ -34,7 +35,7 @@ def _source(spec: str, data_root: Path | None, download: bool, seed: int, val_fr
         return open_torchvision(spec, data_root, download)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix in (".csv", ".jsonl"):
-        ds, has_splits = open_manifest(path, data_root)
+        ds, has_splits = open_manifest(path, data_root, video)
         if has_splits:
             return ds
         whole = ds.splits.pop("")
@@ -42,9 +43,9 @@ def _source(spec: str, data_root: Path | None, download: bool, seed: int, val_fr
         ds.splits = {"train": whole.subset(train), "val": whole.subset(val)}
         return ds
     if path.is_dir():
-        return open_imagefolder(path, seed, val_fraction)
+        return open_imagefolder(path, seed, val_fraction, video)
     raise UserError(f"dataset not found: '{spec}' is not 'demo', a folder (ImageFolder layout: "
-                    "<root>/<class>/<image>), a .csv/.jsonl manifest, vtab1k:<task>, or one of: "
+                    "<root>/<class>/<image or video>), a .csv/.jsonl manifest, vtab1k:<task>, or one of: "
                     f"{', '.join(KNOWN)}.")
 
 
@@ -64,15 +65,17 @@ def _fetch_idx(name: str, data_root: Path | None) -> Path:
 
 def open_dataset(spec: str, seed: int = 0, val_fraction: float = 0.2, limit: int | None = None,
                  per_class: int | None = None, split: list[str] | None = None,
-                 data_root: Path | None = None, download: bool = False) -> Dataset:
+                 data_root: Path | None = None, download: bool = False,
+                 video: FrameSampling = FrameSampling()) -> Dataset:
     """Resolve --dataset into named splits (train, val and usually test).
 
     A source without a val split gets one: a seeded stratified `val_fraction` of train, so
     the held-out split never depends on file order. `per_class` keeps at most N samples of
     each class and `limit` at most N samples per split (both class-balanced and seeded);
-    `split` keeps only the named splits.
+    `split` keeps only the named splits. `video` says how a video dataset's clips become
+    frames (ignored for images).
     """
-    ds = _source(spec, Path(data_root) if data_root else None, download, seed, val_fraction)
+    ds = _source(spec, Path(data_root) if data_root else None, download, seed, val_fraction, video)
     if "train" in ds.splits and "val" not in ds.splits:
         train, val = stratified_split(ds.splits["train"].labels, val_fraction, np.random.default_rng(seed))
         whole = ds.splits.pop("train")

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
+if TYPE_CHECKING:
+    from .video import FrameSampling
+
 
 class Split:
-    """One split: stable keys, integer labels, and a way to open sample i as a PIL image.
+    """One split: stable keys, integer labels, and a way to open sample i as a PIL image
+    (or, for video, as the clip's sampled frames).
 
     `open` may raise any exception for an unreadable sample; the extractor records the
     sample as skipped instead of dying on it.
@@ -23,7 +28,8 @@ class Split:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def open(self, i: int) -> Image.Image:
+    def open(self, i: int) -> Image.Image | list[Image.Image]:
+        """Sample i: an image, or a video split's sampled frames."""
         raise NotImplementedError
 
     def subset(self, index: np.ndarray) -> "Split":
@@ -43,7 +49,7 @@ class _Subset(Split):
         super().__init__([parent.keys[i] for i in index], parent.labels[index])
         self.parent, self.index = parent, index
 
-    def open(self, i: int) -> Image.Image:
+    def open(self, i: int) -> Image.Image | list[Image.Image]:
         return self.parent.open(int(self.index[i]))
 
 
@@ -53,6 +59,7 @@ class Dataset:
     source: str  # where it came from, for provenance
     classes: list[str]
     splits: dict[str, Split] = field(default_factory=dict)
+    video: FrameSampling | None = None  # how clips become frames; None: an image dataset
 
 
 def stratified_pick(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:

@@ -1,4 +1,7 @@
-"""ImageFolder layout: one folder per class, optionally under train/ val/ test/ folders."""
+"""ImageFolder layout: one folder per class, optionally under train/ val/ test/ folders.
+
+The same layout of video files (Kinetics-style class folders of clips) is a video dataset.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from PIL import Image
 
 from ..errors import UserError
 from .base import Dataset, Split, stratified_split
+from .video import VIDEO_SUFFIXES, FrameSampling, VideoSplit
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 SPLIT_NAMES = ("train", "val", "test")
@@ -29,22 +33,35 @@ def _class_dirs(folder: Path) -> list[str]:
     return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _scan(root: Path, folder: Path, classes: list[str]) -> tuple[list[str], np.ndarray]:
+def _media_kind(root: Path) -> str:
+    """"video" when the first media file found is a video, else "image" (stops early)."""
+    for p in root.rglob("*"):
+        if p.suffix.lower() in VIDEO_SUFFIXES:
+            return "video"
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            return "image"
+    return "image"
+
+
+def _scan(root: Path, folder: Path, classes: list[str], suffixes: set[str]
+          ) -> tuple[list[str], np.ndarray]:
     keys, labels = [], []
     for label, name in enumerate(classes):
         cdir = folder / name
         if not cdir.is_dir():
             continue
         for p in sorted(cdir.rglob("*")):
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+            if p.suffix.lower() in suffixes and p.is_file():
                 keys.append(p.relative_to(root).as_posix())
                 labels.append(label)
     return keys, np.array(labels, dtype=np.int64)
 
 
-def open_imagefolder(root: Path, seed: int, val_fraction: float) -> Dataset:
-    """Read a class-per-folder tree; use its train/val/test level if it has one, else make a
-    seeded stratified train/val split so the held-out split never depends on file order."""
+def open_imagefolder(root: Path, seed: int, val_fraction: float,
+                     video: FrameSampling = FrameSampling()) -> Dataset:
+    """Read a class-per-folder tree of images (or of videos, sampled by `video`); use its
+    train/val/test level if it has one, else make a seeded stratified train/val split so the
+    held-out split never depends on file order."""
     root = root.resolve()
     present = [s for s in SPLIT_NAMES if (root / s).is_dir()]
     if "train" in present:
@@ -56,16 +73,20 @@ def open_imagefolder(root: Path, seed: int, val_fraction: float) -> Dataset:
     if not classes:
         raise UserError(f"{root} has no class folders: expected ImageFolder layout "
                         "(root/<class>/<image>, optionally root/train/<class>/<image>).")
-    ds = Dataset(name=root.name, source=f"imagefolder:{root}", classes=classes)
+    kind = _media_kind(root)
+    suffixes = VIDEO_SUFFIXES if kind == "video" else IMAGE_SUFFIXES
+    ds = Dataset(name=root.name, source=f"{kind}folder:{root}", classes=classes,
+                 video=video if kind == "video" else None)
     for split, folder in folders.items():
         extra = set(_class_dirs(folder)) - set(classes)
         if extra:
             raise UserError(f"{folder} has classes not in {root / 'train'}: {sorted(extra)[:5]}")
-        keys, labels = _scan(root, folder, classes)
+        keys, labels = _scan(root, folder, classes, suffixes)
         if not keys:
-            raise UserError(f"no images found under {folder} (suffixes: "
-                            f"{', '.join(sorted(IMAGE_SUFFIXES))}).")
-        ds.splits[split] = FileSplit(root, keys, labels)
+            raise UserError(f"no {kind}s found under {folder} (suffixes: "
+                            f"{', '.join(sorted(suffixes))}).")
+        ds.splits[split] = (VideoSplit(root, keys, labels, video) if kind == "video"
+                            else FileSplit(root, keys, labels))
     if "" in ds.splits:
         whole = ds.splits.pop("")
         train, val = stratified_split(whole.labels, val_fraction, np.random.default_rng(seed))

@@ -1,5 +1,8 @@
 """A CSV or JSON-lines manifest: one image per row with `path`, `label` and optional `split`.
 
+Rows of video files make a video dataset; they may also give `start` and `end` (seconds) to
+take one segment of a longer video, as Kinetics and Something-Something ship them.
+
 Paths are relative to --data-root (default: the manifest's folder). Labels are class
 names or integers. A missing file is not an error here: like any unreadable input it is
 skipped and recorded by the extractor. A row without a usable label is an error.
@@ -16,6 +19,7 @@ import numpy as np
 from ..errors import UserError
 from .base import Dataset
 from .imagefolder import FileSplit
+from .video import VIDEO_SUFFIXES, FrameSampling, VideoSplit
 
 
 def _rows(path: Path) -> list[dict]:
@@ -32,7 +36,17 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def open_manifest(path: Path, data_root: Path | None) -> tuple[Dataset, bool]:
+def _seconds(path: Path, n: int, value) -> float | None:
+    if value in (None, ""):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise UserError(f"{path} row {n}: start/end must be seconds, not {value!r}") from None
+
+
+def open_manifest(path: Path, data_root: Path | None,
+                  video: FrameSampling = FrameSampling()) -> tuple[Dataset, bool]:
     """The manifest as a Dataset; the flag says whether it named the splits itself."""
     rows = _rows(path)
     if not rows:
@@ -54,11 +68,21 @@ def open_manifest(path: Path, data_root: Path | None) -> tuple[Dataset, bool]:
         classes = sorted(set(names))
         labels = np.array([classes.index(n) for n in names])
     root = (data_root or path.parent).resolve()
-    ds = Dataset(name=path.stem, source=f"manifest:{path.resolve()}", classes=classes)
+    is_video = [Path(str(r["path"])).suffix.lower() in VIDEO_SUFFIXES for r in rows]
+    if any(is_video) and not all(is_video):
+        n = is_video.index(not is_video[0]) + (2 if path.suffix == ".csv" else 1)
+        raise UserError(f"{path} mixes images and videos (row {n}); one manifest holds one kind.")
+    first = 2 if path.suffix == ".csv" else 1
+    spans = [(_seconds(path, n, r.get("start")), _seconds(path, n, r.get("end")))
+             for n, r in enumerate(rows, first)]
+    ds = Dataset(name=path.stem, source=f"manifest:{path.resolve()}", classes=classes,
+                 video=video if all(is_video) else None)
     split_of = [str(r.get("split") or "") for r in rows]
     has_splits = all(split_of)
     groups = sorted(set(split_of)) if has_splits else [""]
     for g in groups:
         idx = [i for i, s in enumerate(split_of) if s == g]
-        ds.splits[g] = FileSplit(root, [str(rows[i]["path"]) for i in idx], labels[idx])
+        paths = [str(rows[i]["path"]) for i in idx]
+        ds.splits[g] = (VideoSplit(root, paths, labels[idx], video, [spans[i] for i in idx])
+                        if ds.video else FileSplit(root, paths, labels[idx]))
     return ds, has_splits

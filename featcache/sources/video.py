@@ -1,0 +1,153 @@
+"""Video sources: which frames of a clip to take, and the one small interface that decodes them.
+
+A clip becomes F frames, each run through the image backbone like a picture; the store keeps
+the frame axis (docs/store-format.md). Two samplings:
+
+- segment (TSN-style, the default): the clip cut into F equal segments, the middle frame of
+  each, so the frames span the whole clip whatever its length;
+- uniform: F frames at a fixed rate (`fps`, default: the video's own) from the clip's centre.
+
+decord decodes when it is installed, PyAV otherwise (`FEATCACHE_VIDEO_DECODER=av|decord`
+picks one); on the clips of our tests both give the same frames bit for bit. decord has had
+no release since 2021 and fails on some frame sizes (48 px wide H.264: "The size must
+exactly match"), so a clip decord cannot read is read again with PyAV before it counts as
+unreadable. Nothing outside this module knows which one ran.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import UserError
+from .base import Split
+
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv"}
+SAMPLINGS = ("segment", "uniform")
+
+
+class TooShort(ValueError):
+    """The clip has fewer frames than the sampling needs (recorded as the skip reason)."""
+
+
+@dataclass(frozen=True)
+class FrameSampling:
+    frames: int = 8
+    sampling: str = "segment"  # segment | uniform
+    fps: float | None = None  # uniform only: frames per second to sample at
+
+    def __post_init__(self):
+        if self.frames < 1:
+            raise UserError("--frames must be at least 1")
+        if self.sampling not in SAMPLINGS:
+            raise UserError(f"--sampling must be one of {', '.join(SAMPLINGS)}, not '{self.sampling}'")
+        if self.fps is not None and (self.sampling != "uniform" or self.fps <= 0):
+            raise UserError("--fps needs --sampling uniform and a positive rate")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "decoder": decoder_name()}
+
+    def indices(self, n: int, native_fps: float, start: float | None = None,
+                end: float | None = None) -> list[int]:
+        """Frame numbers to decode from a video of n frames, within [start, end) seconds."""
+        lo = 0 if start is None else max(0, int(round(start * native_fps)))
+        hi = n if end is None else min(n, int(round(end * native_fps)))
+        span = hi - lo
+        if self.sampling == "segment":
+            if span < self.frames:
+                raise TooShort(f"too short: {max(span, 0)} frames, --frames {self.frames} needs "
+                               f"at least {self.frames}")
+            return [lo + int(span * (2 * k + 1) / (2 * self.frames)) for k in range(self.frames)]
+        step = native_fps / self.fps if self.fps else 1.0
+        need = (self.frames - 1) * step + 1
+        if span < need:
+            raise TooShort(f"too short: {max(span, 0)} frames, {self.frames} frames at "
+                           f"{self.fps or native_fps:g} fps need {int(np.ceil(need))}")
+        first = lo + (span - need) / 2
+        return [int(first + k * step + 0.5) for k in range(self.frames)]  # half up: even gaps
+
+
+Picker = Callable[[int, float], list[int]]  # (frame count, native fps) -> frame numbers
+
+
+def _decode_decord(path: Path, pick: Picker) -> np.ndarray:
+    import decord
+    reader = decord.VideoReader(str(path), num_threads=1)
+    indices = pick(len(reader), float(reader.get_avg_fps()))
+    return reader.get_batch(indices).asnumpy()
+
+
+def _decode_av(path: Path, pick: Picker) -> np.ndarray:
+    import av
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 25)
+        if stream.frames:
+            indices = pick(stream.frames, fps)
+            wanted, frames = set(indices), {}
+            for k, frame in enumerate(container.decode(stream)):
+                if k in wanted:
+                    frames[k] = frame.to_ndarray(format="rgb24")
+                if k >= max(indices):
+                    break
+            if len(frames) < len(wanted):
+                raise TooShort(f"the container says {stream.frames} frames, only {k + 1} decode")
+            return np.stack([frames[i] for i in indices])
+        every = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]  # no count given
+        return np.stack([every[i] for i in pick(len(every), fps)])
+
+
+DECODERS = {"decord": _decode_decord, "av": _decode_av}
+
+
+def decoder_name() -> str:
+    name = os.environ.get("FEATCACHE_VIDEO_DECODER") or (
+        "decord" if importlib.util.find_spec("decord") else "av")
+    if name not in DECODERS:
+        raise UserError(f"FEATCACHE_VIDEO_DECODER must be one of {', '.join(DECODERS)}, not '{name}'")
+    return name
+
+
+def read_clip(path: Path, sampling: FrameSampling, start: float | None = None,
+              end: float | None = None) -> list[Image.Image]:
+    """The sampled frames of one video as RGB images; raises on an unreadable or short clip."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    def pick(n: int, fps: float) -> list[int]:
+        return sampling.indices(n, fps, start, end)
+    name = decoder_name()
+    try:
+        frames = DECODERS[name](Path(path), pick)
+    except TooShort:
+        raise
+    except Exception as e:
+        if name == "av":
+            raise
+        try:
+            frames = _decode_av(Path(path), pick)
+        except Exception as again:
+            raise RuntimeError(f"PyAV: {type(again).__name__}: {again}; decord: "
+                               f"{type(e).__name__}: {e}") from None
+    return [Image.fromarray(f) for f in frames]
+
+
+class VideoSplit(Split):
+    """Clips as samples: open(i) gives its F frames. A clip cut by start/end seconds (a
+    manifest's columns) is keyed `path#t=start,end`, the media-fragment form."""
+
+    def __init__(self, root: Path, paths: list[str], labels: np.ndarray, sampling: FrameSampling,
+                 spans: list[tuple[float | None, float | None]] | None = None):
+        self.spans = spans or [(None, None)] * len(paths)
+        keys = [p if s == (None, None) else f"{p}#t={s[0] or 0:g},{'' if s[1] is None else f'{s[1]:g}'}"
+                for p, s in zip(paths, self.spans)]
+        super().__init__(keys, labels)
+        self.root, self.paths, self.sampling = root, paths, sampling
+
+    def open(self, i: int) -> list[Image.Image]:
+        return read_clip(self.root / self.paths[i], self.sampling, *self.spans[i])
