@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 # Pinned: the build machines carry exactly these wheels; other versions download gigabytes.
 TORCH := torch==2.14.1 torchvision==0.29.1
 MODEL ?= vit_tiny
+, := ,
 WEIGHTS ?=
 
 .PHONY: demo demo-video test bench study install clean
@@ -31,9 +32,14 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # Measurements (never part of the tests): tables on stdout, JSON and PNG in benchmarks/results/.
+# `make bench QUICK=1`: the same figures from smaller inputs (under 10 minutes on 2 CPU cores).
+QUICK ?=
 bench: $(STAMP)
-	cd benchmarks && ../$(PY) extract_throughput.py --n 256 && ../$(PY) loader_throughput.py \
-	  && ../$(PY) training_cost.py && ../$(PY) sweep_cost.py && ../$(PY) int8_error.py
+	cd benchmarks && ../$(PY) extract_throughput.py $(if $(QUICK),--n 96 --dtypes fp16$(,)int8,--n 256) \
+	  && ../$(PY) loader_throughput.py $(if $(QUICK),--samples 400 --buffer-mb 64) \
+	  && ../$(PY) training_cost.py $(if $(QUICK),--n 64) \
+	  && ../$(PY) sweep_cost.py $(if $(QUICK),--epochs 1) \
+	  && ../$(PY) int8_error.py $(if $(QUICK),--n 64 --img-size 112)
 
 # The real-feature LoSA study (hours on a CPU; resumes where it stopped).
 study: $(STAMP)

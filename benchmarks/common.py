@@ -32,3 +32,27 @@ def save(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, default=str))
     return path
+
+
+def bar_chart(name: str, labels: list[str], values: list[float], ylabel: str, title: str,
+              target: float | None = None) -> Path:
+    """benchmarks/results/<name>.png: one bar per measured ratio, the issue's target dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 2), 3.4))
+    ax.bar(labels, values, color="#4c72b0")
+    for x, v in enumerate(values):
+        ax.annotate(f"{v:.2g}", (x, v), ha="center", va="bottom", fontsize=8)
+    if target is not None:
+        ax.axhline(target, ls="--", color="#c44e52", label=f"target {target:g}")
+        ax.legend(fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize=8)
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -23,7 +23,7 @@ from featcache import ExtractConfig, extract, load_backbone, open_dataset
 from featcache.sources.base import to_rgb
 from featcache.store import disk_usage
 
-from common import backbone_args, machine, save
+from common import backbone_args, bar_chart, machine, save
 
 
 def write_images(root: Path, n: int) -> Path:
@@ -92,7 +92,10 @@ def main() -> None:
     path = save(f"extract_throughput_{device.type}", {"model": bb.name, "img_size": args.img_size,
                 "batch_size": args.batch_size, "workers": args.workers, "machine": machine(),
                 "rows": rows})
-    print(f"\nwritten: {path}")
+    png = bar_chart(f"extract_throughput_{device.type}", [r["dtype"] for r in rows],
+                    [r["ratio"] for r in rows], "extract / bare forward",
+                    f"extraction vs bare forward, {bb.name}, {machine()}", target=0.9)
+    print(f"\nwritten: {path} and {png.name}")
 
 
 if __name__ == "__main__":

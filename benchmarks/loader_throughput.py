@@ -30,7 +30,7 @@ from featcache.models import TokenLayout
 from featcache.store import create_store, open_store, write_shard
 from sidetrain import ShardLoader
 
-from common import machine, save
+from common import bar_chart, machine, save
 
 SHAPE = (12, 65, 384)
 
@@ -120,7 +120,11 @@ def main() -> None:
     for r in rows:
         print(f"| {r['reader']} | {r['cache']} | {r['samples_s']:,.0f} | {r['gb_s']:.2f} | "
               f"{r['vs_memmap_random']:.2f}x |")
-    print(f"\nwritten: {save('loader_throughput', {'samples': n, 'machine': machine(), 'rows': rows})}")
+    png = bar_chart("loader_throughput", [f"{r['reader']}, {r['cache']}" for r in rows],
+                    [r["vs_memmap_random"] for r in rows], "GB/s vs np.memmap random",
+                    f"loader throughput, {machine()}", target=0.5)
+    print(f"\nwritten: {save('loader_throughput', {'samples': n, 'machine': machine(), 'rows': rows})} "
+          f"and {png.name}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 from featcache import ExtractConfig, extract
 from sidetrain import FitConfig, train_many
 
-from common import machine, save
+from common import bar_chart, machine, save
 
 
 def timed(configs: list[FitConfig]) -> float:
@@ -53,7 +53,10 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['method']} | {r['one_s']:.1f} | {r['eight_s']:.1f} | {r['ratio']:.1f}x |")
-    print(f"\nwritten: {save('sweep_cost', {'machine': machine(), 'epochs': args.epochs, 'rows': rows})}")
+    png = bar_chart("sweep_cost", [r["method"] for r in rows], [r["ratio"] for r in rows],
+                    "8 configs in one pass / 1 config", f"sweep cost, {machine()}", target=2)
+    print(f"\nwritten: {save('sweep_cost', {'machine': machine(), 'epochs': args.epochs, 'rows': rows})} "
+          f"and {png.name}")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from featcache import ExtractConfig, extract, load_backbone, open_dataset, open_
 from featcache.sources.base import to_rgb
 from sidetrain import EndToEnd, ModelSpec, ShardLoader, build_classifier
 
-from common import machine, save
+from common import bar_chart, machine, save
 
 METHODS = ("losa-cache", "losa-e2e", "linear", "full-ft", "lora", "adapter")
 
@@ -162,7 +162,13 @@ def main() -> None:
     for r in rows:
         print(f"| {r['method']} | {r['trainable']:,} | {r['epoch_s']:.2f} | {ft['epoch_s'] / r['epoch_s']:.1f}x | "
               f"{r['peak_bytes'] / 2**20:,.0f} MiB | {r['peak_bytes'] / ft['peak_bytes']:.2f} |")
-    print(f"\nwritten: {save(f'training_cost_{torch.device(args.device).type}', {'model': args.model, 'img_size': args.img_size, 'n': args.n, 'batch_size': args.batch_size, 'machine': machine(), 'rows': rows})}")
+    kind = torch.device(args.device).type
+    path = save(f"training_cost_{kind}", {"model": args.model, "img_size": args.img_size, "n": args.n,
+                                          "batch_size": args.batch_size, "machine": machine(), "rows": rows})
+    png = bar_chart(f"training_cost_{kind}", [r["method"] for r in rows],
+                    [ft["epoch_s"] / r["epoch_s"] for r in rows], "epoch speed-up vs full FT",
+                    f"training cost, {args.model} {args.img_size} px, {machine()}", target=20)
+    print(f"\nwritten: {path} and {png.name}")
 
 
 if __name__ == "__main__":

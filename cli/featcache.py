@@ -12,7 +12,7 @@ from rich.table import Table
 from featcache import ExtractConfig, UserError, extract, open_store
 from featcache.catalog import find_stores
 from featcache.info import store_info
-from featcache.location import is_url
+from featcache.location import is_url, normalize
 from featcache.plan import human_bytes
 from featcache.verify import verify
 
@@ -198,6 +198,7 @@ def verify_cmd(path: str = typer.Argument(..., help="A store folder or URL."),
 def ls_cmd(root: str = typer.Argument("cache", help="Folder or URL prefix (s3://bucket/cache) to search for stores."),
            as_json: bool = typer.Option(False, "--json", help="Print the list as JSON on stdout.")) -> None:
     """One line per store under ROOT: model, dataset, splits, dtype, size, complete?"""
+    root = normalize(root)
     if not is_url(root) and not Path(root).is_dir():
         raise UserError(f"{root} is not a folder")
     stores = find_stores(root)

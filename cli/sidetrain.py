@@ -20,9 +20,11 @@ out = Console()
 HELP = {
     "cache": "Store written by `featcache extract`: a folder or a URL (s3://bucket/cache/name).",
     "method": "losa (side network + head), linear (a linear probe) or mlp (an MLP head).",
-    "rank": "LoSA rank r of every low-rank mixer (channel and token); 1..min(width, tokens).",
-    "variant": "LoSA recurrence: A (h_i = h_{i-1} + g(z_i + h_{i-1})), B (r_i = z_i + g(r_{i-1}), "
-               "the default: best in the study) or C (h_i = g(z_i + h_{i-1})); see docs/losa.md.",
+    "rank": "LoSA rank r of every low-rank mixer (channel and token); 1..min(width, tokens per "
+            "frame). Video's temporal mixer uses min(r, frames).",
+    "variant": "LoSA recurrence: A (h_i = h_{i-1} + g(z_i + h_{i-1})), B (r_i = z_i + g(r_{i-1})) "
+               "or C (h_i = g(z_i + h_{i-1})); auto (default): B for images, A for video, each "
+               "the best measured (docs/losa.md).",
     "order": "Mixer order: channel-token, token-channel, or alternate (channel mixing at odd "
              "layers, token mixing at even ones).",
     "head_input": "What the head reads: pool (the backbone's own feature), cls+mean (class and "
@@ -60,7 +62,7 @@ def fit_cmd(
     cache: str = typer.Option(..., help=HELP["cache"]),
     method: str = typer.Option("losa", help=HELP["method"]),
     rank: int = typer.Option(16, help=HELP["rank"]),
-    variant: str = typer.Option("B", help=HELP["variant"]),
+    variant: str = typer.Option("auto", help=HELP["variant"]),
     order: str = typer.Option("channel-token", help=HELP["order"]),
     head_input: str = typer.Option("pool", help=HELP["head_input"]),
     dropout: float = typer.Option(0.0, help=HELP["dropout"]),
@@ -119,7 +121,7 @@ def sweep_cmd(
     method: str = typer.Option("losa,linear", help="Comma list. " + HELP["method"]),
     rank: str = typer.Option("16", help="Comma list. " + HELP["rank"]),
     lr: str = typer.Option("1e-3", help="Comma list. " + HELP["lr"]),
-    variant: str = typer.Option("B", help="Comma list. " + HELP["variant"]),
+    variant: str = typer.Option("auto", help="Comma list. " + HELP["variant"]),
     order: str = typer.Option("channel-token", help="Comma list. " + HELP["order"]),
     head_input: str = typer.Option("pool", help="Comma list. " + HELP["head_input"]),
     dropout: str = typer.Option("0", help="Comma list. " + HELP["dropout"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .errors import UserError
 from .location import Location, filesystem, is_url, join, normalize, read_json
 from .store import ATTR, disk_usage
 
@@ -49,7 +50,7 @@ def _find_remote(root: str) -> list[dict]:
     def walk(path: str, depth: int) -> None:
         try:
             meta = json.loads(fs.cat_file(f"{path}/zarr.json")).get("attributes", {}).get(ATTR)
-        except (OSError, ValueError):
+        except (FileNotFoundError, ValueError):  # not a store (or not a zarr.json of ours)
             meta = None
         if meta:
             found.append(_summary(f"{protocol}://{path}", meta))
@@ -60,7 +61,10 @@ def _find_remote(root: str) -> list[dict]:
             for child in children:
                 walk(child, depth + 1)
 
-    walk(base.rstrip("/"), 0)
+    try:
+        walk(base.rstrip("/"), 0)
+    except OSError as e:  # no such bucket, no permission, no network
+        raise UserError(f"cannot list {root}: {type(e).__name__}: {e}") from None
     return found
 
 

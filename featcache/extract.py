@@ -29,11 +29,12 @@ from .catalog import find_stores
 from .codec import DTYPES, STORAGE, calibrate, encode
 from .errors import UserError
 from .lock import StoreLock, meta_lock
-from .location import Location, exists, is_url, join, normalize, parent
+from .location import Location, exists, is_url, join, listing, normalize, parent
 from .models import Backbone, TokenLayout, load_backbone
 from .plan import StorePlan, human_bytes, make_plan
 from .sources import Dataset, FrameSampling, Split, open_dataset
 from .sources.base import to_rgb
+from .sources.video import decoder_name
 from .store import (Store, create_store, is_partial_layout, mark_complete, open_store,
                     shard_size_for, write_shard)
 from .taps import forward_taps, parse_taps
@@ -88,7 +89,7 @@ def transform_overrides(cfg: ExtractConfig) -> dict:
 
 @dataclass
 class ExtractResult:
-    path: Path
+    path: Location
     plan: StorePlan
     written: dict[str, int] = field(default_factory=dict)  # samples written this run, per split
     skipped: dict[str, dict[str, str]] = field(default_factory=dict)  # split -> key -> reason
@@ -159,7 +160,8 @@ def _settings(backbone: Backbone, ds: Dataset, taps: list[int], cfg: ExtractConf
             "taps": taps, "layout": _layout(backbone, ds).to_dict(), "dtype": cfg.dtype,
             # batch composition changes the low bits of a forward pass: resume must match it
             "batch_size": cfg.batch_size,
-            "classes": ds.classes, "dataset": {"name": ds.name, "source": ds.source}}
+            "classes": ds.classes, "dataset": {"name": ds.name, "source": ds.source, **(
+                {"decoder": decoder_name()} if ds.video else {})}}  # provenance, never compared
 
 
 def content_key(settings: dict, ds: Dataset) -> str:
@@ -215,9 +217,12 @@ def _open_or_create(out: Location, settings: dict, ds: Dataset, backbone: Backbo
         if shard_size and shard_size != store.meta["shard_size"]:
             console.print(f"[yellow]note:[/] {out} keeps its shard size {store.meta['shard_size']}.")
         return store
-    if not is_url(out) and out.exists() and not (out / "zarr.json").exists() and any(
-            not p.name.startswith(".featcache.") for p in out.iterdir()):  # our lock files
-        raise UserError(f"{out} exists and is not a featcache store; choose another --out.")
+    # laying out a store replaces whatever lies under its split names: never over other
+    # data (a layout of ours interrupted half-way, with its zarr.json, is simply redone)
+    if not exists(join(out, "zarr.json")) and any(
+            not name.startswith(".featcache.") for name in listing(out)):  # our lock files
+        raise UserError(f"{out} exists, is not empty and is not a featcache store; choose "
+                        "another --out.")
     splits = {name: (len(s), s.fingerprint()) for name, s in ds.splits.items()}
     shard = shard_size or shard_size_for(plan.bytes_per_sample, max(n for n, _ in splits.values()))
     return create_store(out, settings, splits, backbone.final_norms(), shard, calibration())
@@ -245,6 +250,10 @@ def _shard_batches(store: Store, names: list[str], batch_size: int,
     return batches
 
 
+BUGS = (TypeError, AttributeError, NameError, KeyError, IndexError, AssertionError,
+        NotImplementedError)  # errors of the code, never of the disk or the network
+
+
 class _ShardWriter:
     """Writes finished shards on a background thread so the backbone never waits on I/O."""
 
@@ -260,7 +269,9 @@ class _ShardWriter:
             if self.error is None:
                 try:
                     write_shard(self.store, *job)
-                except Exception as e:  # surfaced in the main thread by put/close
+                except BUGS as e:  # our mistake, not the storage's: keep its traceback
+                    self.error = e
+                except Exception as e:  # disk full, a bucket gone away: say so, in one line
                     self.error = UserError(
                         f"writing shard {job[1]} of split '{job[0]}' to {self.store.path} failed "
                         f"({type(e).__name__}: {e}). Every shard written before it is kept: "

@@ -62,6 +62,16 @@ def exists(location: Location) -> bool:
         raise UserError(f"cannot reach {location}: {type(e).__name__}: {e}") from None
 
 
+def listing(location: Location) -> list[str]:
+    """Names directly under `location` (none when it does not exist)."""
+    if not is_url(location):
+        return [p.name for p in Path(location).iterdir()] if Path(location).is_dir() else []
+    if not exists(location):
+        return []
+    fs, path = filesystem(location)
+    return [e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=False)]
+
+
 def read_json(location: Location) -> dict:
     """A small JSON file (a zarr.json) from a folder or a bucket."""
     if not is_url(location):

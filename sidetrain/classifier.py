@@ -9,7 +9,7 @@ LoSA with zero-initialised mixers starts exactly at the probe on the same head i
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ class ModelSpec:
 
     method: str = "losa"
     rank: int = 16
-    variant: str = "B"  # A | B | C, see losa.py; B measured best (docs/losa.md)
+    variant: str = "auto"  # A | B | C (losa.py); auto: B for images, A for video, each measured best
     order: str = "channel-token"  # channel-token | token-channel | alternate
     head_input: str = "pool"  # pool | cls+mean | last4 | all, see readout.py
     dropout: float = 0.0  # on the side network's updates
@@ -94,6 +94,8 @@ def make_classifier(spec: ModelSpec, norms: dict, layout: TokenLayout, num_class
     """The same model from its parts: the store's, or (for predict) a live backbone's."""
     if spec.method not in METHODS:
         raise UserError(f"--method must be one of {', '.join(METHODS)}, not '{spec.method}'")
+    if spec.variant == "auto":  # docs/losa.md: B wins on images, only A learned the video task
+        spec = replace(spec, variant="A" if layout.frames > 1 else "B")
     torch.manual_seed(seed)
     readout = Readout(norms, layout, spec.head_input)
     return Classifier(readout, layers, layout.width, num_classes, spec)

@@ -115,7 +115,7 @@ class ShardLoader:
 
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
         if self.buffer_shards >= self.num_shards:  # the buffer holds it all: read it once
-            if self._resident is None:
+            if self._resident is None:  # memmap: one mapping (and descriptor) per shard file
                 self._resident = self._read(np.arange(self.num_shards))
             for _, batches, _ in self.plan(epoch):
                 for b in batches:
@@ -123,7 +123,8 @@ class ShardLoader:
             return
         plan = list(self.plan(epoch))
         carry = None
-        with ThreadPoolExecutor(max_workers=1) as pool:  # reads the next fill while we train
+        # the next fill is read (zarr) or mapped with read-ahead asked for (memmap) meanwhile
+        with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(self._read, plan[0][0])
             for g, (_, batches, left) in enumerate(plan):
                 blocks = pending.result()

@@ -3,8 +3,10 @@
 Mercea et al., CVPR 2024, reconstructed (docs/losa.md). With z_i the tapped tokens:
 
     A:  h_0 = 0;  h_i = h_{i-1} + g_i(z_i + h_{i-1});  refined r_i = z_i + h_i
-    B:  r_1 = z_1 + g_1(z_1);  r_i = z_i + g_i(r_{i-1})     (the default: measured best)
+    B:  r_1 = z_1 + g_1(z_1);  r_i = z_i + g_i(r_{i-1})     (the images' default: measured best)
     C:  h_0 = 0;  h_i = g_i(z_i + h_{i-1});            refined r_i = z_i + h_i
+
+A is the default for video, where only it learned the motion task (docs/losa.md "Video").
 
 g mixes channels and tokens through rank-r bottlenecks. The up-projections start at zero
 (unless zero_init is off), so at step 0 every refined r_i equals z_i and the model is
@@ -61,13 +63,12 @@ class TokenMixer(nn.Module):
 
     def _tokens(self, u: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """The inverse of _frames; prefix tokens left out of the mixing get no update."""
-        p = self.frames * self.frame_prefix
         if self.frames == 1 and self.join:
             return u.squeeze(1)
         if self.join:
             return torch.cat([u[:, :, :self.frame_prefix].flatten(1, 2),
                               u[:, :, self.frame_prefix:].flatten(1, 2)], 1)
-        return torch.cat([torch.zeros_like(like[:, :p]), u.flatten(1, 2)], 1)
+        return torch.cat([torch.zeros_like(like[:, :self.frames * self.frame_prefix]), u.flatten(1, 2)], 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The update (B, T, D) for tokens x (B, T, D)."""
@@ -103,6 +104,14 @@ class LowRankMixer(nn.Module):
                 if name.endswith(("channel_up", "token_up", "time_up")):
                     for p in m.parameters():
                         nn.init.zeros_(p)
+
+    def _load_from_state_dict(self, state, prefix, *args, **kwargs):
+        """Adapters saved before video support kept the token mixer's weights one level up
+        (`token_down` rather than `token.token_down`): read them under their new names."""
+        for name in ("token_norm", "token_down", "token_up"):
+            for key in [k for k in state if k.startswith(f"{prefix}{name}.")]:
+                state[f"{prefix}token.{key[len(prefix):]}"] = state.pop(key)
+        super()._load_from_state_dict(state, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         update = torch.zeros_like(x)

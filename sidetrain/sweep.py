@@ -13,7 +13,7 @@ from .classifier import ModelSpec
 from .plots import plot_pareto
 from .train import FitConfig, FitResult, train_many
 
-LOSA_ONLY = ("rank", "variant", "order", "zero_init")
+LOSA_ONLY = ("rank", "variant", "order", "zero_init", "temporal", "prefix_mixing")
 
 
 def expand(base: FitConfig, grid: dict[str, list], out_root: Path) -> list[FitConfig]:

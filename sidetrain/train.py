@@ -40,7 +40,7 @@ class FitConfig:
     cache: Location  # a store folder or URL
     method: str = "losa"
     rank: int = 16
-    variant: str = "B"
+    variant: str = "auto"  # B for images, A for video (docs/losa.md)
     order: str = "channel-token"
     head_input: str = "pool"
     dropout: float = 0.0
@@ -302,7 +302,9 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
     first = configs[0]
     shared = ("cache", "seed", "batch_size", "epochs", "device", "precision")
     for c in configs[1:]:
-        diff = [k for k in shared if getattr(c, k) != getattr(first, k)]
+        diff = [k for k in shared if k != "cache" and getattr(c, k) != getattr(first, k)]
+        if str(location.normalize(c.cache)) != str(location.normalize(first.cache)):
+            diff.append("cache")
         if diff:
             raise ValueError(f"configurations to train together must share {diff}")
     # Denormal floats (GELU tails, LayerNorm gradients) made CPU steps 10x slower here

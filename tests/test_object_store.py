@@ -108,6 +108,11 @@ def test_extract_to_a_bucket_survives_the_server_going_away_then_reads_back(s3, 
     assert len(runs) == 2
 
 
-def test_a_bucket_store_takes_one_writer(s3, tmp_path):
+def test_a_bucket_store_takes_one_writer_and_never_lands_on_other_data(s3, tmp_path):
+    import s3fs
     with pytest.raises(UserError, match="one writer"):
         extract(ExtractConfig(dataset="demo", limit=4, out=f"s3://{BUCKET}/x", shard=(0, 2), **TINY))
+    s3fs.S3FileSystem().pipe(f"{BUCKET}/data/train/results.csv", b"precious")
+    with pytest.raises(UserError, match="not empty and is not a featcache store"):
+        extract(ExtractConfig(dataset="demo", limit=4, out=f"s3://{BUCKET}/data", **TINY))
+    assert s3fs.S3FileSystem().cat(f"{BUCKET}/data/train/results.csv") == b"precious"

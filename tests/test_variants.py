@@ -36,12 +36,25 @@ def test_every_variant_starts_at_its_probe_and_learns(fp32_store, variant, order
     assert not torch.allclose(losa(z), probe(z))  # the side network moved the logits
 
 
+def test_adapters_saved_before_video_support_still_load(fp32_store):
+    """The token mixer's weights moved into a submodule (`token.token_down`): old names load."""
+    store = open_store(fp32_store)
+    model = build_classifier(ModelSpec("losa", rank=4, zero_init=False), store, seed=0)
+    old = {k.replace(".token.token_", ".token_"): v for k, v in model.state_dict().items()}
+    assert any(".token_down." in k for k in old) and not any(".token.token_" in k for k in old)
+    again = build_classifier(ModelSpec("losa", rank=4), store, seed=1)
+    again.load_state_dict(old)
+    z = torch.from_numpy(store.split("train").tokens[:4])
+    torch.testing.assert_close(again(z), model(z), rtol=0, atol=0)
+
+
 def test_zero_init_off_and_mlp_head(fp32_store):
     store = open_store(fp32_store)
     z = torch.from_numpy(store.split("train").tokens[:4])
     a = build_classifier(ModelSpec("losa", rank=4, zero_init=False), store, seed=0)
     b = build_classifier(ModelSpec("linear"), store, seed=0)
     assert not torch.allclose(a(z), b(z))
+    assert a.side.variant == "B"  # auto: B for images
     mlp = build_classifier(ModelSpec("mlp", mlp_hidden=32), store, seed=0)
     assert mlp(z).shape == (4, 10)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from featcache import ExtractConfig, UserError, extract, load_backbone, open_store
@@ -56,6 +57,26 @@ def test_decord_and_pyav_decode_the_same_frames(clips):
     a, b = DECODERS["decord"](path, pick), DECODERS["av"](path, pick)
     assert a.shape == (2 * F, 32, 32, 3)
     np.testing.assert_array_equal(a, b)
+
+
+def test_pyav_counts_the_frames_of_containers_that_do_not_say(clips, tmp_path):
+    """MKV and WebM report no frame count: PyAV then counts packets instead of decoding all."""
+    import av
+    frames = np.stack([np.asarray(f) for f in read_clip(clips / "train" / "up" / "0000.mp4",
+                                                         FrameSampling(2 * F, "uniform"))])
+    write_video(tmp_path / "clip.mkv", frames, fps=8)
+    with av.open(str(tmp_path / "clip.mkv")) as c:
+        assert c.streams.video[0].frames == 0
+    got = DECODERS["av"](tmp_path / "clip.mkv", lambda n, fps: [n - 1] if n == 2 * F else [])
+    assert got.shape == (1, 32, 32, 3)
+
+
+def test_a_folder_mixing_images_and_videos_is_refused(clips, tmp_path):
+    import shutil
+    root = shutil.copytree(clips, tmp_path / "mixed")
+    Image.new("RGB", (32, 32)).save(root / "train" / "up" / "cover.jpg")
+    with pytest.raises(UserError, match="mixes 1 images and 16 videos"):
+        open_dataset(str(root))
 
 
 def test_the_store_keeps_the_frame_axis_and_each_frame_is_the_backbone_on_that_frame(clips, video_store):
@@ -123,6 +144,7 @@ def test_temporal_mixing_sees_frame_order_and_spatial_mixing_does_not(video_stor
         assert same != moves, spec
     # zero init: LoSA with temporal mixing starts exactly at the frame-averaged probe
     losa = build_classifier(ModelSpec("losa", rank=4), store, seed=3)
+    assert losa.side.variant == "A"  # auto: A for video, B for images (docs/losa.md)
     probe = build_classifier(ModelSpec("linear"), store, seed=3)
     torch.testing.assert_close(losa(z), probe(z), rtol=0, atol=0)
 

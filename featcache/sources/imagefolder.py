@@ -33,16 +33,6 @@ def _class_dirs(folder: Path) -> list[str]:
     return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _media_kind(root: Path) -> str:
-    """"video" when the first media file found is a video, else "image" (stops early)."""
-    for p in root.rglob("*"):
-        if p.suffix.lower() in VIDEO_SUFFIXES:
-            return "video"
-        if p.suffix.lower() in IMAGE_SUFFIXES:
-            return "image"
-    return "image"
-
-
 def _scan(root: Path, folder: Path, classes: list[str], suffixes: set[str]
           ) -> tuple[list[str], np.ndarray]:
     keys, labels = [], []
@@ -73,19 +63,25 @@ def open_imagefolder(root: Path, seed: int, val_fraction: float,
     if not classes:
         raise UserError(f"{root} has no class folders: expected ImageFolder layout "
                         "(root/<class>/<image>, optionally root/train/<class>/<image>).")
-    kind = _media_kind(root)
-    suffixes = VIDEO_SUFFIXES if kind == "video" else IMAGE_SUFFIXES
-    ds = Dataset(name=root.name, source=f"{kind}folder:{root}", classes=classes,
-                 video=video if kind == "video" else None)
+    found = {}
     for split, folder in folders.items():
         extra = set(_class_dirs(folder)) - set(classes)
         if extra:
             raise UserError(f"{folder} has classes not in {root / 'train'}: {sorted(extra)[:5]}")
-        keys, labels = _scan(root, folder, classes, suffixes)
-        if not keys:
-            raise UserError(f"no {kind}s found under {folder} (suffixes: "
-                            f"{', '.join(sorted(suffixes))}).")
-        ds.splits[split] = (VideoSplit(root, keys, labels, video) if kind == "video"
+        found[split] = _scan(root, folder, classes, IMAGE_SUFFIXES | VIDEO_SUFFIXES)
+        if not found[split][0]:
+            raise UserError(f"no images or videos found under {folder} (suffixes: "
+                            f"{', '.join(sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES))}).")
+    videos = [k for keys, _ in found.values() for k in keys if Path(k).suffix.lower() in VIDEO_SUFFIXES]
+    total = sum(len(keys) for keys, _ in found.values())
+    if 0 < len(videos) < total:
+        raise UserError(f"{root} mixes {total - len(videos)} images and {len(videos)} videos (e.g. "
+                        f"{videos[0]}); a dataset holds one kind: move the others out.")
+    kind = "video" if videos else "image"
+    ds = Dataset(name=root.name, source=f"{kind}folder:{root}", classes=classes,
+                 video=video if videos else None)
+    for split, (keys, labels) in found.items():
+        ds.splits[split] = (VideoSplit(root, keys, labels, video) if videos
                             else FileSplit(root, keys, labels))
     if "" in ds.splits:
         whole = ds.splits.pop("")

@@ -51,7 +51,7 @@ class FrameSampling:
             raise UserError("--fps needs --sampling uniform and a positive rate")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "decoder": decoder_name()}
+        return asdict(self)
 
     def indices(self, n: int, native_fps: float, start: float | None = None,
                 end: float | None = None) -> list[int]:
@@ -88,29 +88,39 @@ def _decode_av(path: Path, pick: Picker) -> np.ndarray:
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         fps = float(stream.average_rate or stream.guessed_rate or 25)
-        if stream.frames:
-            indices = pick(stream.frames, fps)
-            wanted, frames = set(indices), {}
-            for k, frame in enumerate(container.decode(stream)):
-                if k in wanted:
-                    frames[k] = frame.to_ndarray(format="rgb24")
-                if k >= max(indices):
-                    break
-            if len(frames) < len(wanted):
-                raise TooShort(f"the container says {stream.frames} frames, only {k + 1} decode")
-            return np.stack([frames[i] for i in indices])
-        every = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]  # no count given
-        return np.stack([every[i] for i in pick(len(every), fps)])
+        # MKV and WebM give no frame count: count the packets (no decoding), then decode
+        # only up to the last frame wanted
+        n = stream.frames or _count_packets(path)
+        indices = pick(n, fps)
+        wanted, frames, decoded = set(indices), {}, 0
+        for decoded, frame in enumerate(container.decode(stream), 1):
+            if decoded - 1 in wanted:
+                frames[decoded - 1] = frame.to_ndarray(format="rgb24")
+            if decoded > max(indices):
+                break
+        if len(frames) < len(wanted):
+            raise TooShort(f"the container says {n} frames, only {decoded} decode")
+        return np.stack([frames[i] for i in indices])
+
+
+def _count_packets(path: Path) -> int:
+    import av
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return sum(1 for packet in container.demux(stream) if packet.size)
 
 
 DECODERS = {"decord": _decode_decord, "av": _decode_av}
 
 
 def decoder_name() -> str:
+    """The decoder that runs: FEATCACHE_VIDEO_DECODER, else decord where installed, else PyAV."""
     name = os.environ.get("FEATCACHE_VIDEO_DECODER") or (
         "decord" if importlib.util.find_spec("decord") else "av")
     if name not in DECODERS:
         raise UserError(f"FEATCACHE_VIDEO_DECODER must be one of {', '.join(DECODERS)}, not '{name}'")
+    if not importlib.util.find_spec(name):
+        raise UserError(f"FEATCACHE_VIDEO_DECODER={name}, but {name} is not installed here.")
     return name
 
 
