@@ -125,3 +125,32 @@ def test_ls_and_info_describe_stores(fp32_store, tmp_path):
     r = subprocess.run([sys.executable, "-m", "cli.featcache", "info", str(fp32_store)],
                        capture_output=True, text=True)
     assert "vit_tiny_patch16_224" in r.stdout and "5 = 1 prefix + 1 x 2 x 2" in r.stdout
+
+
+def test_a_read_only_store_serves_info_verify_ls_fit_sweep_and_eval(fp32_store, tmp_path):
+    """A lab's shared cache is often read-only for its readers: a read-only bind mount of a
+    store (skipped where this process may not mount) must serve every reading command."""
+    import subprocess
+
+    from featcache.catalog import find_stores
+    from featcache.info import store_info
+    from sidetrain import FitConfig, evaluate_run, fit, sweep
+
+    ro = tmp_path / "ro" / "demo32"
+    ro.mkdir(parents=True)
+    mount = subprocess.run(["mount", "--bind", str(fp32_store), str(ro)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip("cannot bind-mount here (needs root): " + mount.stderr.decode().strip())
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True, capture_output=True)
+        with pytest.raises(OSError):
+            (ro / "probe").write_text("x")
+        store = open_store(ro)
+        assert store_info(store)["complete"] and verify(store).ok
+        assert [s["path"] for s in find_stores(ro.parent)] == [str(ro)]
+        r = fit(FitConfig(cache=ro, rank=2, epochs=1, batch_size=8, out=tmp_path / "run"))
+        assert evaluate_run(r.run, ro)["val"] == pytest.approx(r.val_acc)
+        assert len(sweep(FitConfig(cache=ro, rank=2, epochs=1, batch_size=8), {"method": ["linear", "losa"]},
+                         tmp_path / "sweep")) == 2
+    finally:
+        subprocess.run(["umount", str(ro)], capture_output=True)
