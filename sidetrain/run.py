@@ -78,7 +78,8 @@ def evaluate_run(run: Path, cache: Path, device: str = "cpu") -> dict[str, float
             continue
         correct = n = 0
         with torch.no_grad():
-            for b in ShardLoader(store, name, 256, shuffle=False, layers=layers, device=device).epoch(0):
+            for b in ShardLoader(store, name, 256, shuffle=False, layers=layers, device=device,
+                                  recycle=True).epoch(0):
                 correct += (model(b.tokens).argmax(1) == b.labels).sum().item()
                 n += len(b.labels)
         accs[name] = correct / max(n, 1)

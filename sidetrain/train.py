@@ -315,7 +315,7 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
     steps = len(ShardLoader(store, "train", first.batch_size, shuffle=True, seed=first.seed))
     trainers = [Trainer(c, store, steps) for c in configs]
     union = sorted({p for t in trainers for p in t.layers})
-    load = dict(batch_size=first.batch_size, layers=union, device=first.device)
+    load = dict(batch_size=first.batch_size, layers=union, device=first.device, recycle=True)
     train = ShardLoader(store, "train", shuffle=True, seed=first.seed, **load)
     val = ShardLoader(store, "val", shuffle=False, **load)
     for epoch in range(min(t.epoch for t in trainers), first.epochs):

@@ -117,6 +117,15 @@ def test_memmap_and_zarr_readers_give_identical_batches(fp32_store, tmp_path, dt
     for a, b in zip(*(list(loader.epoch(1)) for loader in loaders.values())):
         assert np.array_equal(a.index, b.index)
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.labels, b.labels)
+    # recycled buffers (what training uses) give the same batches, in two buffers used in turn
+    recycled = ShardLoader(store, "train", batch_size=4, shuffle=True, seed=2, buffer_bytes=small,
+                           recycle=True)
+    pointers = set()
+    for a, b in zip(loaders["zarr"].epoch(1), recycled.epoch(1)):
+        assert torch.equal(a.tokens, b.tokens)
+        pointers.add(b.tokens.data_ptr())
+    if dtype == "int8":  # (fp32 batches are the gathered arrays themselves)
+        assert len(pointers) == 2
 
 
 def test_loader_memory_is_bounded_by_its_buffer(fp32_store, monkeypatch):
