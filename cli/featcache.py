@@ -30,28 +30,31 @@ def extract_cmd(
                               "dinov2_*_reg, clip_base, siglip_base."),
     dataset: str = typer.Option(..., help="'demo' (1,500 embedded Fashion-MNIST images); a folder in "
                                 "ImageFolder layout (<root>/<class>/<img or video>, optionally under "
-                                "train/ val/ test/); a .csv or .jsonl manifest (path,label[,split]"
-                                "[,start,end] with start/end in seconds for videos); "
+                                "train/ val/ test/); a .csv (with a header row) or .jsonl manifest with the "
+                                "columns path,label and optionally split, and start,end (seconds) "
+                                "for videos; labels are class names or integers; "
                                 "vtab1k:<task>; or a name: mnist, fashion-mnist (IDX files), "
                                 "cifar10, cifar100, svhn, stl10, flowers102, dtd, food101, "
                                 "oxford-pets, eurosat, caltech101, places365 (torchvision). "
                                 "Without a val split, a seeded stratified one is made from train."),
-    data_root: Optional[Path] = typer.Option(None, help="Where named datasets, VTAB-1k task folders "
-                                             "or a manifest's images are (default: data/<name>; "
-                                             "fashion-mnist: /usr/share/datasets/fashion-mnist)."),
+    data_root: Optional[Path] = typer.Option(None, help="Where named datasets or VTAB-1k task folders "
+                                             "are (default: data/<name>; fashion-mnist: "
+                                             "/usr/share/datasets/fashion-mnist), or what a manifest's "
+                                             "paths are relative to (default: its own folder)."),
     download: bool = typer.Option(False, help="Fetch a named dataset into --data-root (needs network)."),
     split: Optional[str] = typer.Option(None, help="Only these splits, comma-separated (e.g. train,val)."),
     per_class: Optional[int] = typer.Option(None, help="At most N samples of each class per split (seeded)."),
     views: int = typer.Option(1, help="Store K augmented views of every train image (random 60-100 % "
                               "crops and flips), as K samples sharing a key: caching otherwise "
                               "removes augmentation."),
-    frames: int = typer.Option(8, help="Video: frames per clip; each runs through the ViT and the "
-                               "store keeps the frame axis."),
-    sampling: str = typer.Option("segment", help="Video: segment (the middle frame of F equal "
-                                 "segments, spanning the clip) or uniform (F frames at --fps from "
-                                 "the clip's centre). Too-short clips are skipped and recorded."),
-    fps: Optional[float] = typer.Option(None, help="Video, uniform sampling: frames per second "
-                                        "(default: the video's own rate)."),
+    frames: int = typer.Option(8, help="Video only (ignored for images): frames per clip; each runs "
+                               "through the ViT and the store keeps the frame axis."),
+    sampling: str = typer.Option("segment", help="Video only: segment (the middle frame of each of F "
+                                 "equal segments: spans the whole clip) or uniform (a window of F "
+                                 "frames at --fps, centred in the clip). Too-short clips are "
+                                 "skipped and recorded."),
+    fps: Optional[float] = typer.Option(None, help="Video, --sampling uniform only: frames per "
+                                        "second (default: the video's own rate)."),
     out_path: Optional[str] = typer.Option(None, "--out", help="Store folder, or an fsspec URL such as "
                                            "s3://bucket/cache/name (one writer; credentials and "
                                            "endpoint the fsspec way, see docs/labs.md). "
@@ -84,9 +87,10 @@ def extract_cmd(
     shard: Optional[str] = typer.Option(None, help="K/N: this process writes part K (0-based) of N "
                                         "of the store; run N processes (GPUs, SLURM array tasks) "
                                         "with the same other options. The store is complete when "
-                                        "all parts have run."),
+                                        "all parts have run. Not for a bucket URL (one writer)."),
     dask: Optional[str] = typer.Option(None, help="Run the N parts on a dask.distributed cluster: "
-                                       "tcp://HOST:PORT, or local:N for N local worker processes."),
+                                       "tcp://HOST:PORT, or local:N for N local worker processes. "
+                                       "Not for a bucket URL (one writer)."),
     reuse: bool = typer.Option(True, help="If a complete store with the same content (model, weights, "
                                "transform, taps, dtype, inputs) exists beside --out, use it "
                                "instead of extracting again."),

@@ -169,13 +169,15 @@ def eval_cmd(run_dir: Path = typer.Option(..., "--run", help="A run folder from 
 
 
 @app.command("predict")
-def predict_cmd(images: list[Path] = typer.Argument(..., help="Image files (video files for a run trained on a video store)."),
+def predict_cmd(images: list[Path] = typer.Argument(..., metavar="FILES...", help="Image files, or "
+                                                     "video files for a run trained on a video store "
+                                                     "(frames sampled as the store recorded; whole clips)."),
                 run_dir: Path = typer.Option(..., "--run", help="A run folder from fit or sweep."),
                 weights: Optional[Path] = typer.Option(None, help="The backbone weights file the "
                                                        "store was extracted with, if it came from one."),
                 device: str = typer.Option("cpu", help=HELP["device"]),
                 as_json: bool = typer.Option(False, "--json", help=HELP["json"])) -> None:
-    """Classify raw images with the frozen backbone and a run's adapter (no cache needed)."""
+    """Classify raw images or videos with the frozen backbone and a run's adapter (no cache needed)."""
     preds = predict(run_dir, images, weights, device)
     if as_json:
         emit_json(preds)

@@ -63,7 +63,9 @@ def _find_remote(root: str) -> list[dict]:
 
     try:
         walk(base.rstrip("/"), 0)
-    except OSError as e:  # no such bucket, no permission, no network
+    except UserError:
+        raise
+    except Exception as e:  # no such bucket, no credentials, no network: botocore's are not OSError
         raise UserError(f"cannot list {root}: {type(e).__name__}: {e}") from None
     return found
 

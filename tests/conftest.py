@@ -39,3 +39,26 @@ def fp32_store(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("stores") / "demo32"
     extract(ExtractConfig(dataset="demo", out=out, dtype="fp32", limit=24, shard_size=5, **TINY))
     return out
+
+
+def assert_predict_equals_cached(run: Path, store_path: Path, files: list[Path]) -> None:
+    """`sidetrain predict` on the raw files of the store's val split (in its order) gives
+    the classes and probabilities that the run's adapter gives on the stored tokens."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from featcache import open_store
+    from sidetrain import ModelSpec, build_classifier, predict
+
+    store = open_store(store_path)
+    preds = predict(run, files)
+    config = json.loads((run / "config.json").read_text())
+    model = build_classifier(ModelSpec(**{k: v for k, v in config.items()
+                                          if k in ModelSpec.__dataclass_fields__}), store, seed=0)
+    model.load_state_dict(load_file(str(run / "adapter.safetensors")))
+    with torch.no_grad():
+        cached = model.eval()(torch.from_numpy(store.split("val").tokens[:])).softmax(1)
+    assert [p["label"] for p in preds] == cached.argmax(1).tolist()
+    np.testing.assert_allclose([p["prob"] for p in preds], cached.max(1).values.numpy(), atol=1e-4)

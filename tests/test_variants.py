@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from featcache import ExtractConfig, UserError, extract, open_store
-from sidetrain import FitConfig, ModelSpec, build_classifier, evaluate_run, fit, predict, sweep
+from sidetrain import FitConfig, ModelSpec, build_classifier, evaluate_run, fit, sweep
 from sidetrain import train as train_module
 
-from .conftest import TINY
+from .conftest import TINY, assert_predict_equals_cached
 
 
 @pytest.mark.parametrize("variant", ["A", "B", "C"])
@@ -125,14 +123,5 @@ def test_predict_on_raw_images_equals_the_cached_path(image_folder, tmp_path):
     extract(ExtractConfig(dataset=str(image_folder), out=store_path, dtype="fp32", **TINY))
     r = fit(FitConfig(cache=store_path, rank=2, epochs=3, batch_size=4, head_input="last4",
                       out=tmp_path / "run"))
-    store = open_store(store_path)
-    val = store.split("val")
-    files = [image_folder.parent / "images" / k for k in val.keys]
-    preds = predict(r.run, files)
-    model = build_classifier(ModelSpec(**{k: v for k, v in json.loads((r.run / "config.json").read_text()).items()
-                                          if k in ModelSpec.__dataclass_fields__}), store, seed=0)
-    model.load_state_dict(load_file(str(r.run / "adapter.safetensors")))
-    with torch.no_grad():
-        cached = model.eval()(torch.from_numpy(val.tokens[:])).softmax(1)
-    assert [p["label"] for p in preds] == cached.argmax(1).tolist()
-    np.testing.assert_allclose([p["prob"] for p in preds], cached.max(1).values.numpy(), atol=1e-4)
+    keys = open_store(store_path).split("val").keys
+    assert_predict_equals_cached(r.run, store_path, [image_folder.parent / "images" / k for k in keys])

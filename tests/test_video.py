@@ -3,14 +3,12 @@ mixing, predict on video files, and a task only temporal mixing can solve."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from featcache import ExtractConfig, UserError, extract, load_backbone, open_store
 from featcache.sources import FrameSampling, open_dataset
@@ -19,7 +17,7 @@ from featcache.sources.video import DECODERS, TooShort, read_clip
 from featcache.taps import forward_taps
 from sidetrain import FitConfig, ModelSpec, build_classifier, fit, predict, train_many
 
-from .conftest import TINY
+from .conftest import TINY, assert_predict_equals_cached
 
 F = 4
 
@@ -151,17 +149,7 @@ def test_temporal_mixing_sees_frame_order_and_spatial_mixing_does_not(video_stor
 
 def test_predict_on_video_files_equals_the_cached_path(clips, video_store, tmp_path):
     r = fit(FitConfig(cache=video_store, rank=4, epochs=2, batch_size=4, out=tmp_path / "run"))
-    store = open_store(video_store)
-    val = store.split("val")
-    preds = predict(r.run, [clips / k for k in val.keys])
-    config = json.loads((r.run / "config.json").read_text())
-    model = build_classifier(ModelSpec(**{k: v for k, v in config.items()
-                                          if k in ModelSpec.__dataclass_fields__}), store, seed=0)
-    model.load_state_dict(load_file(str(r.run / "adapter.safetensors")))
-    with torch.no_grad():
-        cached = model.eval()(torch.from_numpy(val.tokens[:])).softmax(1)
-    assert [p["label"] for p in preds] == cached.argmax(1).tolist()
-    np.testing.assert_allclose([p["prob"] for p in preds], cached.max(1).values.numpy(), atol=1e-4)
+    assert_predict_equals_cached(r.run, video_store, [clips / k for k in open_store(video_store).split("val").keys])
     with pytest.raises(UserError, match="cannot read video"):
         predict(r.run, [tmp_path / "missing.mp4"])
 
