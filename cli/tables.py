@@ -8,14 +8,17 @@ from sidetrain import FitResult
 
 
 def results_table(results: list[FitResult], title: str | None = None, names: bool = False) -> Table:
+    """One row per run; with `names`, the run folder's name (which says the method and the
+    options that vary) replaces the method and rank columns, so rows fit 80 columns."""
     t = Table(title=title)
-    cols = (["run"] if names else []) + ["method", "rank", "trainable params", "best epoch",
-                                         "val acc", "test acc", "time"]
+    cols = (["run"] if names else ["method", "rank"]) + ["trainable params", "best epoch",
+                                                          "val acc", "test acc", "time"]
     for col in cols:
-        t.add_column(col, justify="left" if col in ("run", "method") else "right")
+        t.add_column(col, justify="left" if col in ("run", "method") else "right",
+                     no_wrap=col == "run")
     for r in results:
-        row = [r.run.name] if names else []
-        row += [r.method, str(r.rank or "-"), f"{r.params:,}", str(r.best_epoch),
+        row = [r.run.name] if names else [r.method, str(r.rank or "-")]
+        row += [f"{r.params:,}", str(r.best_epoch),
                 f"{100 * r.val_acc:.1f}%", "-" if r.test_acc is None else f"{100 * r.test_acc:.1f}%",
                 f"{r.seconds:.1f} s" + (" (stopped: NaN)" if r.failed else "")]
         t.add_row(*row)

@@ -9,8 +9,9 @@ shard file layout is simple enough to memory-map:
     as little-endian uint64][crc32c 4 B]
 
 MemmapReader returns views into those files (no decode, no checksum: `featcache verify`
-checks every checksum), and asks the kernel to read a shard ahead as soon as it is opened; ZarrReader is the path for anything else (remote or foreign
-codecs). Both return the same arrays (tested).
+checks every checksum) and asks the kernel to read a shard ahead as soon as it maps it;
+ZarrReader is the path for anything else (remote or foreign codecs). Both return the same
+arrays (tested).
 """
 
 from __future__ import annotations

@@ -6,12 +6,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .location import Location, is_url
-
 import numpy as np
 
 from .codec import STORAGE
 from .errors import UserError
+from .location import Location, is_url
 
 
 def human_bytes(n: float) -> str:
