@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# BENCH_RESULTS (set by `make bench QUICK=1`) keeps quick figures apart from the full ones
+RESULTS = Path(os.environ.get("BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 DINOV2_FILE = Path(__file__).resolve().parents[2] / "shared" / "weights" / \
     "vit_small_patch14_dinov2.imgfocus.safetensors"
 
