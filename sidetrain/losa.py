@@ -27,6 +27,11 @@ ORDERS = ("channel-token", "token-channel", "alternate")
 PREFIX_MIXING = ("join", "channel")
 
 
+def mixed_tokens(layout: TokenLayout, prefix: str) -> int:
+    """Tokens the (spatial) token mixer mixes: one frame's patches, and its prefix if joined."""
+    return layout.patches + (layout.frame_prefix if prefix == "join" else 0)
+
+
 class TokenMixer(nn.Module):
     """Low-rank mixing along the token axis: X + (GELU(LN(X)^T A_t) B_t)^T.
 
@@ -37,12 +42,12 @@ class TokenMixer(nn.Module):
     ("channel"). An image is a one-frame clip: one spatial mixer over all T tokens.
     """
 
-    def __init__(self, layout: TokenLayout, width: int, rank: int, temporal: bool, prefix: str):
+    def __init__(self, layout: TokenLayout, rank: int, temporal: bool, prefix: str):
         super().__init__()
         self.frames, self.frame_prefix = layout.frames, layout.frame_prefix
         self.join = prefix == "join"
-        space = layout.patches + (self.frame_prefix if self.join else 0)
-        self.token_norm = nn.LayerNorm(width)
+        space = mixed_tokens(layout, prefix)
+        self.token_norm = nn.LayerNorm(layout.width)
         self.token_down = nn.Linear(space, rank)
         # No bias: it would add a per-token constant across channels, which every
         # LayerNorm downstream removes. Its gradient is exactly zero, and Adam turns the
@@ -89,16 +94,17 @@ class LowRankMixer(nn.Module):
     `steps` is the order of the two mixings, or just one of them.
     """
 
-    def __init__(self, layout: TokenLayout, width: int, rank: int, steps: tuple[str, ...],
+    def __init__(self, layout: TokenLayout, rank: int, steps: tuple[str, ...],
                  zero_init: bool, temporal: bool = True, prefix: str = "join"):
         super().__init__()
         self.steps = steps
+        width = layout.width
         if "channel" in steps:
             self.channel_norm = nn.LayerNorm(width)
             self.channel_down = nn.Linear(width, rank)
             self.channel_up = nn.Linear(rank, width)
         if "token" in steps:
-            self.token = TokenMixer(layout, width, rank, temporal, prefix)
+            self.token = TokenMixer(layout, rank, temporal, prefix)
         if zero_init:
             for name, m in self.named_modules():
                 if name.endswith(("channel_up", "token_up", "time_up")):
@@ -142,14 +148,13 @@ class LoSA(nn.Module):
         if variant not in VARIANTS or order not in ORDERS or prefix not in PREFIX_MIXING:
             raise UserError(f"--variant must be one of {VARIANTS}, --order one of {ORDERS} and "
                             f"--prefix-mixing one of {PREFIX_MIXING}")
-        width = layout.width
-        tokens = layout.patches + (layout.frame_prefix if prefix == "join" else 0)
+        width, tokens = layout.width, mixed_tokens(layout, prefix)
         if not 1 <= rank <= min(width, tokens):
             raise UserError(f"--rank {rank} is out of range: it must be between 1 and "
                             f"min(width {width}, tokens per frame {tokens}) = {min(width, tokens)}.")
         self.variant = variant
         self.mixers = nn.ModuleList(
-            LowRankMixer(layout, width, rank, _steps(order, i), zero_init, temporal, prefix)
+            LowRankMixer(layout, rank, _steps(order, i), zero_init, temporal, prefix)
             for i in range(layers))
         self.drop = nn.Dropout(dropout)
 
