@@ -1,7 +1,7 @@
 """The real-feature study: linear probes against LoSA and its ablations, several seeds.
 
     apt-get install dataset-fashion-mnist        # real images, installs offline
-    python benchmarks/losa_study.py [--img-size 112] [--epochs 20] [--seeds 0,1,2]
+    python benchmarks/losa_study.py [--img-size 112] [--epochs 20] [--seeds 0,1,2] [--rows core]
 
 Protocol (VTAB-1k-like): 800 train / 200 val / 1000 test images per task; every
 configuration keeps the epoch with the best val accuracy and is scored on test once. The
@@ -13,7 +13,9 @@ backbone is the real DINOv2 ViT-S/14 of ../shared/weights (or --weights). Tasks:
 
 All configurations of a seed train in one pass over the data (sidetrain.train_many), and
 runs resume where they stopped, so an interrupted study continues when rerun. Writes
-benchmarks/results/losa_study.{json,md} and one pareto PNG per task.
+benchmarks/results/losa_study_<size>px.{json,md} and one pareto PNG per task. `--rows core`
+trains the probes and the default LoSA (B r16, with the pool and last4 heads) only: at
+224 px a LoSA run takes about four times as long as at 112 px on a CPU.
 """
 
 from __future__ import annotations
@@ -75,7 +77,12 @@ def write_counting(root: Path, seed: int = 0) -> None:
                 Image.fromarray(canvas).save(d / f"{j:04d}.png")
 
 
-def configurations(cache: Path, epochs: int, seed: int, runs: Path) -> list[FitConfig]:
+CORE = ("linear (pool)", "strong probe (last4)", "all-layers probe (all)", "LoSA B r16",
+        "LoSA B r16, head last4")
+
+
+def configurations(cache: Path, epochs: int, seed: int, runs: Path, only: tuple[str, ...] | None
+                   ) -> list[FitConfig]:
     # every row names its variant: the table must not change when the library default does
     base = FitConfig(cache=cache, epochs=epochs, seed=seed, batch_size=64, variant="A")
     rows = {
@@ -92,6 +99,8 @@ def configurations(cache: Path, epochs: int, seed: int, runs: Path) -> list[FitC
     }
     out = []
     for row, variants in rows.items():
+        if only and row not in only:
+            continue
         for v in variants:
             name = row.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "") + \
                 (f"_lr{v['lr']}" if "lr" in v else "") + f"_s{seed}"
@@ -106,9 +115,13 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--tasks", default="fashion,counting")
     ap.add_argument("--weights", type=Path, default=None)
+    ap.add_argument("--rows", choices=("all", "core"), default="all",
+                    help="core: the probes and the default LoSA only (see above)")
     args = ap.parse_args()
+    only = CORE if args.rows == "core" else None
+    stem = f"losa_study_{args.img_size}px"
     bb = backbone_args(args.weights)
-    table = previous_results(args)  # tasks not rerun now keep their last results
+    table = previous_results(args, stem)  # tasks not rerun now keep their last results
     for task in args.tasks.split(","):
         images = WORK / "images" / task
         if not images.exists():
@@ -117,7 +130,7 @@ def main() -> None:
         extract(ExtractConfig(dataset=str(images), out=cache, img_size=args.img_size, **bb))
         results = defaultdict(list)
         for seed in map(int, args.seeds.split(",")):
-            named = configurations(cache, args.epochs, seed, WORK / "runs" / task)
+            named = configurations(cache, args.epochs, seed, WORK / "runs" / f"{task}-{args.img_size}px", only)
             for (row, _), r in zip(named, train_many([c for _, c in named])):
                 results[(row, seed)].append(r)
         rows = defaultdict(list)
@@ -127,13 +140,13 @@ def main() -> None:
                               "test": best.test_acc, "params": best.params, "seconds": best.seconds})
         table[task] = rows
         plot_pareto([(row, v[0]["params"], float(np.mean([x["test"] for x in v]))) for row, v in rows.items()],
-                    RESULTS / f"losa_study_{task}.png", title=f"{task}: test accuracy (mean over seeds) "
+                    RESULTS / f"{stem}_{task}.png", title=f"{task}: test accuracy (mean over seeds) "
                     "against trainable parameters")
-        report(table, bb, args)  # after every task: a long study shows its progress
+        report(table, bb, args, stem)  # after every task: a long study shows its progress
 
 
-def previous_results(args: argparse.Namespace) -> dict:
-    path = RESULTS / "losa_study.json"
+def previous_results(args: argparse.Namespace, stem: str) -> dict:
+    path = RESULTS / f"{stem}.json"
     if not path.is_file():
         return {}
     old = json.loads(path.read_text())
@@ -141,9 +154,9 @@ def previous_results(args: argparse.Namespace) -> dict:
     return old["tasks"] if same else {}
 
 
-def report(table: dict, bb: dict, args: argparse.Namespace) -> None:
+def report(table: dict, bb: dict, args: argparse.Namespace, stem: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "losa_study.json").write_text(json.dumps({"backbone": {k: str(v) for k, v in bb.items()},
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"backbone": {k: str(v) for k, v in bb.items()},
                                                          "img_size": args.img_size, "epochs": args.epochs,
                                                          "tasks": table}, indent=2))
     lines = [f"LoSA study: {bb['model']} at {args.img_size} px, {args.epochs} epochs; "
@@ -159,7 +172,7 @@ def report(table: dict, bb: dict, args: argparse.Namespace) -> None:
             lines.append(f"| {row} | {v[0]['params']:,} | {100 * np.mean([x['val'] for x in v]):.1f} | "
                          f"{test.mean():.1f} ± {test.std():.1f} | {np.mean([x['seconds'] for x in v]):.0f} s |")
         lines.append("")
-    (RESULTS / "losa_study.md").write_text("\n".join(lines))
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 

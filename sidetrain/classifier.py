@@ -63,8 +63,8 @@ class Classifier(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """z: (B, L, T, D) tapped tokens (a probe may be given only its last k taps)."""
-        refined = self.side(z) if self.side is not None else z
-        return self.head(self.readout(refined[:, -self.head_layers:]))
+        refined = self.side(z, keep=self.head_layers) if self.side is not None else z[:, -self.head_layers:]
+        return self.head(self.readout(refined))
 
 
 def select_taps(store: Store, spec: str | None) -> list[int]:

@@ -16,6 +16,8 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
         return
     epochs = [h["epoch"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    # fixed margins: tight_layout measured half of the 0.4 s this took, paid by every run
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.15, top=0.8, wspace=0.25)
     a.plot(epochs, [h["train_loss"] for h in history], label="train")
     a.plot(epochs, [h["val_loss"] for h in history], label="val")
     a.set(xlabel="epoch", ylabel="loss", title="loss")
@@ -23,7 +25,6 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     b.plot(epochs, [100 * h["val_acc"] for h in history], color="tab:green")
     b.set(xlabel="epoch", ylabel="val accuracy (%)", title="val accuracy")
     fig.suptitle(title)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

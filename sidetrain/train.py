@@ -137,6 +137,11 @@ class Trainer:
         self.positions = select_taps(store, cfg.taps)
         self.model = build_classifier(cfg.spec(), store, cfg.seed, len(self.positions)).to(self.device)
         self.layers = input_layers(self.model, self.positions)
+        # A probe's readout is frozen: probes reading the same taps share it (see _pass) and
+        # train their head alone on its output.
+        self.probe = self.model.side is None
+        self.net = self.model.head if self.probe else self.model
+        self.readout_key = (self.model.readout.head_input, tuple(self.layers))
         self.params = trainable_parameters(self.model)
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
                                      lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -193,14 +198,22 @@ class Trainer:
         return self.failed is None and self.epoch < self.cfg.epochs
 
     # -- training --------------------------------------------------------------------
-    def train_batch(self, tokens: torch.Tensor, labels: torch.Tensor) -> None:
+    @torch.no_grad()
+    def readout(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A probe's head input: what its model computes before the head, without a graph.
+        Shared by probes (see _pass), so it must stay stateless and draw no random numbers."""
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.autocast):
+            return self.model.readout(tokens)
+
+    def train_batch(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        """One step on a batch: x is the tokens for LoSA, the readout for a probe."""
         cfg = self.cfg
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.step, self.total, cfg.lr, self.warmup)
         _set_rng(self.device, self.rng)
         self.model.train()
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.autocast):
-            loss = F.cross_entropy(self.model(tokens), labels, label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(self.net(x), labels, label_smoothing=cfg.label_smoothing)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if cfg.grad_clip:
@@ -217,10 +230,10 @@ class Trainer:
         self.step += 1
 
     @torch.no_grad()
-    def eval_batch(self, tokens: torch.Tensor, labels: torch.Tensor) -> None:
+    def eval_batch(self, x: torch.Tensor, labels: torch.Tensor) -> None:
         self.model.eval()
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.autocast):
-            logits = self.model(tokens).float()
+            logits = self.net(x).float()
         self.eval_sums[0] += F.cross_entropy(logits, labels, reduction="sum").item()
         self.eval_sums[1] += (logits.argmax(1) == labels).sum().item()
         self.eval_sums[2] += len(labels)
@@ -276,20 +289,38 @@ def _pass(loader: ShardLoader, epoch: int, trainers: list[Trainer], union: list[
           ) -> tuple[int, float]:
     """One pass over a split, each batch fed to every trainer.
 
-    Returns (batches, seconds spent loading); each trainer adds its own compute time to
-    `busy`, so a sweep reports every configuration's own cost, not an average."""
+    Probes that read the same taps through the same head input share one readout per batch
+    (a sweep over a probe's lr then costs one readout, not eight).
+    Returns (batches, seconds spent loading); each trainer adds its own compute time (and an
+    even share of a readout it shares) to `busy`, so a sweep reports each configuration's
+    cost, not the sweep's average."""
     picks = [None if t.layers == union else torch.tensor([union.index(p) for p in t.layers],
                                                          device=loader.device) for t in trainers]
+    readers = {}  # readout key -> the probes that share it
+    for t in trainers:
+        if t.probe:
+            readers.setdefault(t.readout_key, []).append(t)
     batches, loading = 0, 0.0
     t0 = time.perf_counter()
     for b in loader.epoch(epoch):
         loading += time.perf_counter() - t0
+        readouts: dict[tuple, torch.Tensor] = {}
         for t, pick in zip(trainers, picks):
             if t.failed:
                 continue
             t1 = time.perf_counter()
-            z = b.tokens if pick is None else b.tokens.index_select(1, pick)
-            (t.train_batch if train else t.eval_batch)(z, b.labels)
+            if t.probe and t.readout_key in readouts:
+                x = readouts[t.readout_key]
+            else:
+                x = b.tokens if pick is None else b.tokens.index_select(1, pick)
+                if t.probe:  # the first of its probes: compute the readout, split its time
+                    x = readouts[t.readout_key] = t.readout(x)
+                    sharers = [s for s in readers[t.readout_key] if not s.failed]
+                    share = (time.perf_counter() - t1) / len(sharers)
+                    for s in sharers:
+                        s.busy += share
+                    t1 = time.perf_counter()
+            (t.train_batch if train else t.eval_batch)(x, b.labels)
             t.busy += time.perf_counter() - t1
         batches += 1
         t0 = time.perf_counter()

@@ -8,8 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 from featcache import ExtractConfig, UserError, extract, open_store
+from featcache.models import TokenLayout
 from sidetrain import FitConfig, ModelSpec, build_classifier, evaluate_run, fit, sweep
 from sidetrain import train as train_module
+from sidetrain.losa import LoSA
 
 from .conftest import TINY, assert_predict_equals_cached
 
@@ -32,6 +34,24 @@ def test_every_variant_starts_at_its_probe_and_learns(fp32_store, variant, order
         loss.backward()
         opt.step()
     assert not torch.allclose(losa(z), probe(z))  # the side network moved the logits
+
+
+@pytest.mark.parametrize("variant", ["A", "B", "C"])
+@pytest.mark.parametrize("order", ["channel-token", "token-channel", "alternate"])
+def test_keep_gives_the_last_refined_layers_and_sums_stay_in_full_precision(variant, order):
+    # a two-frame clip: spatial and temporal mixing, prefix tokens joined
+    layout = TokenLayout(prefix_tokens=2, class_token=True, register_tokens=0, grid=(2, 3),
+                         frames=2, width=8, pool="token")
+    side = LoSA(3, layout, rank=2, variant=variant, order=order)
+    for p in side.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    z = torch.randn(2, 3, layout.tokens, 8)
+    full = side(z)
+    assert full.shape == z.shape
+    torch.testing.assert_close(side(z, keep=2), full[:, -2:], rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # Linear outputs bf16; the sums must not
+        assert all(g(z[:, 0]).dtype == torch.float32 for g in side.mixers)
+        assert side(z).dtype == torch.float32
 
 
 def test_adapters_saved_before_video_support_still_load(fp32_store):
@@ -59,8 +79,13 @@ def test_zero_init_off_and_mlp_head(fp32_store):
 
 def test_a_sweep_trains_each_configuration_as_fit_would(fp32_store, tmp_path):
     base = FitConfig(cache=fp32_store, epochs=2, batch_size=8, dropout=0.1)
-    results = sweep(base, {"method": ["losa", "linear"], "rank": [2, 4], "lr": [1e-3]}, tmp_path / "sw")
-    assert sorted(r.run.name for r in results) == ["linear", "losa-rank2", "losa-rank4"]
+    # the four probes share one readout per batch (the mlp heads with dropout); each must
+    # still train exactly as it would alone
+    grid = {"method": ["losa", "linear", "mlp"], "rank": [2, 4], "lr": [1e-3, 1e-2]}
+    results = sweep(base, grid, tmp_path / "sw")
+    assert sorted(r.run.name for r in results) == [
+        "linear-lr0.001", "linear-lr0.01", "losa-rank2-lr0.001", "losa-rank2-lr0.01",
+        "losa-rank4-lr0.001", "losa-rank4-lr0.01", "mlp-lr0.001", "mlp-lr0.01"]
     assert (tmp_path / "sw" / "pareto.png").is_file() and (tmp_path / "sw" / "sweep.json").is_file()
     for r in results:
         alone = fit(r.config.__class__(**{**vars(r.config), "out": tmp_path / "alone" / r.run.name}))
