@@ -15,8 +15,12 @@ DINOV2_FILE = Path(__file__).resolve().parents[2] / "shared" / "weights" / \
     "vit_small_patch14_dinov2.imgfocus.safetensors"
 
 
-def backbone_args(weights: Path | None) -> dict:
-    """Real DINOv2 ViT-S/14 weights when the file is there, else a random-init ViT-S."""
+def backbone_args(weights: Path | None, model: str | None = None) -> dict:
+    """Real DINOv2 ViT-S/14 weights when the file is there, else a random-init ViT-S; or
+    `model` (random init unless `weights`: a GPU machine that cannot download can still
+    time a ViT-B or ViT-L)."""
+    if model:
+        return {"model": model, "weights": weights} if weights else {"model": model, "random_init": True}
     weights = weights or (DINOV2_FILE if DINOV2_FILE.is_file() else None)
     if weights:
         return {"model": "dinov2_small", "weights": weights}

@@ -1,6 +1,6 @@
 """Extraction throughput against the bare backbone forward on the same batches.
 
-    python benchmarks/extract_throughput.py [--n 256] [--img-size 112] [--device cpu]
+    python benchmarks/extract_throughput.py [--n 256] [--img-size 112] [--device cpu] [--model vit_base]
 
 The bare forward runs forward_features over pre-decoded, pre-transformed batches (no
 taps, no encoding, no writing); the extraction is the full `extract()` loop (decode in
@@ -58,9 +58,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=ExtractConfig.workers)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--weights", type=Path, default=None)
+    ap.add_argument("--model", default=None, help="a timm name (random init without --weights); "
+                    "default: the DINOv2 ViT-S/14 of ../shared/weights")
     ap.add_argument("--dtypes", default="fp16,int8,bf16,fp32")
     args = ap.parse_args()
-    bb_args = backbone_args(args.weights)
+    bb_args = backbone_args(args.weights, args.model)
     device = torch.device(args.device)
     bb = load_backbone(bb_args["model"], bb_args.get("weights"), bb_args.get("random_init", False),
                        args.img_size)

@@ -83,8 +83,8 @@ CORE = ("linear (pool)", "strong probe (last4)", "all-layers probe (all)", "LoSA
 
 def configurations(cache: Path, epochs: int, seed: int, runs: Path, only: tuple[str, ...] | None
                    ) -> list[FitConfig]:
-    # every row names its variant: the table must not change when the library default does
-    base = FitConfig(cache=cache, epochs=epochs, seed=seed, batch_size=64, variant="A")
+    # every row names its variant and head: the table must not change when the defaults do
+    base = FitConfig(cache=cache, epochs=epochs, seed=seed, batch_size=64, variant="A", head_input="pool")
     rows = {
         "linear (pool)": [dict(method="linear", lr=lr) for lr in (1e-3, 1e-2)],
         "strong probe (last4)": [dict(method="linear", head_input="last4", lr=lr) for lr in (1e-3, 1e-2)],

@@ -88,7 +88,8 @@ def run_one(args) -> dict:
     split = open_dataset(args.images).splits["train"]
     labels = torch.from_numpy(split.labels)
     if args.method in ("losa-cache", "linear"):
-        spec = ModelSpec("losa" if args.method == "losa-cache" else "linear", rank=16)
+        # the pool head, as the fine-tuned baselines' heads read the pooled feature
+        spec = ModelSpec("losa" if args.method == "losa-cache" else "linear", rank=16, head_input="pool")
         model = build_classifier(spec, store, seed=0).to(device)
         loader = ShardLoader(store, "train", args.batch_size, shuffle=True,
                              layers=None if args.method == "losa-cache" else [-1], device=device)
@@ -98,7 +99,8 @@ def run_one(args) -> dict:
         tf = timm.data.create_transform(**bb.data_config, is_training=False)
         images = torch.stack([tf(to_rgb(split.open(i))) for i in range(len(split))])
         if args.method == "losa-e2e":
-            model = EndToEnd(bb.model, store.taps, build_classifier(ModelSpec("losa", rank=16), store, 0))
+            side = build_classifier(ModelSpec("losa", rank=16, head_input="pool"), store, 0)
+            model = EndToEnd(bb.model, store.taps, side)
         else:
             model = backbone_model(args, args.method)
         model = model.to(device)

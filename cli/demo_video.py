@@ -59,7 +59,7 @@ def demo_video(
 
 def video_configs(cache: Path, runs: Path, epochs: int, seed: int = 0) -> list[FitConfig]:
     """The comparison of docs/losa.md "Video": variant A learns the direction fastest here."""
-    common = dict(cache=cache, epochs=epochs, batch_size=16, seed=seed)
+    common = dict(cache=cache, epochs=epochs, batch_size=16, seed=seed, head_input="pool")
     return [FitConfig(method="linear", lr=1e-2, out=runs / "probe-frame-averaged", **common),
             FitConfig(method="losa", variant="A", lr=3e-3, temporal=False,
                       out=runs / "losa-A-space-only", **common),

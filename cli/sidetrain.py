@@ -27,9 +27,10 @@ HELP = {
                "the best measured (docs/losa.md).",
     "order": "Mixer order: channel-token, token-channel, or alternate (channel mixing at odd "
              "layers, token mixing at even ones).",
-    "head_input": "What the head reads: pool (the backbone's own feature), cls+mean (class and "
-                  "mean patch token), last4 (cls+mean of the last 4 taps, DINOv2's strong probe) "
-                  "or all (cls+mean of every tap, Head2Toe-style).",
+    "head_input": "What the head reads: last4 (default: cls+mean of the last 4 taps, DINOv2's "
+                  "strong probe; the best for LoSA and probes in docs/losa.md), pool (the "
+                  "backbone's own feature), cls+mean (class and mean patch token) or all "
+                  "(cls+mean of every tap, Head2Toe-style).",
     "dropout": "Dropout on LoSA's updates (and in the MLP head).",
     "lr": "Peak AdamW learning rate (linear warm-up, cosine decay to zero).",
     "weight_decay": "AdamW weight decay.",
@@ -64,7 +65,7 @@ def fit_cmd(
     rank: int = typer.Option(16, help=HELP["rank"]),
     variant: str = typer.Option("auto", help=HELP["variant"]),
     order: str = typer.Option("channel-token", help=HELP["order"]),
-    head_input: str = typer.Option("pool", help=HELP["head_input"]),
+    head_input: str = typer.Option("last4", help=HELP["head_input"]),
     dropout: float = typer.Option(0.0, help=HELP["dropout"]),
     zero_init: bool = typer.Option(True, help=HELP["zero_init"]),
     temporal: bool = typer.Option(True, help=HELP["temporal"]),
@@ -123,7 +124,7 @@ def sweep_cmd(
     lr: str = typer.Option("1e-3", help="Comma list. " + HELP["lr"]),
     variant: str = typer.Option("auto", help="Comma list. " + HELP["variant"]),
     order: str = typer.Option("channel-token", help="Comma list. " + HELP["order"]),
-    head_input: str = typer.Option("pool", help="Comma list. " + HELP["head_input"]),
+    head_input: str = typer.Option("last4", help="Comma list. " + HELP["head_input"]),
     dropout: str = typer.Option("0", help="Comma list. " + HELP["dropout"]),
     weight_decay: str = typer.Option("1e-4", help="Comma list. " + HELP["weight_decay"]),
     seed: str = typer.Option("0", help="Comma list. " + HELP["seed"]),

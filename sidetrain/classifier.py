@@ -33,7 +33,7 @@ class ModelSpec:
     rank: int = 16
     variant: str = "auto"  # A | B | C (losa.py); auto: B for images, A for video, each measured best
     order: str = "channel-token"  # channel-token | token-channel | alternate
-    head_input: str = "pool"  # pool | cls+mean | last4 | all, see readout.py
+    head_input: str = "last4"  # pool | cls+mean | last4 | all (readout.py); last4 measured best
     dropout: float = 0.0  # on the side network's updates
     zero_init: bool = True  # start the mixers' up-projections at zero
     temporal: bool = True  # video: mix over frames as well as within them

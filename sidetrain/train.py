@@ -42,7 +42,7 @@ class FitConfig:
     rank: int = 16
     variant: str = "auto"  # B for images, A for video (docs/losa.md)
     order: str = "channel-token"
-    head_input: str = "pool"
+    head_input: str = "last4"  # the best head in both image studies (docs/losa.md)
     dropout: float = 0.0
     zero_init: bool = True
     temporal: bool = True  # video: LoSA also mixes across frames
