@@ -97,6 +97,7 @@ def configurations(cache: Path, epochs: int, seed: int, runs: Path, only: tuple[
         "LoSA B r16, head all, dropout 0.1, wd 0.05": [dict(rank=16, variant="B", head_input="all",
                                                              dropout=0.1, weight_decay=0.05)],
     }
+    assert not only or set(only) <= set(rows), f"unknown rows {set(only) - set(rows)}"
     out = []
     for row, variants in rows.items():
         if only and row not in only:
