@@ -7,8 +7,8 @@ Writes a store of random fp16 tokens shaped like DINOv2 ViT-S/14 at 112 px (12 x
 
 - memmap random:  np.memmap of the shard files, one sample per read at a random index:
                   the bytes-per-second ceiling of random access from the page cache;
-- loader/memmap:  sidetrain's ShardLoader, shard-wise shuffle, memory-mapped reads;
-- loader/zarr:    the same loader reading through zarr (one call per shard);
+- loader/memmap:  sidetrain's ShardLoader, stripe-wise shuffle, memory-mapped reads;
+- loader/zarr:    the same loader reading through zarr (one call per stripe);
 - zarr/sample:    one zarr call per random sample (what the loader avoids).
 
 Page cache warm (a previous read) and cold (posix_fadvise DONTNEED on every file first).

@@ -1,7 +1,7 @@
 """The real-feature study: linear probes against LoSA and its ablations, several seeds.
 
     apt-get install dataset-fashion-mnist        # real images, installs offline
-    python benchmarks/losa_study.py [--img-size 112] [--epochs 20] [--seeds 0,1,2] [--rows core]
+    python benchmarks/losa_study.py [--img-size 112] [--epochs 20] [--seeds 0,1,2] [--rows core,ranks]
 
 Protocol (VTAB-1k-like): 800 train / 200 val / 1000 test images per task; every
 configuration keeps the epoch with the best val accuracy and is scored on test once. The
@@ -13,9 +13,11 @@ backbone is the real DINOv2 ViT-S/14 of ../shared/weights (or --weights). Tasks:
 
 All configurations of a seed train in one pass over the data (sidetrain.train_many), and
 runs resume where they stopped, so an interrupted study continues when rerun. Writes
-benchmarks/results/losa_study_<size>px.{json,md} and one pareto PNG per task. `--rows core`
-trains the probes and the default LoSA (B r16, with the pool and last4 heads) only: at
-224 px a LoSA run takes about four times as long as at 112 px on a CPU.
+benchmarks/results/losa_study_<size>px.{json,md} and one pareto PNG per task; rows not
+rerun keep their last results. `--rows` picks groups of rows: core (the probes and the
+default LoSA, B r16, with the pool and last4 heads), ranks (4, 8, 32), ablations (the
+default with one choice changed: variant A or C, the other orders, no zero-init, half the
+taps), all. At 224 px a LoSA run takes about four times as long as at 112 px.
 """
 
 from __future__ import annotations
@@ -77,33 +79,45 @@ def write_counting(root: Path, seed: int = 0) -> None:
                 Image.fromarray(canvas).save(d / f"{j:04d}.png")
 
 
-CORE = ("linear (pool)", "strong probe (last4)", "all-layers probe (all)", "LoSA B r16",
-        "LoSA B r16, head last4")
+# every row names its variant and head: the table must not change when the defaults do
+ROWS = {
+    "linear (pool)": [dict(method="linear", lr=lr) for lr in (1e-3, 1e-2)],
+    "strong probe (last4)": [dict(method="linear", head_input="last4", lr=lr) for lr in (1e-3, 1e-2)],
+    "all-layers probe (all)": [dict(method="linear", head_input="all", lr=lr) for lr in (1e-3, 1e-2)],
+    "LoSA A r4": [dict(rank=4)],
+    "LoSA A r16": [dict(rank=16)],
+    "LoSA B r16": [dict(rank=16, variant="B")],
+    "LoSA C r16": [dict(rank=16, variant="C")],
+    "LoSA B r16, head last4": [dict(rank=16, variant="B", head_input="last4")],
+    "LoSA B r16, head all, dropout 0.1, wd 0.05": [dict(rank=16, variant="B", head_input="all",
+                                                         dropout=0.1, weight_decay=0.05)],
+    # the default (B r16, head last4) with one choice changed
+    **{f"LoSA B r{r}, head last4": [dict(rank=r, variant="B", head_input="last4")] for r in (4, 8, 32)},
+    **{f"LoSA {v} r16, head last4": [dict(rank=16, variant=v, head_input="last4")] for v in ("A", "C")},
+    **{f"LoSA B r16, head last4, {o}": [dict(rank=16, variant="B", head_input="last4", order=o)]
+       for o in ("token-channel", "alternate")},
+    "LoSA B r16, head last4, no zero-init": [dict(rank=16, variant="B", head_input="last4", zero_init=False)],
+    "LoSA B r16, head last4, taps every:2": [dict(rank=16, variant="B", head_input="last4", taps="every:2")],
+}
+GROUPS = {
+    "core": ("linear (pool)", "strong probe (last4)", "all-layers probe (all)", "LoSA B r16",
+             "LoSA B r16, head last4"),
+    "ranks": tuple(f"LoSA B r{r}, head last4" for r in (4, 8, 32)),
+    "ablations": ("LoSA A r16, head last4", "LoSA C r16, head last4", "LoSA B r16, head last4, token-channel",
+                  "LoSA B r16, head last4, alternate", "LoSA B r16, head last4, no zero-init",
+                  "LoSA B r16, head last4, taps every:2"),
+    "all": tuple(ROWS),
+}
+assert all(set(g) <= set(ROWS) for g in GROUPS.values())
 
 
-def configurations(cache: Path, epochs: int, seed: int, runs: Path, only: tuple[str, ...] | None
-                   ) -> list[FitConfig]:
-    # every row names its variant and head: the table must not change when the defaults do
+def configurations(cache: Path, epochs: int, seed: int, runs: Path, only: tuple[str, ...]
+                   ) -> list[tuple[str, FitConfig]]:
     base = FitConfig(cache=cache, epochs=epochs, seed=seed, batch_size=64, variant="A", head_input="pool")
-    rows = {
-        "linear (pool)": [dict(method="linear", lr=lr) for lr in (1e-3, 1e-2)],
-        "strong probe (last4)": [dict(method="linear", head_input="last4", lr=lr) for lr in (1e-3, 1e-2)],
-        "all-layers probe (all)": [dict(method="linear", head_input="all", lr=lr) for lr in (1e-3, 1e-2)],
-        "LoSA A r4": [dict(rank=4)],
-        "LoSA A r16": [dict(rank=16)],
-        "LoSA B r16": [dict(rank=16, variant="B")],
-        "LoSA C r16": [dict(rank=16, variant="C")],
-        "LoSA B r16, head last4": [dict(rank=16, variant="B", head_input="last4")],
-        "LoSA B r16, head all, dropout 0.1, wd 0.05": [dict(rank=16, variant="B", head_input="all",
-                                                             dropout=0.1, weight_decay=0.05)],
-    }
-    assert not only or set(only) <= set(rows), f"unknown rows {set(only) - set(rows)}"
     out = []
-    for row, variants in rows.items():
-        if only and row not in only:
-            continue
-        for v in variants:
-            name = row.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "") + \
+    for row in only:
+        for v in ROWS[row]:
+            name = "".join(c for c in row.replace(" ", "_") if c.isalnum() or c in "_-.") + \
                 (f"_lr{v['lr']}" if "lr" in v else "") + f"_s{seed}"
             out.append((row, replace(base, **v, out=runs / name)))
     return out
@@ -116,10 +130,13 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--tasks", default="fashion,counting")
     ap.add_argument("--weights", type=Path, default=None)
-    ap.add_argument("--rows", choices=("all", "core"), default="all",
-                    help="core: the probes and the default LoSA only (see above)")
+    ap.add_argument("--rows", default="all",
+                    help=f"comma-separated groups of rows: {', '.join(GROUPS)} (see above)")
     args = ap.parse_args()
-    only = CORE if args.rows == "core" else None
+    unknown = set(args.rows.split(",")) - set(GROUPS)
+    if unknown:
+        ap.error(f"--rows: unknown groups {sorted(unknown)}; pick from {', '.join(GROUPS)}")
+    only = tuple(dict.fromkeys(r for g in args.rows.split(",") for r in GROUPS[g]))
     stem = f"losa_study_{args.img_size}px"
     bb = backbone_args(args.weights)
     table = previous_results(args, stem)  # tasks not rerun now keep their last results
@@ -139,8 +156,12 @@ def main() -> None:
             best = max(rs, key=lambda r: r.val_acc)  # probe lr chosen on val, per seed
             rows[row].append({"seed": seed, "lr": best.config.lr, "val": best.val_acc,
                               "test": best.test_acc, "params": best.params, "seconds": best.seconds})
-        table[task] = rows
-        plot_pareto([(row, v[0]["params"], float(np.mean([x["test"] for x in v]))) for row, v in rows.items()],
+        merged = {**table.get(task, {}), **rows}  # rows not rerun now keep their last results
+        order = list(ROWS)
+        table[task] = {row: merged[row] for row in sorted(
+            merged, key=lambda r: order.index(r) if r in order else len(order))}
+        plot_pareto([(row, v[0]["params"], float(np.mean([x["test"] for x in v])))
+                     for row, v in table[task].items()],
                     RESULTS / f"{stem}_{task}.png", title=f"{task}: test accuracy (mean over seeds) "
                     "against trainable parameters")
         report(table, bb, args, stem)  # after every task: a long study shows its progress

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+from pathlib import Path
+
 import typer
 
 from featcache.errors import UserError
+from sidetrain.loader import DATA_ORDER
 
 
 def make_app(help: str) -> typer.Typer:
@@ -28,3 +32,11 @@ def run(app: typer.Typer) -> None:
 
 def emit_json(obj: object) -> None:
     print(json.dumps(obj, indent=2, default=str))
+
+
+def clear_stale_demo_runs(folder: Path) -> None:
+    """A demo owns its run folders: those an earlier sidetrain trained under another batch
+    order would refuse to resume, so they are trained again."""
+    for config in folder.glob("*/config.json"):
+        if json.loads(config.read_text()).get("data_order") != DATA_ORDER:
+            shutil.rmtree(config.parent)

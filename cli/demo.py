@@ -17,7 +17,7 @@ from rich.console import Console
 from featcache import ExtractConfig, UserError, extract, load_backbone
 from sidetrain import FitConfig, fit
 
-from .common import make_app, run
+from .common import clear_stale_demo_runs, make_app, run
 from .tables import results_table
 
 app = make_app(__doc__.splitlines()[0])
@@ -54,6 +54,7 @@ def demo(
     tag = f"demo-{model}-{img_size}px" + ("-random" if random_init else "")
     r = extract(ExtractConfig(model=model, dataset="demo", out=cache_root / tag, weights=weights,
                               random_init=random_init, img_size=img_size))
+    clear_stale_demo_runs(runs_root / tag)
     results = [fit(FitConfig(cache=r.path, method="linear", epochs=epochs, lr=1e-2,
                              out=runs_root / tag / "linear")),
                fit(FitConfig(cache=r.path, method="losa", rank=rank, epochs=epochs, lr=1e-3,

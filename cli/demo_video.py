@@ -18,7 +18,7 @@ from featcache import ExtractConfig, extract
 from featcache.sources.moving_clips import write_moving_clips
 from sidetrain import FitConfig, train_many
 
-from .common import make_app, run
+from .common import clear_stale_demo_runs, make_app, run
 from .demo import weights_available
 from .tables import results_table
 
@@ -53,6 +53,7 @@ def demo_video(
     tag = f"moving-{model}-{img_size}px-{frames}f" + ("-random" if random_init else "")
     r = extract(ExtractConfig(model=model, dataset=str(data), out=cache_root / tag, weights=weights,
                               random_init=random_init, img_size=img_size, frames=frames, taps=taps))
+    clear_stale_demo_runs(runs_root / f"{tag}-{head_input}")
     results = train_many(video_configs(r.path, runs_root / f"{tag}-{head_input}", epochs,
                                        head_input=head_input))
     out.print(results_table(results, names=True, title=f"moving direction, 4 classes (chance 25 %), "

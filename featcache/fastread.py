@@ -9,7 +9,8 @@ shard file layout is simple enough to memory-map:
     as little-endian uint64][crc32c 4 B]
 
 MemmapReader returns views into those files (no decode, no checksum: `featcache verify`
-checks every checksum) and asks the kernel to read a shard ahead as soon as it maps it;
+checks every checksum) and asks the kernel to read the samples ahead as soon as it is asked
+for them (the loader gathers them into batches later);
 ZarrReader is the path for anything else (remote or foreign codecs). Both return the same
 arrays (tested).
 """
@@ -23,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-EMPTY = np.uint64(2**64 - 1)
-OPEN_SHARDS = 16  # the index's offset/nbytes of a chunk that was never written
+EMPTY = np.uint64(2**64 - 1)  # the index's offset/nbytes of a chunk that was never written
+OPEN_SHARDS = 16
 
 
 class ZarrReader:
@@ -42,7 +43,7 @@ class MemmapReader:
         self.tail = array.shape[1:]
         self.dtype = np.dtype(array.dtype)
         self.sample_bytes = int(np.prod(self.tail)) * self.dtype.itemsize
-        self._open: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._open: OrderedDict[int, tuple[mmap.mmap, np.ndarray, np.ndarray]] = OrderedDict()
 
     @staticmethod
     def supports(array: zarr.Array, folder: Path) -> bool:
@@ -57,8 +58,9 @@ class MemmapReader:
                 and tuple(conf["chunk_shape"]) == (1, *array.shape[1:])
                 and [c["name"] for c in conf["index_codecs"]] == ["bytes", "crc32c"])
 
-    def _shard(self, k: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """The shard file mapped, keeping at most OPEN_SHARDS open (each holds a descriptor)."""
+    def _shard(self, k: int) -> tuple[mmap.mmap, np.ndarray, np.ndarray] | None:
+        """The shard file mapped, keeping at most OPEN_SHARDS in this cache (each mapping holds
+        a descriptor until the last view into it is gone)."""
         if k in self._open:
             self._open.move_to_end(k)
             return self._open[k]
@@ -67,10 +69,9 @@ class MemmapReader:
             return None
         with open(path, "rb") as f:
             mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        mapping.madvise(mmap.MADV_WILLNEED)  # read-ahead now: batches gather from it later
         mm = np.frombuffer(mapping, dtype=np.uint8)
         index = np.frombuffer(mm[len(mm) - 16 * self.shard - 4:len(mm) - 4], dtype="<u8")
-        self._open[k] = (mm, index.reshape(self.shard, 2))
+        self._open[k] = (mapping, mm, index.reshape(self.shard, 2))
         if len(self._open) > OPEN_SHARDS:
             self._open.popitem(last=False)  # the mapping closes when its arrays are gone
         return self._open[k]
@@ -84,9 +85,14 @@ class MemmapReader:
         n = hi - lo
         if opened is None:  # a shard never written reads as the fill value, as in zarr
             return np.zeros((n, *self.tail), self.dtype)
-        mm, index = opened
+        mapping, mm, index = opened
         offsets, sizes = index[first:first + n, 0], index[first:first + n, 1]
         stride = self.sample_bytes + 4
+        written = offsets[offsets != EMPTY]
+        if len(written):  # read-ahead of these samples only: a loader reads stripes of many shards
+            lo_byte = int(written.min()) // mmap.PAGESIZE * mmap.PAGESIZE
+            hi_byte = int((written + sizes[offsets != EMPTY]).max())
+            mapping.madvise(mmap.MADV_WILLNEED, lo_byte, hi_byte - lo_byte)
         if (offsets != EMPTY).all() and (sizes == stride).all() and \
                 (n == 1 or (np.diff(offsets) == stride).all()):  # contiguous: one strided view
             start = int(offsets[0])

@@ -78,10 +78,13 @@ class TokenMixer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The update (B, T, D) for tokens x (B, T, D)."""
         y = self._frames(self.token_norm(x))  # (B, F, Q, D)
-        # W y rather than a Linear on y's transpose: no transposed copy of the tokens
-        down = torch.matmul(self.token_down.weight, y)
+        # W y as a batched product over the B*F frames, with W expanded (a view, not a copy):
+        # a broadcast matmul or a Linear on y's transpose would write a transposed copy of the
+        # tokens, and the token mixer's step took 2.5x as long on a CPU at 224 px
+        frames = y.flatten(0, 1)
+        down = torch.bmm(self.token_down.weight.expand(len(frames), -1, -1), frames)
         down = down + self.token_down.bias[:, None].to(down.dtype)  # autocast: stay in its dtype
-        u = torch.matmul(self.token_up.weight, F.gelu(down))
+        u = torch.bmm(self.token_up.weight.expand(len(frames), -1, -1), F.gelu(down)).unflatten(0, y.shape[:2])
         if self.temporal:
             t = y.permute(0, 2, 3, 1)  # (B, Q, D, F)
             u = u + self.time_up(F.gelu(self.time_down(t))).permute(0, 3, 1, 2)

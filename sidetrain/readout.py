@@ -54,10 +54,21 @@ class Readout(nn.Module):
         if head_input not in HEAD_INPUTS:
             raise UserError(f"--head-input must be one of {', '.join(HEAD_INPUTS)}, not '{head_input}'")
         self.norm, self.fc_norm = FrozenNorm(norms["norm"]), FrozenNorm(norms["fc_norm"])
-        self.pool, self.prefix, self.head_input = layout.pool, layout.prefix_tokens, head_input
-        self.has_cls, self.layout = layout.class_token, layout
-        # each frame's class token; one index for an image
-        self.cls = slice(0, layout.prefix_tokens, layout.frame_prefix) if layout.class_token else None
+        self.head_input, self.has_cls, self.layout = head_input, layout.class_token, layout
+        # The pooling as a (T, n) matrix of token weights: columns cls (each frame's class
+        # token, averaged) and mean (all patches), as far as the head reads them. A batched
+        # product with it writes its gradient in one pass, where slicing and averaging filled
+        # a zero tensor of all tokens and copied into it (a tenth of a CPU step at 224 px).
+        cls = torch.zeros(layout.tokens)
+        if layout.class_token:
+            cls[0:layout.prefix_tokens:layout.frame_prefix] = 1 / layout.frames
+        mean = torch.zeros(layout.tokens)
+        mean[layout.prefix_tokens:] = 1 / (layout.tokens - layout.prefix_tokens)
+        if head_input == "pool":
+            columns = [cls] if layout.pool == "token" else [mean]
+        else:
+            columns = [cls, mean] if layout.class_token else [mean]
+        self.register_buffer("pooling", torch.stack(columns, 1), persistent=False)
 
     def features(self, layers: int, width: int) -> int:
         if self.head_input == "pool":
@@ -65,12 +76,11 @@ class Readout(nn.Module):
         return layers * width * (2 if self.has_cls else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x)
         if self.head_input == "pool":
-            last = x[:, -1]
-            pooled = last[:, self.cls].mean(1) if self.pool == "token" else last[:, self.prefix:].mean(1)
-            return self.fc_norm(pooled)
-        parts = [x[:, :, self.prefix:].mean(dim=2)]
-        if self.has_cls:
-            parts.insert(0, x[:, :, self.cls].mean(2))
-        return torch.cat(parts, dim=-1).flatten(1)
+            x = x[:, -1:]
+        batch = len(x)
+        x = self.norm(x).flatten(0, 1)  # (B k, T, D)
+        with torch.autocast(x.device.type, enabled=False):  # averages in the norm's fp32
+            weights = self.pooling.T.to(x.dtype).expand(len(x), -1, -1)
+            pooled = torch.bmm(weights, x).reshape(batch, -1)  # per layer: [cls, mean] x D
+        return self.fc_norm(pooled) if self.head_input == "pool" else pooled

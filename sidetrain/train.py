@@ -28,7 +28,7 @@ from featcache.location import Location
 from featcache.store import Store, open_store
 
 from .classifier import ModelSpec, build_classifier, input_layers, select_taps, trainable_parameters
-from .loader import ShardLoader
+from .loader import DATA_ORDER, ShardLoader
 from .plots import plot_curves
 
 console = Console(stderr=True)
@@ -158,7 +158,7 @@ class Trainer:
         self.rng = _get_rng(self.device)  # own dropout stream: a sweep trains as `fit` would
         self.train_loss, self.eval_sums, self.busy = 0.0, [0.0, 0, 0], 0.0
         self.config_json = {**cfg.to_json(), "blocks": [store.taps[p] for p in self.positions],
-                            "trainable_params": self.params,
+                            "trainable_params": self.params, "data_order": DATA_ORDER,
                             "store": {k: store.meta[k] for k in ("model", "weights", "transform",
                                                                  "taps", "layout", "dtype", "classes")}}
         self._resume()
@@ -171,9 +171,11 @@ class Trainer:
             (self.run / "config.json").write_text(json.dumps(self.config_json, indent=2))
             return
         saved = json.loads((self.run / "config.json").read_text())
-        if {k: v for k, v in saved.items() if k != "out"} != {k: v for k, v in self.config_json.items() if k != "out"}:
-            raise UserError(f"{self.run} holds a run with another configuration; use another --out "
-                            "or delete that folder.")
+        differ = sorted(k for k in saved.keys() | self.config_json.keys()
+                        if k != "out" and saved.get(k) != self.config_json.get(k))
+        if differ:
+            raise UserError(f"{self.run} holds a run with another configuration (it differs in "
+                            f"{', '.join(differ)}); use another --out or delete that folder.")
         state = torch.load(ckpt, map_location=self.device, weights_only=False)
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from featcache import UserError, load_backbone, open_dataset, open_store
 from sidetrain import EndToEnd, FitConfig, ModelSpec, ShardLoader, build_classifier, fit
+from sidetrain import loader as loader_module
 
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, z: torch.Tensor, y: torch.Tensor) -> None:
@@ -52,15 +53,26 @@ def test_cache_training_equals_end_to_end_training(fp32_store):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4, msg=name)
 
 
-def test_loader_visits_every_sample_once_in_a_seeded_order(fp32_store):
+@pytest.fixture(params=[1, 2], ids=["stripe1", "stripe2"])
+def stripe(request, monkeypatch, fp32_store):
+    """Stripes of 1 or 2 samples (5-sample shards: a short last stripe in each shard)."""
+    split = open_store(fp32_store).split("train")
+    monkeypatch.setattr(loader_module, "READ_BYTES", request.param * (split.tokens.nbytes // split.n))
+    monkeypatch.setattr(loader_module, "MIN_STRIPES", 1)
+    return request.param
+
+
+def test_loader_visits_every_sample_once_in_a_seeded_order(fp32_store, stripe):
     store = open_store(fp32_store)
     split = store.split("train")
-    tiny_buffer = split.tokens.nbytes // split.n * 5  # one 5-sample shard: many buffer fills
+    tiny_buffer = split.tokens.nbytes // split.n * 5  # 5 samples: many buffer fills
+    in_order = ShardLoader(store, "train", batch_size=4, shuffle=False, buffer_bytes=tiny_buffer)
+    assert np.concatenate([b.index for b in in_order.epoch(0)]).tolist() == list(range(split.n))
     orders = {}
     for seed in (0, 0, 1):
         loader = ShardLoader(store, "train", batch_size=4, shuffle=True, seed=seed,
                              buffer_bytes=tiny_buffer)
-        assert loader.buffer_shards == 1 < loader.num_shards
+        assert loader.stripe == stripe and not loader.fits
         seen = []
         for b in loader.epoch(0):
             np.testing.assert_array_equal(b.tokens.numpy(), split.tokens[:][b.index])
@@ -104,7 +116,7 @@ def test_training_on_a_subset_of_the_taps(fp32_store, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "int8"])
-def test_memmap_and_zarr_readers_give_identical_batches(fp32_store, tmp_path, dtype):
+def test_memmap_and_zarr_readers_give_identical_batches(fp32_store, tmp_path, dtype, stripe):
     from featcache import ExtractConfig, extract
     from featcache.fastread import MemmapReader
     from .conftest import TINY
@@ -117,7 +129,10 @@ def test_memmap_and_zarr_readers_give_identical_batches(fp32_store, tmp_path, dt
     loaders = {mode: ShardLoader(store, "train", batch_size=4, shuffle=True, seed=2, reader=mode,
                                  buffer_bytes=small) for mode in ("memmap", "zarr")}
     assert isinstance(loaders["memmap"].readers[0], MemmapReader)
-    for a, b in zip(*(list(loader.epoch(1)) for loader in loaders.values())):
+    assert loaders["memmap"].stripe == stripe or dtype != "fp32"  # int8 samples are smaller
+    batches = [list(loader.epoch(1)) for loader in loaders.values()]
+    assert len(batches[0]) == len(batches[1])
+    for a, b in zip(*batches):
         assert np.array_equal(a.index, b.index)
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.labels, b.labels)
     # recycled buffers (what training uses) give the same batches, in two buffers used in turn
@@ -135,11 +150,22 @@ def test_loader_memory_is_bounded_by_its_buffer(fp32_store, monkeypatch):
     """A store larger than the buffer is read one buffer fill at a time, never whole."""
     store = open_store(fp32_store)
     split = store.split("train")
-    buffer = split.tokens.nbytes // split.n * 10  # two 5-sample shards of 24 samples
+    buffer = split.tokens.nbytes // split.n * 10  # 10 of 24 samples
     loader = ShardLoader(store, "train", batch_size=4, shuffle=True, buffer_bytes=buffer)
     fills = []
     original = loader._read
     monkeypatch.setattr(loader, "_read", lambda group: fills.append(len(group)) or original(group))
     seen = sum(len(b.index) for b in loader.epoch(0))
-    assert seen == 24 and max(fills) == loader.buffer_shards == 2 and len(fills) == 3
+    assert seen == 24 and max(fills) == loader.buffer_stripes == 10 and len(fills) == 3
     assert loader._resident is None  # nothing kept across epochs
+
+
+def test_a_buffer_fill_draws_from_across_the_split(fp32_store):
+    """Stores keep their dataset's order (often class by class): a fill of a few whole shards
+    would hold a few classes. Stripes spread each fill over more shards than it could hold."""
+    store = open_store(fp32_store)
+    split = store.split("train")
+    loader = ShardLoader(store, "train", batch_size=4, shuffle=True, buffer_bytes=split.tokens.nbytes // split.n * 10)
+    _, batches, _ = next(loader.plan(0))
+    drawn = np.concatenate(batches)
+    assert len(np.unique(drawn // split.shard_size)) > 10 // split.shard_size

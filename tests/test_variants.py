@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from featcache import ExtractConfig, UserError, extract, open_store
 from featcache.models import TokenLayout
 from sidetrain import FitConfig, ModelSpec, build_classifier, evaluate_run, fit, sweep
 from sidetrain import train as train_module
-from sidetrain.losa import LoSA
+from sidetrain.losa import LoSA, TokenMixer
+from sidetrain.readout import HEAD_INPUTS, Readout, head_layers
 
 from .conftest import TINY, assert_predict_equals_cached
 
@@ -52,6 +54,43 @@ def test_keep_gives_the_last_refined_layers_and_sums_stay_in_full_precision(vari
     with torch.autocast("cpu", dtype=torch.bfloat16):  # Linear outputs bf16; the sums must not
         assert all(g(z[:, 0]).dtype == torch.float32 for g in side.mixers)
         assert side(z).dtype == torch.float32
+
+
+@pytest.mark.parametrize("frames,prefix", [(1, "join"), (2, "join"), (2, "channel")])
+def test_the_token_mixer_is_a_low_rank_product_over_each_frames_tokens(frames, prefix):
+    """Against the formula of docs/losa.md, written out frame by frame."""
+    layout = TokenLayout(prefix_tokens=frames, class_token=True, register_tokens=0, grid=(2, 3),
+                         frames=frames, width=8, pool="token")
+    mixer = TokenMixer(layout, rank=2, temporal=False, prefix=prefix)
+    for p in mixer.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(3, layout.tokens, 8)
+    y = mixer.token_norm(x)
+    expected = torch.zeros_like(x)  # prefix tokens left to channel mixing get no update
+    for f in range(frames):
+        tokens = ([f] if prefix == "join" else []) + [frames + 6 * f + i for i in range(6)]
+        down = torch.einsum("rq,bqd->brd", mixer.token_down.weight, y[:, tokens]) + mixer.token_down.bias[:, None]
+        expected[:, tokens] = torch.einsum("qr,brd->bqd", mixer.token_up.weight, torch.nn.functional.gelu(down))
+    torch.testing.assert_close(mixer(x), expected)
+
+
+@pytest.mark.parametrize("head_input", HEAD_INPUTS)
+@pytest.mark.parametrize("frames,pool", [(1, "token"), (1, "avg"), (3, "token")])
+def test_the_readout_averages_the_class_tokens_and_the_patches(head_input, frames, pool):
+    """The readout pools through a matrix of token weights: it must equal the slicing it
+    replaced, with a register token in each frame's prefix and frames on the token axis."""
+    layout = TokenLayout(prefix_tokens=2 * frames, class_token=True, register_tokens=1, grid=(2, 3),
+                         frames=frames, width=8, pool=pool)
+    readout = Readout({"norm": {"type": "identity"}, "fc_norm": {"type": "identity"}}, layout, head_input)
+    x = torch.randn(2, head_layers(head_input, 5), layout.tokens, 8)
+    cls = x[:, :, 0:2 * frames:2].mean(2)  # each frame's class token, averaged over frames
+    mean = x[:, :, 2 * frames:].mean(2)  # every patch of every frame
+    if head_input == "pool":
+        expected = (cls if pool == "token" else mean)[:, -1]
+    else:
+        expected = torch.cat([cls, mean], -1).flatten(1)
+    assert readout.features(x.shape[1], 8) == expected.shape[1]
+    torch.testing.assert_close(readout(x), expected)
 
 
 def test_adapters_saved_before_video_support_still_load(fp32_store):
@@ -115,8 +154,14 @@ def test_killed_fit_resumes_to_the_uninterrupted_result(fp32_store, tmp_path, mo
     a = load_file(str(whole.run / "adapter.safetensors"))
     b = load_file(str(resumed.run / "adapter.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(UserError, match="another configuration"):
+    with pytest.raises(UserError, match="another configuration .*differs in rank"):
         fit(FitConfig(**{**vars(cfg), "rank": 2, "out": tmp_path / "resumed"}))
+    # a run from before the loader's batch order changed would not replay its batches
+    saved = json.loads((whole.run / "config.json").read_text())
+    del saved["data_order"]
+    (whole.run / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(UserError, match="differs in data_order"):
+        fit(FitConfig(**{**vars(cfg), "out": whole.run}))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fp32_store, tmp_path, monkeypatch):
