@@ -58,7 +58,7 @@ class Readout(nn.Module):
         # The pooling as a (T, n) matrix of token weights: columns cls (each frame's class
         # token, averaged) and mean (all patches), as far as the head reads them. A batched
         # product with it writes its gradient in one pass, where slicing and averaging filled
-        # a zero tensor of all tokens and copied into it (a tenth of a CPU step at 224 px).
+        # a zero tensor of all tokens and copied into it.
         cls = torch.zeros(layout.tokens)
         if layout.class_token:
             cls[0:layout.prefix_tokens:layout.frame_prefix] = 1 / layout.frames
