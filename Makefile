@@ -39,6 +39,7 @@ bench: $(STAMP)
 	cd benchmarks && $(if $(QUICK),export BENCH_RESULTS=results/quick &&) ../$(PY) extract_throughput.py $(if $(QUICK),--n 96 --dtypes fp16$(,)int8,--n 256) \
 	  && ../$(PY) loader_throughput.py $(if $(QUICK),--samples 400 --buffer-mb 64) \
 	  && ../$(PY) training_cost.py $(if $(QUICK),--n 64) \
+	  $(if $(QUICK),,&& ../$(PY) training_cost.py --model vit_base) \
 	  && ../$(PY) sweep_cost.py $(if $(QUICK),--epochs 1) \
 	  && ../$(PY) int8_error.py $(if $(QUICK),--n 64 --img-size 112)
 

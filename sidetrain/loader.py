@@ -15,6 +15,7 @@ decoded to float32 on the training device (bf16 and int8 are expanded there, not
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -75,6 +76,7 @@ class ShardLoader:
         self.buffer_stripes = len(self.stripes) if self.fits else max(1, buffer_samples // self.stripe)
         self.valid = self.split.labels >= 0  # unreadable inputs were stored with label -1
         self.recycle = recycle and self.device.type == "cpu"
+        self.direct = self.recycle and self.dtype in ("fp16", "bf16")  # see _decode_rows
         self._ring: dict[tuple, list[torch.Tensor]] = {}  # shape -> the two buffers
         self._turn = 0
         self._resident: dict[int, list[np.ndarray]] | None = None  # every stripe, when all fit the buffer
@@ -110,13 +112,18 @@ class ShardLoader:
             yield group, [pool[i:i + self.batch_size] for i in range(0, cut, self.batch_size)], pool[cut:]
             carry = pool[cut:]
 
+    def _sources(self, index: np.ndarray, carry: tuple[np.ndarray, list[np.ndarray]] | None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Where each sample is: (stripe key, row in it, whether `carry` holds it instead)."""
+        stripe, pos = self._stripe_of(index)
+        return stripe, pos, np.zeros(len(index), bool) if carry is None else np.isin(index, carry[0])
+
     def _gather(self, blocks: dict[int, list[np.ndarray]], index: np.ndarray,
                 carry: tuple[np.ndarray, list[np.ndarray]] | None = None) -> list[np.ndarray]:
         """The samples `index` (with the selected layers) of every array, in one copy each:
         straight from the stripes read (views into the shard files on the memmap path), or
         from `carry`, (sorted ids, rows) kept over from the previous buffer fill."""
-        stripe, pos = self._stripe_of(index)
-        kept = np.zeros(len(index), bool) if carry is None else np.isin(index, carry[0])
+        stripe, pos, kept = self._sources(index, carry)
         out = []
         for i, a in enumerate(self.arrays):
             tail = a.shape[1:] if isinstance(self.layers, slice) else (len(self.layers), *a.shape[2:])
@@ -130,14 +137,42 @@ class ShardLoader:
             out.append(dest)
         return out
 
-    def _batch(self, parts: list[np.ndarray], index: np.ndarray) -> Batch:
+    def _batch(self, blocks: dict[int, list[np.ndarray]], index: np.ndarray,
+               carry: tuple[np.ndarray, list[np.ndarray]] | None = None) -> Batch:
+        labels = torch.from_numpy(self.split.labels[index]).to(self.device, non_blocking=True)
+        if self.direct:
+            return Batch(self._decode_rows(blocks, index, carry), labels, index)
+        parts = self._gather(blocks, index, carry)
         cuda = self.device.type == "cuda"  # pinned pages let the copy overlap compute
         stored = [(torch.from_numpy(p).pin_memory() if cuda else torch.from_numpy(p))
                   .to(self.device, non_blocking=True) for p in parts]
         tokens = decode(stored[0], self.dtype, stored[1] if len(stored) > 1 else None,
                         self.channel_scale, self._buffer(tuple(stored[0].shape)))
-        labels = torch.from_numpy(self.split.labels[index]).to(self.device, non_blocking=True)
         return Batch(tokens, labels, index)
+
+    def _decode_rows(self, blocks: dict[int, list[np.ndarray]], index: np.ndarray,
+                     carry: tuple[np.ndarray, list[np.ndarray]] | None) -> torch.Tensor:
+        """fp16/bf16 samples converted straight into a recycled float32 buffer, one copy per
+        sample: gathering them first and then converting moved every byte twice, and the
+        conversion is most of the loader's work on a CPU."""
+        stripe, pos, kept = self._sources(index, carry)
+        tail = self.arrays[0].shape[1:]
+        every = isinstance(self.layers, slice)
+        out = self._buffer((len(index), tail[0] if every else len(self.layers), *tail[1:]))
+        with warnings.catch_warnings():  # torch warns of read-only arrays: these are only read
+            warnings.simplefilter("ignore", UserWarning)
+            for j, i in enumerate(index):
+                if kept[j]:  # carried rows hold the selected layers already
+                    src = torch.from_numpy(carry[1][0][np.searchsorted(carry[0], i)])
+                else:
+                    src = torch.from_numpy(blocks[stripe[j]][0][pos[j]])
+                src = src.view(torch.bfloat16) if self.dtype == "bf16" else src
+                if every or kept[j]:
+                    out[j].copy_(src)
+                else:
+                    for k, layer in enumerate(self.layers):
+                        out[j, k].copy_(src[layer])
+        return out
 
     def _buffer(self, shape: tuple) -> torch.Tensor | None:
         if not self.recycle or self.dtype == "fp32":  # fp32 batches are the gathered arrays
@@ -161,7 +196,7 @@ class ShardLoader:
                 self._resident = self._read(self.stripes)
             for _, batches, _ in self.plan(epoch):
                 for b in batches:
-                    yield self._batch(self._gather(self._resident, b), b)
+                    yield self._batch(self._resident, b)
             return
         plan = list(self.plan(epoch))
         carry = None
@@ -173,6 +208,6 @@ class ShardLoader:
                 if g + 1 < len(plan):
                     pending = pool.submit(self._read, plan[g + 1][0])
                 for b in batches:
-                    yield self._batch(self._gather(blocks, b, carry), b)
+                    yield self._batch(blocks, b, carry)
                 left = np.sort(left)  # the few samples the next fill's batches still need
                 carry = (left, self._gather(blocks, left, carry))

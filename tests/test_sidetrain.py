@@ -115,7 +115,7 @@ def test_training_on_a_subset_of_the_taps(fp32_store, tmp_path):
         fit(FitConfig(cache=fp32_store, taps="12", out=tmp_path / "bad"))
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+@pytest.mark.parametrize("dtype", ["fp32", "int8", "fp16", "bf16"])
 def test_memmap_and_zarr_readers_give_identical_batches(fp32_store, tmp_path, dtype, stripe):
     from featcache import ExtractConfig, extract
     from featcache.fastread import MemmapReader
@@ -135,15 +135,17 @@ def test_memmap_and_zarr_readers_give_identical_batches(fp32_store, tmp_path, dt
     for a, b in zip(*batches):
         assert np.array_equal(a.index, b.index)
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.labels, b.labels)
-    # recycled buffers (what training uses) give the same batches, in two buffers used in turn
-    recycled = ShardLoader(store, "train", batch_size=4, shuffle=True, seed=2, buffer_bytes=small,
-                           recycle=True)
-    pointers = set()
-    for a, b in zip(loaders["zarr"].epoch(1), recycled.epoch(1)):
-        assert torch.equal(a.tokens, b.tokens)
-        pointers.add(b.tokens.data_ptr())
-    if dtype == "int8":  # (fp32 batches are the gathered arrays themselves)
-        assert len(pointers) == 2
+    # recycled buffers (what training uses; fp16 and bf16 converted there sample by sample)
+    # give the same batches, in two buffers used in turn, for every layer or a few
+    for layers in (None, [0, 2]):
+        recycled = ShardLoader(store, "train", batch_size=4, shuffle=True, seed=2, buffer_bytes=small,
+                               recycle=True, layers=layers)
+        pointers = set()
+        for a, b in zip(loaders["zarr"].epoch(1), recycled.epoch(1)):
+            assert torch.equal(a.tokens[:, layers or slice(None)], b.tokens)
+            pointers.add(b.tokens.data_ptr())
+        if dtype != "fp32":  # (fp32 batches are the gathered arrays themselves)
+            assert len(pointers) == 2
 
 
 def test_loader_memory_is_bounded_by_its_buffer(fp32_store, monkeypatch):
