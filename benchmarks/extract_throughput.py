@@ -86,7 +86,6 @@ def main() -> None:
             bare = (before + bare_forward(model, batches, device)) / 2
             samples = sum(r.written.values())
             rows.append({"dtype": dtype, "bare_img_s": n / bare, "extract_img_s": samples / r.seconds,
-                         "decode_img_s": decode_img_s,
                          "ratio": (samples / r.seconds) / (n / bare),
                          "bytes_per_sample": disk_usage(r.path) / samples})
     print(f"\nextraction vs bare forward: {bb.name} at {args.img_size} px, batch {args.batch_size}, "
@@ -101,7 +100,7 @@ def main() -> None:
     print(f"\ndecode and transform alone, one process: {decode_img_s:.1f} img/s")
     path = save(f"extract_throughput_{device.type}", {"model": bb.name, "img_size": args.img_size,
                 "batch_size": args.batch_size, "workers": args.workers, "machine": machine(),
-                "rows": rows})
+                "decode_img_s": decode_img_s, "rows": rows})
     png = bar_chart(f"extract_throughput_{device.type}", [r["dtype"] for r in rows],
                     [r["ratio"] for r in rows], "extract / bare forward",
                     f"extraction vs bare forward, {bb.name}, {machine()}", target=0.9)

@@ -6,8 +6,8 @@ Writes a store of random fp16 tokens shaped like DINOv2 ViT-S/14 at 112 px (12 x
 599 kB per sample) and reads one epoch in random order with:
 
 - memmap random:  np.memmap of the same bytes in one flat .npy file, a batch of random
-                  samples per read (fancy indexing): the ceiling of random access from
-                  the page cache, with none of our code in the way;
+                  samples per read (numpy's gather, on one core), with none of our code
+                  in the way;
 - loader/memmap:  sidetrain's ShardLoader, stripe-wise shuffle, memory-mapped reads;
 - loader/zarr:    the same loader reading through zarr (one call per stripe);
 - zarr/sample:    one zarr call per random sample (what the loader avoids).

@@ -136,16 +136,21 @@ def test_memmap_and_zarr_readers_give_identical_batches(fp32_store, tmp_path, dt
         assert np.array_equal(a.index, b.index)
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.labels, b.labels)
     # recycled buffers (what training uses; fp16 and bf16 converted there sample by sample)
-    # give the same batches, in two buffers used in turn, for every layer or a few
-    for layers in (None, [0, 2]):
-        recycled = ShardLoader(store, "train", batch_size=4, shuffle=True, seed=2, buffer_bytes=small,
-                               recycle=True, layers=layers)
-        pointers = set()
-        for a, b in zip(loaders["zarr"].epoch(1), recycled.epoch(1)):
-            assert torch.equal(a.tokens[:, layers or slice(None)], b.tokens)
-            pointers.add(b.tokens.data_ptr())
-        if dtype != "fp32":  # (fp32 batches are the gathered arrays themselves)
-            assert len(pointers) == 2
+    # give the same batches, in two buffers used in turn, for every layer, runs of layers
+    # (views) and picks (one copy per layer), streamed or resident
+    for layers in (None, [0, 1, 2], [-1], [0, 2], [2, 0]):
+        for buffer in (small, None):
+            kept = dict(buffer_bytes=buffer) if buffer else {}
+            plain = ShardLoader(store, "train", batch_size=4, shuffle=True, seed=2, reader="zarr", **kept)
+            recycled = ShardLoader(store, "train", batch_size=4, shuffle=True, seed=2, recycle=True,
+                                   layers=layers, **kept)
+            assert recycled.direct == (dtype in ("fp16", "bf16")) and recycled.fits == (buffer is None)
+            pointers = set()
+            for a, b in zip(plain.epoch(1), recycled.epoch(1)):
+                assert torch.equal(a.tokens[:, layers or slice(None)], b.tokens), (layers, buffer)
+                pointers.add(b.tokens.data_ptr())
+            if dtype != "fp32":  # (fp32 batches are the gathered arrays themselves)
+                assert len(pointers) == 2
 
 
 def test_loader_memory_is_bounded_by_its_buffer(fp32_store, monkeypatch):
