@@ -43,10 +43,10 @@ bench: $(STAMP)
 	  && ../$(PY) sweep_cost.py $(if $(QUICK),--epochs 1) \
 	  && ../$(PY) int8_error.py $(if $(QUICK),--n 64 --img-size 112)
 
-# The real-feature LoSA study: every row at 112 px; at 224 px the probes, the default LoSA
-# and its ranks (hours on a CPU; resumes where it stopped).
+# The real-feature LoSA study: every row at 112 px; at 224 px the probes, the default LoSA,
+# its ranks and its ablations (hours on a CPU; resumes where it stopped).
 study: $(STAMP)
-	cd benchmarks && ../$(PY) losa_study.py && ../$(PY) losa_study.py --img-size 224 --rows core,ranks
+	cd benchmarks && ../$(PY) losa_study.py && ../$(PY) losa_study.py --img-size 224 --rows core,ranks,ablations
 
 clean:
 	rm -rf cache runs .pytest_cache data/moving-*
