@@ -9,8 +9,10 @@ classes, and the batches drawn from it are skewed (at 224 px a 512 MB buffer hel
 15 shards, and the 224 px study's train losses swung above chance). Buckets are the
 exception: zarr reads part of a shard with one request per sample, so there a stripe is a
 whole shard. The order is a pure function of (seed, epoch), which lets the end-to-end
-reference (and any resumed run) replay exactly the same batches. Tokens leave the loader
-decoded to float32 on the training device (bf16 and int8 are expanded there, not on the CPU).
+reference (and any resumed run) replay exactly the same batches. Tokens leave the loader on
+the training device as stored when 16-bit (fp16, bf16: the models compute in float32 from
+them layer by layer, so a batch takes half the memory), else as float32 (int8 is expanded
+on the device, not on the CPU).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ MIN_STRIPES = 16  # ... but a buffer fill draws from at least this many places o
 
 @dataclass
 class Batch:
-    tokens: torch.Tensor  # (B, L, T, D) float32, on the device
+    tokens: torch.Tensor  # (B, L, T, D) float16 / bfloat16 (16-bit stores) or float32, on the device
     labels: torch.Tensor  # (B,) int64, on the device
     index: np.ndarray  # sample indices in the split
 
@@ -52,12 +54,13 @@ class ShardLoader:
                  device: str | torch.device = "cpu", reader: str = "auto", recycle: bool = False):
         """`layers`: positions among the store's taps to hand out (None: all of them).
         `reader`: auto (memory-map local shard files where possible), memmap, or zarr.
-        `recycle`: decode into two float32 buffers used in turn (CPU only), so a batch is
+        `recycle`: copy or decode into two buffers used in turn (CPU only), so a batch is
         valid until the next-but-one is asked for: for loops that use each batch at once.
         Fresh tensors cost page faults: recycling made CPU decoding several times faster."""
         self.split = store.split(split)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.dtype, self.device = store.dtype, torch.device(device)
+        self.out_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.dtype, torch.float32)
         picked = np.arange(self.split.tokens.shape[1])[slice(None) if layers is None else layers]
         # a run of consecutive layers (all of them, the last few) is a slice: rows read as views
         run = len(picked) == 1 or bool((np.diff(picked) == 1).all())
@@ -84,7 +87,7 @@ class ShardLoader:
         self.buffer_stripes = len(self.stripes) if self.fits else max(1, buffer_samples // self.stripe)
         self.valid = self.split.labels >= 0  # unreadable inputs were stored with label -1
         self.recycle = recycle and self.device.type == "cpu"
-        self.direct = self.recycle and self.dtype in ("fp16", "bf16")  # see _decode_rows
+        self.direct = self.recycle and self.dtype in ("fp16", "bf16")  # see _copy_rows
         self._ring: dict[tuple, list[torch.Tensor]] = {}  # shape -> the two buffers
         self._turn = 0
         self._resident: dict[int, list[np.ndarray]] | None = None  # every stripe, when all fit the buffer
@@ -150,20 +153,22 @@ class ShardLoader:
                carry: tuple[np.ndarray, list[np.ndarray]] | None = None) -> Batch:
         labels = torch.from_numpy(self.split.labels[index]).to(self.device, non_blocking=True)
         if self.direct:
-            return Batch(self._decode_rows(blocks, index, carry), labels, index)
+            return Batch(self._copy_rows(blocks, index, carry), labels, index)
         parts = self._gather(blocks, index, carry)
         cuda = self.device.type == "cuda"  # pinned pages let the copy overlap compute
         stored = [(torch.from_numpy(p).pin_memory() if cuda else torch.from_numpy(p))
                   .to(self.device, non_blocking=True) for p in parts]
+        if self.out_dtype != torch.float32:  # 16-bit tokens leave as they are
+            return Batch(stored[0].view(self.out_dtype), labels, index)
         tokens = decode(stored[0], self.dtype, stored[1] if len(stored) > 1 else None,
                         self.channel_scale, self._buffer(tuple(stored[0].shape)))
         return Batch(tokens, labels, index)
 
-    def _decode_rows(self, blocks: dict[int, list[np.ndarray]], index: np.ndarray,
-                     carry: tuple[np.ndarray, list[np.ndarray]] | None) -> torch.Tensor:
-        """fp16/bf16 samples converted straight into a recycled float32 buffer, one copy per
-        sample (per layer when the layers picked are not a run): gathering them first and
-        then converting moved every byte twice, and ran at about half the speed."""
+    def _copy_rows(self, blocks: dict[int, list[np.ndarray]], index: np.ndarray,
+                   carry: tuple[np.ndarray, list[np.ndarray]] | None) -> torch.Tensor:
+        """fp16/bf16 samples copied straight into a recycled buffer, one copy per sample (per
+        layer when the layers picked are not a run): gathering them into a fresh array first
+        moved every byte twice, and ran at about half the speed."""
         stripe, pos, kept = self._sources(index, carry)
         out = self._buffer((len(index), self.n_layers, *self.arrays[0].shape[2:]))
         run = isinstance(self.layers, slice)
@@ -173,7 +178,7 @@ class ShardLoader:
             else:
                 src = torch.from_numpy(blocks[stripe[j]][0][pos[j]])
                 src = src[self.layers] if run else src
-            src = src.view(torch.bfloat16) if self.dtype == "bf16" else src
+            src = src.view(self.out_dtype)
             if run or kept[j]:
                 out[j].copy_(src)
             else:
@@ -184,7 +189,7 @@ class ShardLoader:
     def _buffer(self, shape: tuple) -> torch.Tensor | None:
         if not self.recycle or self.dtype == "fp32":  # fp32 batches are the gathered arrays
             return None
-        ring = self._ring.setdefault(shape, [torch.empty(shape), torch.empty(shape)])
+        ring = self._ring.setdefault(shape, [torch.empty(shape, dtype=self.out_dtype) for _ in range(2)])
         self._turn ^= 1
         return ring[self._turn]
 

@@ -27,6 +27,42 @@ ORDERS = ("channel-token", "token-channel", "alternate")
 PREFIX_MIXING = ("join", "channel")
 
 
+class _Normalized(torch.autograd.Function):
+    """x -> (x - mean) / std over each token's channels: LayerNorm without its affine, which
+    keeps only its output (and 1/std) for backward, not its input too.
+
+    The projections that follow fold the affine into their weights (norm_linear), so a mixer
+    keeps one full-size tensor per LayerNorm instead of two: half its activations. Both
+    directions are one fused LayerNorm kernel: backward hands the kernel the normalised
+    output as its input (mean 0, 1/std 1) and scales the result by the true 1/std."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
+        # a weight of ones: torch's kernel without one is 2.4x slower on a CPU
+        y, _, rstd = torch.native_layer_norm(x, x.shape[-1:], x.new_ones(x.shape[-1]), None, eps)
+        ctx.save_for_backward(y, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        y, rstd = ctx.saved_tensors
+        g = torch.ops.aten.native_layer_norm_backward(
+            grad, y, y.shape[-1:], torch.zeros_like(rstd), torch.ones_like(rstd), None, None,
+            [True, False, False])[0]
+        return g.mul_(rstd), None
+
+
+def normalized(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """norm(x) before its affine (see _Normalized)."""
+    return _Normalized.apply(x, norm.eps)
+
+
+def norm_linear(x: torch.Tensor, norm: nn.LayerNorm, linear: nn.Linear) -> torch.Tensor:
+    """linear(norm(x)) = normalized(x) (W diag(gamma))^T + (W beta + b): norm(x) never written."""
+    w = linear.weight * norm.weight
+    return normalized(x, norm) @ w.t() + (linear.weight @ norm.bias + linear.bias)
+
+
 def mixed_tokens(layout: TokenLayout, prefix: str) -> int:
     """Tokens the (spatial) token mixer mixes: one frame's patches, and its prefix if joined."""
     return layout.patches + (layout.frame_prefix if prefix == "join" else 0)
@@ -77,16 +113,19 @@ class TokenMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The update (B, T, D) for tokens x (B, T, D)."""
-        y = self._frames(self.token_norm(x))  # (B, F, Q, D)
-        # W y as a batched product over the B*F frames, with W expanded (a view, not a copy):
-        # a broadcast matmul or a Linear on y's transpose writes a transposed copy of the
-        # tokens, which on a CPU cost more than the products themselves
+        # W LN(X) over each frame's tokens, with LN(X) = X^ diag(gamma) + 1 beta^T (X^ the
+        # normalised tokens: see _Normalized) and so W LN(X) = (W X^) diag(gamma) + (W 1) beta^T,
+        # batched over the B*F frames with W expanded (a view): a broadcast matmul or a Linear
+        # on X's transpose writes a transposed copy of the tokens, costlier than the products
+        norm, w = self.token_norm, self.token_down.weight
+        y = self._frames(normalized(x, norm))  # (B, F, Q, D)
         frames = y.flatten(0, 1)
-        down = torch.bmm(self.token_down.weight.expand(len(frames), -1, -1), frames)
-        down = down + self.token_down.bias[:, None].to(down.dtype)  # autocast: stay in its dtype
+        down = torch.bmm(w.expand(len(frames), -1, -1), frames)
+        down = down * norm.weight.to(down.dtype) + (w.sum(1, keepdim=True) * norm.bias
+                                                     + self.token_down.bias[:, None]).to(down.dtype)
         u = torch.bmm(self.token_up.weight.expand(len(frames), -1, -1), F.gelu(down)).unflatten(0, y.shape[:2])
         if self.temporal:
-            t = y.permute(0, 2, 3, 1)  # (B, Q, D, F)
+            t = (y * norm.weight + norm.bias).permute(0, 2, 3, 1)  # LN(X): (B, Q, D, F)
             u = u + self.time_up(F.gelu(self.time_down(t))).permute(0, 3, 1, 2)
         return self._tokens(u, x)
 
@@ -130,7 +169,7 @@ class LowRankMixer(nn.Module):
         for step in self.steps:
             y = x if update is None else x + update
             if step == "channel":
-                d = self.channel_up(F.gelu(self.channel_down(self.channel_norm(y))))
+                d = self.channel_up(F.gelu(norm_linear(y, self.channel_norm, self.channel_down)))
             else:
                 d = self.token(y)
             # the running sum in x's precision, as Linear outputs are bf16/fp16 under autocast
@@ -174,7 +213,7 @@ class LoSA(nn.Module):
         keep = layers if keep is None else keep
         refined, h, prev = [], None, None
         for i, g in enumerate(self.mixers):
-            zi = z[:, i]
+            zi = z[:, i].float()  # 16-bit batches (loader.py): float32 one layer at a time
             if self.variant == "A":
                 step = self.drop(g(zi if h is None else zi + h))
                 h = step if h is None else h + step

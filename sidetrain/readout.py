@@ -79,7 +79,7 @@ class Readout(nn.Module):
         if self.head_input == "pool":
             x = x[:, -1:]
         batch = len(x)
-        x = self.norm(x).flatten(0, 1)  # (B k, T, D)
+        x = self.norm(x.float()).flatten(0, 1)  # (B k, T, D); float32 from 16-bit batches
         with torch.autocast(x.device.type, enabled=False):  # averages in the norm's fp32
             weights = self.pooling.T.to(x.dtype).expand(len(x), -1, -1)
             pooled = torch.bmm(weights, x).reshape(batch, -1)  # per layer: [cls, mean] x D

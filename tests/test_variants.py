@@ -12,7 +12,7 @@ from featcache import ExtractConfig, UserError, extract, open_store
 from featcache.models import TokenLayout
 from sidetrain import FitConfig, ModelSpec, build_classifier, evaluate_run, fit, sweep
 from sidetrain import train as train_module
-from sidetrain.losa import LoSA, TokenMixer
+from sidetrain.losa import LoSA, TokenMixer, norm_linear
 from sidetrain.readout import HEAD_INPUTS, Readout, head_layers
 
 from .conftest import TINY, assert_predict_equals_cached
@@ -56,22 +56,41 @@ def test_keep_gives_the_last_refined_layers_and_sums_stay_in_full_precision(vari
         assert side(z).dtype == torch.float32
 
 
+def test_norm_linear_gives_layernorm_then_linear_and_their_gradients():
+    """It keeps half of what LayerNorm + Linear keep for backward, with the same results."""
+    norm, linear = torch.nn.LayerNorm(8).double(), torch.nn.Linear(8, 3).double()
+    for p in [*norm.parameters(), *linear.parameters()]:
+        torch.nn.init.normal_(p)
+    x = (torch.randn(2, 5, 8, dtype=torch.double) * 3 + 1).requires_grad_()  # off-centre tokens
+    inputs = [x, *norm.parameters(), *linear.parameters()]
+    got, expected = norm_linear(x, norm, linear), linear(norm(x))
+    torch.testing.assert_close(got, expected)
+    g = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(expected, inputs, g)):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda x: norm_linear(x, norm, linear), (x,))
+
+
 @pytest.mark.parametrize("frames,prefix", [(1, "join"), (2, "join"), (2, "channel")])
 def test_the_token_mixer_is_a_low_rank_product_over_each_frames_tokens(frames, prefix):
-    """Against the formula of docs/losa.md, written out frame by frame."""
+    """Against the formula of docs/losa.md, written out frame by frame: values and gradients."""
     layout = TokenLayout(prefix_tokens=frames, class_token=True, register_tokens=0, grid=(2, 3),
                          frames=frames, width=8, pool="token")
     mixer = TokenMixer(layout, rank=2, temporal=False, prefix=prefix)
     for p in mixer.parameters():
         torch.nn.init.normal_(p)
-    x = torch.randn(3, layout.tokens, 8)
+    x = torch.randn(3, layout.tokens, 8, requires_grad=True)
     y = mixer.token_norm(x)
     expected = torch.zeros_like(x)  # prefix tokens left to channel mixing get no update
     for f in range(frames):
         tokens = ([f] if prefix == "join" else []) + [frames + 6 * f + i for i in range(6)]
         down = torch.einsum("rq,bqd->brd", mixer.token_down.weight, y[:, tokens]) + mixer.token_down.bias[:, None]
         expected[:, tokens] = torch.einsum("qr,brd->bqd", mixer.token_up.weight, torch.nn.functional.gelu(down))
-    torch.testing.assert_close(mixer(x), expected)
+    got = mixer(x)
+    torch.testing.assert_close(got, expected)
+    inputs, g = [x, *mixer.parameters()], torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(expected, inputs, g)):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("head_input", HEAD_INPUTS)
