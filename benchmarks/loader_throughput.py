@@ -121,8 +121,8 @@ def main() -> None:
     base = {r["cache"]: r["gb_s"] for r in rows if r["reader"] == "memmap random"}
     for r in rows:
         r["vs_memmap_random"] = r["gb_s"] / base[r["cache"]]
-    print(f"\nloader throughput: {n} samples of {np.prod(SHAPE) * 2 / 1e3:.0f} kB (fp16, decoded to "
-          f"fp32 by the loader), random order, batch {args.batch_size}, buffer {args.buffer_mb} MB, "
+    print(f"\nloader throughput: {n} samples of {np.prod(SHAPE) * 2 / 1e3:.0f} kB (fp16, handed out "
+          f"as stored, in recycled buffers), random order, batch {args.batch_size}, buffer {args.buffer_mb} MB, "
           f"{machine()}\n")
     print("| reader | page cache | samples/s | GB/s | vs memmap random |")
     print("|---|---|---:|---:|---:|")
