@@ -13,18 +13,19 @@ writes benchmarks/results/training_cost_<cpu|cuda>_<model>.json and .png.
 
 Each method runs in its own process, so its peak memory is its own: on CUDA the most
 allocated; on CPU the peak of private (anonymous) resident memory less that at start
-(Python, torch and timm loaded). Both count what the training holds: data, weights,
-optimiser state and activations. On CPU that takes a second process per method, run
-with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_), so that freed tensors go back
-to the OS at once: by default glibc keeps them, and the resident set grew to twice the
-live tensors (CUDA's figure leaves its allocator's cache out too). Times come from the
-first process, under the default allocator. The store's pages that LoSA maps are page
-cache (shared, and dropped under pressure; the host copy of a store is not in GPU memory
-either), reported apart: the peak resident set is reset after the first epoch
+(Python, torch and timm loaded). Both count what the training holds, weights, optimiser
+state, batches and activations, and neither counts the dataset: on CUDA it stays on the
+host, so on CPU the decoded images of the fine-tuning rows are taken off, and the store's
+pages that LoSA maps (page cache, shared and dropped under pressure) are reported apart.
+On CPU that takes a second process per method, run with glibc's mmap threshold fixed
+(MALLOC_MMAP_THRESHOLD_), so that freed tensors go back to the OS at once: by default
+glibc keeps them, and the resident set grew to twice the live tensors (CUDA's figure
+leaves its allocator's cache out too). Times come from the first process, under the
+default allocator. The peak resident set is reset after the first epoch
 (/proc/self/clear_refs), when every page of the store is mapped, and its file-backed part
 is taken off at the end. (Not ru_maxrss: Linux carries it over from the parent across
-fork and exec.) One epoch = n images in batches. Targets: LoSA from the cache at least 20x faster per epoch than full
-fine-tuning, with at most a fifth of its peak memory.
+fork and exec.) One epoch = n images in batches. Targets: LoSA from the cache at least
+20x faster per epoch than full fine-tuning, with at most a fifth of its peak memory.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ def run_one(args) -> dict:
     store = open_store(args.store)
     split = open_dataset(args.images).splits["train"]
     labels = torch.from_numpy(split.labels)
+    dataset = 0  # bytes of decoded images held, not counted (see the module doc)
     if args.method in ("losa-cache", "linear"):
         # the pool head, as the fine-tuned baselines' heads read the pooled feature
         spec = ModelSpec("losa" if args.method == "losa-cache" else "linear", rank=16, head_input="pool")
@@ -122,6 +124,7 @@ def run_one(args) -> dict:
         bb = load_backbone(args.model, random_init=True, img_size=args.img_size)
         tf = timm.data.create_transform(**bb.data_config, is_training=False)
         images = torch.stack([tf(to_rgb(split.open(i))) for i in range(len(split))])
+        dataset = images.nbytes
         if args.method == "losa-e2e":
             side = build_classifier(ModelSpec("losa", rank=16, head_input="pool"), store, 0)
             model = EndToEnd(bb.model, store.taps, side)
@@ -152,8 +155,8 @@ def run_one(args) -> dict:
     if device.type == "cuda":
         return row | {"peak_bytes": torch.cuda.max_memory_allocated()}
     end = resident()
-    return row | {"peak_bytes": end["VmHWM"] - end["RssFile"] - end["RssShmem"] - start["RssAnon"],
-                  "mapped_bytes": end["RssFile"] - start["RssFile"]}
+    private = end["VmHWM"] - end["RssFile"] - end["RssShmem"] - start["RssAnon"]
+    return row | {"peak_bytes": private - dataset, "mapped_bytes": end["RssFile"] - start["RssFile"]}
 
 
 def run_child(command: list[str], **env: str) -> dict:
@@ -206,8 +209,9 @@ def main() -> None:
               f"{r['peak_bytes'] / 2**20:,.0f} MiB | {r['peak_bytes'] / ft['peak_bytes']:.2f} |"
               + (f" {r['mapped_bytes'] / 2**20:,.0f} MiB |" if cpu else ""))
     print("\npeak memory: " + ("the most allocated on the GPU" if not cpu else
-                            "peak private resident memory less that at start (libraries loaded); the "
-                            "page cache mapped (the store, for LoSA and the probe) apart"))
+                            "peak private resident memory less that at start (libraries loaded) and "
+                            "the decoded images; files mapped apart (the store for LoSA and the probe, "
+                            "and in every row the library code loaded late)"))
     stem = f"training_cost_{'cpu' if cpu else 'cuda'}_{args.model}"
     path = save(stem, {"model": args.model, "img_size": args.img_size, "n": args.n,
                        "batch_size": args.batch_size, "machine": machine(), "rows": rows})

@@ -62,7 +62,11 @@ class Classifier(nn.Module):
                              spec.dropout, spec.zero_init, spec.temporal, spec.prefix_mixing)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """z: (B, L, T, D) tapped tokens (a probe may be given only its last k taps)."""
+        """z: (B, L, T, D) tapped tokens (a probe may be given only its last k taps), any float
+        type: widened to float32 inside."""
+        if not z.is_floating_point():
+            raise TypeError(f"tokens must be floating point, not {z.dtype}: a store's raw bf16 "
+                            "bits or int8 values need decoding first (ShardLoader does it)")
         refined = self.side(z, keep=self.head_layers) if self.side is not None else z[:, -self.head_layers:]
         return self.head(self.readout(refined))
 

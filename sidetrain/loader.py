@@ -10,9 +10,9 @@ classes, and the batches drawn from it are skewed (at 224 px a 512 MB buffer hel
 exception: zarr reads part of a shard with one request per sample, so there a stripe is a
 whole shard. The order is a pure function of (seed, epoch), which lets the end-to-end
 reference (and any resumed run) replay exactly the same batches. Tokens leave the loader on
-the training device as stored when 16-bit (fp16, bf16: the models compute in float32 from
-them layer by layer, so a batch takes half the memory), else as float32 (int8 is expanded
-on the device, not on the CPU).
+the training device as stored when 16-bit (fp16, bf16: a batch takes half the memory, and
+the models widen to float32 what they read, LoSA one layer at a time), else as float32
+(int8 is expanded on the device, not on the CPU).
 """
 
 from __future__ import annotations

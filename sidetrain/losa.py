@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from featcache.errors import UserError
 from featcache.models import TokenLayout
@@ -32,7 +33,8 @@ class _Normalized(torch.autograd.Function):
     keeps only its output (and 1/std) for backward, not its input too.
 
     The projections that follow fold the affine into their weights (norm_linear), so a mixer
-    keeps one full-size tensor per LayerNorm instead of two: half its activations. Both
+    keeps one token-sized tensor per LayerNorm instead of two (on images, two per layer
+    instead of four). Both
     directions are one fused LayerNorm kernel: backward hands the kernel the normalised
     output as its input (mean 0, 1/std 1) and scales the result by the true 1/std."""
 
@@ -44,6 +46,7 @@ class _Normalized(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # 1/std is taken as a constant here: no second derivative
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         y, rstd = ctx.saved_tensors
         g = torch.ops.aten.native_layer_norm_backward(
@@ -120,9 +123,9 @@ class TokenMixer(nn.Module):
         norm, w = self.token_norm, self.token_down.weight
         y = self._frames(normalized(x, norm))  # (B, F, Q, D)
         frames = y.flatten(0, 1)
-        down = torch.bmm(w.expand(len(frames), -1, -1), frames)
-        down = down * norm.weight.to(down.dtype) + (w.sum(1, keepdim=True) * norm.bias
-                                                     + self.token_down.bias[:, None]).to(down.dtype)
+        down = torch.bmm(w.expand(len(frames), -1, -1), frames).float()  # small: (B*F, r, D)
+        # the affine in float32, so that gamma's gradient is not summed in fp16 under autocast
+        down = down * norm.weight + (w.sum(1, keepdim=True) * norm.bias + self.token_down.bias[:, None])
         u = torch.bmm(self.token_up.weight.expand(len(frames), -1, -1), F.gelu(down)).unflatten(0, y.shape[:2])
         if self.temporal:
             t = (y * norm.weight + norm.bias).permute(0, 2, 3, 1)  # LN(X): (B, Q, D, F)

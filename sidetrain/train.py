@@ -1,7 +1,7 @@
 """Stage two: train side networks and probes from a store, nanoGPT-short.
 
-One pass over the data feeds every configuration (`train_many`): each batch is read and
-decoded once, then each model takes its step. `fit` is that loop with one configuration,
+One pass over the data feeds every configuration (`train_many`): each batch is read (and
+int8 decoded) once, then each model takes its step. `fit` is that loop with one configuration,
 so a sweep gives each configuration exactly what `fit` alone would (each trainer keeps its
 own RNG state for dropout). Every epoch is evaluated on val; the best val epoch is kept
 and is the only one scored on test. A checkpoint is written after every epoch, and a

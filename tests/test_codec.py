@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from featcache import ExtractConfig, extract, open_store
 from featcache.codec import calibrate, decode, encode
-from sidetrain import ShardLoader
+from sidetrain import ModelSpec, ShardLoader, build_classifier
 
 from .conftest import TINY
 
@@ -57,3 +58,12 @@ def test_int8_and_bf16_stores_load_close_to_fp32(fp32_store, tmp_path):
         loader = ShardLoader(open_store(out), "train", batch_size=24, shuffle=False)
         (batch,) = list(loader.epoch(0))
         assert rel_err(batch.tokens, torch.from_numpy(exact)).max() < bound, dtype
+        assert batch.tokens.dtype == {"int8": torch.float32, "bf16": torch.bfloat16}[dtype]
+        # 16-bit batches: the models widen them inside, to exactly what float32 batches give
+        store = open_store(out)
+        for spec in (ModelSpec("losa", rank=4, zero_init=False), ModelSpec("linear")):
+            model = build_classifier(spec, store, seed=0)
+            torch.testing.assert_close(model(batch.tokens), model(batch.tokens.float()), rtol=0, atol=0)
+        if dtype == "bf16":  # the store's raw bits are not tokens
+            with pytest.raises(TypeError, match="floating point"):
+                model(torch.from_numpy(store.split("train").tokens[:2]))

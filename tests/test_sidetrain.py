@@ -135,7 +135,7 @@ def test_memmap_and_zarr_readers_give_identical_batches(fp32_store, tmp_path, dt
     for a, b in zip(*batches):
         assert np.array_equal(a.index, b.index)
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.labels, b.labels)
-    # recycled buffers (what training uses; fp16 and bf16 converted there sample by sample)
+    # recycled buffers (what training uses; fp16 and bf16 copied there sample by sample)
     # give the same batches, in two buffers used in turn, for every layer, runs of layers
     # (views) and picks (one copy per layer), streamed or resident
     for layers in (None, [0, 1, 2], [-1], [0, 2], [2, 0]):
