@@ -34,9 +34,9 @@ class _Normalized(torch.autograd.Function):
 
     The projections that follow fold the affine into their weights (norm_linear), so a mixer
     keeps one token-sized tensor per LayerNorm instead of two (on images, two per layer
-    instead of four). Both
-    directions are one fused LayerNorm kernel: backward hands the kernel the normalised
-    output as its input (mean 0, 1/std 1) and scales the result by the true 1/std."""
+    instead of four). Both directions are one fused LayerNorm kernel: backward hands the
+    kernel the normalised output as its input (mean 0, 1/std 1) and scales the result by
+    the true 1/std."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
