@@ -21,6 +21,7 @@ import datetime as _dt
 import math
 from dataclasses import dataclass
 from importlib.metadata import version
+from pathlib import Path
 
 import numpy as np
 import zarr
@@ -28,7 +29,8 @@ from zarr.codecs import Crc32cCodec
 
 from .codec import STORAGE
 from .errors import UserError
-from .location import Location, exists, join, normalize, usage
+from .fastwrite import write_samples
+from .location import Location, exists, is_url, join, normalize, usage
 from .lock import meta_lock
 from .models import TokenLayout
 
@@ -200,9 +202,10 @@ def write_shard(store: Store, split: str, index: int, tokens: np.ndarray,
     g = store.group[split]
     s = g["tokens"].shards[0]
     lo, hi = index * s, index * s + len(labels)
-    g["tokens"][lo:hi] = tokens
+    folder = None if is_url(store.path) else Path(store.path) / split
+    write_samples(g["tokens"], folder and folder / "tokens", lo, tokens)  # fastwrite.py
     if scales is not None:
-        g["scales"][lo:hi] = scales
+        write_samples(g["scales"], folder and folder / "scales", lo, scales)
     g["labels"][lo:hi] = labels
     g["keys"][lo:hi] = np.array(keys, dtype=str)
     if skipped:

@@ -9,6 +9,8 @@ import torch
 import zarr
 
 from featcache import ExtractConfig, UserError, extract, load_backbone, open_dataset, open_store
+from featcache.fastread import MemmapReader
+from featcache.fastwrite import write_samples
 from featcache.store import FORMAT_VERSION
 
 from .conftest import TINY
@@ -29,6 +31,34 @@ def test_plain_zarr_reads_the_documented_layout(fp32_store):
         assert all(k.startswith(f"fashion-mnist/{split}/") for k in g["keys"][:])
         assert g["done"][:].all() and g.attrs["featcache"]["complete"]
     assert root["backbone/norm.weight"].shape == (192,)
+
+
+@pytest.mark.parametrize("dtype,tail", [("float16", (2, 3, 4)), ("float32", (2, 3)), ("int8", (2, 3))])
+def test_shards_written_directly_are_the_bytes_zarr_writes(tmp_path, dtype, tail):
+    """The extractor writes local shard files itself (fastwrite.py): they must be zarr's own,
+    for full shards and a short last one, and a range that is not a whole shard goes
+    through zarr."""
+    x = (np.random.default_rng(0).random((7, *tail)) * 100 + 1).astype(dtype)  # no all-zero sample
+    arrays = {}
+    for name in ("zarr", "direct"):
+        g = zarr.open_group(str(tmp_path / name), mode="w")
+        arrays[name] = g.create_array("t", shape=(7, *tail), dtype=dtype, chunks=(1, *tail),
+                                      shards=(3, *tail), compressors=[zarr.codecs.Crc32cCodec()],
+                                      fill_value=0)
+    folder = tmp_path / "direct" / "t"
+    assert MemmapReader.supports(arrays["direct"], folder)
+    for lo in (0, 3, 6):
+        arrays["zarr"][lo:lo + 3] = x[lo:lo + 3]
+        write_samples(arrays["direct"], folder, lo, x[lo:lo + 3])
+    files = sorted(p.relative_to(tmp_path / "zarr" / "t") for p in (tmp_path / "zarr" / "t" / "c").rglob("*")
+                   if p.is_file())
+    assert len(files) == 3
+    for f in files:
+        assert (folder / f).read_bytes() == (tmp_path / "zarr" / "t" / f).read_bytes(), f
+    assert not list(folder.rglob("*.tmp"))
+    np.testing.assert_array_equal(arrays["direct"][:], x)
+    write_samples(arrays["direct"], folder, 4, x[:1])  # part of a shard: zarr's read-modify-write
+    np.testing.assert_array_equal(arrays["direct"][4], x[0])
 
 
 def test_tokens_equal_timm_blocks_computed_independently(fp32_store):
