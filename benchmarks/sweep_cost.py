@@ -47,6 +47,8 @@ def main() -> None:
                                                     dataset="demo", out=Path(tmp) / "store",
                                                     device=args.device)).path
         base = FitConfig(cache=store, epochs=args.epochs, device=args.device)
+        # one untimed epoch first: CUDA's and cuBLAS's start-up, the store's pages
+        train_many([replace(base, epochs=1, out=Path(tmp) / "runs" / "warm-up")])
         grids = {
             "losa": [replace(base, rank=r, lr=lr) for r in (4, 8, 16, 32) for lr in (1e-3, 3e-3)],
             "linear": [replace(base, method="linear", lr=lr) for lr in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)],
