@@ -92,8 +92,8 @@ def extract_cmd(
                                        "tcp://HOST:PORT, or local:N for N local worker processes. "
                                        "Not for a bucket URL (one writer)."),
     reuse: bool = typer.Option(True, help="If a complete store with the same content (model, weights, "
-                               "transform, taps, dtype, inputs) exists beside --out, use it "
-                               "instead of extracting again."),
+                               "transform, taps, dtype, the same inputs at the same place) exists "
+                               "beside --out, use it instead of extracting again."),
     force: bool = typer.Option(False, help="Write even if the store looks larger than the free space."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and the store size, write nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
@@ -121,12 +121,16 @@ def extract_cmd(
     if as_json:
         emit_json(summary)
         return
+    skipped = sum(map(len, r.skipped.values()))
     out.print(f"{r.status}: {r.path} ({human_bytes(r.plan.total)})"
-              + (f", {sum(r.written.values()):,} samples in {r.seconds:.1f} s" if r.written else ""))
+              + (f", {sum(r.written.values()) - skipped:,} samples in {r.seconds:.1f} s" if r.written else "")
+              + (f" ({skipped:,} unreadable inputs skipped)" if skipped else ""))
     for split, bad in r.skipped.items():
         out.print(f"[yellow]skipped {len(bad)} unreadable input(s) in {split}[/]:")
         for key, why in list(bad.items())[:10]:
             out.print(f"  {key}: {why}")
+        if len(bad) > 10:
+            out.print(f"  ... and {len(bad) - 10} more (`featcache info --json {r.path}` lists them all)")
 
 
 def _part(text: Optional[str]) -> Optional[tuple[int, int]]:
@@ -152,7 +156,7 @@ def _triple(option: str, text: Optional[str]) -> Optional[tuple[float, float, fl
 
 
 @app.command("info")
-def info_cmd(path: str = typer.Argument(..., help="A store folder or URL."),
+def info_cmd(path: str = typer.Argument(..., metavar="STORE", help="A store folder or URL."),
              as_json: bool = typer.Option(False, "--json", help="Print everything as JSON on stdout.")) -> None:
     """Model, weights hash, taps, token layout, dtype, splits, size and completeness of a store."""
     info = store_info(open_store(path))
@@ -177,7 +181,7 @@ def info_cmd(path: str = typer.Argument(..., help="A store folder or URL."),
 
 
 @app.command("verify")
-def verify_cmd(path: str = typer.Argument(..., help="A store folder or URL."),
+def verify_cmd(path: str = typer.Argument(..., metavar="STORE", help="A store folder or URL."),
                as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout.")) -> None:
     """Read every shard (checking each chunk's crc32c) and check completeness, labels, NaN/Inf.
 
@@ -199,7 +203,7 @@ def verify_cmd(path: str = typer.Argument(..., help="A store folder or URL."),
 
 
 @app.command("ls")
-def ls_cmd(root: str = typer.Argument("cache", help="Folder or URL prefix (s3://bucket/cache) to search for stores."),
+def ls_cmd(root: str = typer.Argument("cache", metavar="ROOT", help="Folder or URL prefix (s3://bucket/cache) to search for stores."),
            as_json: bool = typer.Option(False, "--json", help="Print the list as JSON on stdout.")) -> None:
     """One line per store under ROOT: model, dataset, splits, dtype, size, complete?"""
     root = normalize(root)

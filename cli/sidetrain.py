@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -170,7 +171,7 @@ def eval_cmd(run_dir: Path = typer.Option(..., "--run", help="A run folder from 
 
 
 @app.command("predict")
-def predict_cmd(images: list[Path] = typer.Argument(..., metavar="FILES...", help="Image files, or "
+def predict_cmd(images: list[Path] = typer.Argument(..., metavar="FILES", help="Image files, or "
                                                      "video files for a run trained on a video store "
                                                      "(frames sampled as the store recorded; whole clips)."),
                 run_dir: Path = typer.Option(..., "--run", help="A run folder from fit or sweep."),
@@ -178,13 +179,20 @@ def predict_cmd(images: list[Path] = typer.Argument(..., metavar="FILES...", hel
                                                        "store was extracted with, if it came from one."),
                 device: str = typer.Option("cpu", help=HELP["device"]),
                 as_json: bool = typer.Option(False, "--json", help=HELP["json"])) -> None:
-    """Classify raw images or videos with the frozen backbone and a run's adapter (no cache needed)."""
+    """Classify raw images or videos with the frozen backbone and a run's adapter (no cache needed).
+
+    A file that cannot be read is reported (an "error" entry with --json) and the others are
+    still classified; the exit status is then 1."""
     preds = predict(run_dir, images, weights, device)
     if as_json:
         emit_json(preds)
-        return
     for p in preds:
-        print(f"{p['path']}\t{p['class']}\t{p['prob']:.3f}")
+        if "error" in p:
+            print(f"error: {p['error']}", file=sys.stderr)
+        elif not as_json:
+            print(f"{p['path']}\t{p['class']}\t{p['prob']:.3f}")
+    if any("error" in p for p in preds):
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -165,11 +165,13 @@ def _settings(backbone: Backbone, ds: Dataset, taps: list[int], cfg: ExtractConf
 
 
 def content_key(settings: dict, ds: Dataset) -> str:
-    """What a store holds, independent of where its inputs lay on disk or how it was batched:
-    model, weights hash, transform, taps, layout, dtype, classes and each split's inputs."""
+    """What a store holds, however it was batched: model, weights hash, transform, taps,
+    layout, dtype, classes, each split's inputs (keys and labels) and where those lie. The
+    place counts because keys and labels do not identify the images: a resized or edited
+    copy of a dataset elsewhere keeps both, and was once handed the original's store."""
     what = {k: settings[k] for k in ("transform", "taps", "layout", "dtype", "classes")}
     what |= {"model": settings["model"]["name"], "weights": settings["weights"]["sha256"],
-             "splits": {name: s.fingerprint() for name, s in ds.splits.items()}}
+             "source": ds.source, "splits": {name: s.fingerprint() for name, s in ds.splits.items()}}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
@@ -334,7 +336,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     twin = None if existed or not cfg.reuse else _identical_store(out, settings["content_key"])
     if twin is not None:
         console.print(f"{twin} already holds exactly this (same model, weights, transform, taps, "
-                      "dtype and inputs): reusing it. Pass --no-reuse to extract anyway.")
+                      f"dtype and inputs): reusing it, and {out} is not written. Train from "
+                      f"{twin}, or pass --no-reuse to extract anyway.")
         result.path, result.status = twin, "reused"
         return result
     if not existed:
@@ -385,7 +388,22 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                 result.status = "part done"
                 console.print(f"part {cfg.shard[0]}/{cfg.shard[1]} of {out} is done; "
                               "the store completes when every part has run.")
+    _refuse_unreadable(store, names)
     return result
+
+
+def _refuse_unreadable(store: Store, names: list[str]) -> None:
+    """A finished split none of whose inputs could be read is a wrong path, not bad luck:
+    say so now rather than let `sidetrain fit` find an empty split later."""
+    for name in names:
+        split = store.split(name)
+        if split.attrs["complete"] and split.n and not (split.labels >= 0).any():
+            key, why = next(iter(split.attrs["skipped"].items()))
+            raise UserError(
+                f"none of the {split.n} inputs of split '{name}' could be read (the first: {key}: "
+                f"{why}), so {store.path} holds no sample of it. Check that the files are where "
+                "the dataset says (a manifest's relative paths are read from its folder, or from "
+                f"--data-root), then delete {store.path} and extract again.")
 
 
 @dataclass

@@ -265,14 +265,22 @@ def load_backbone(name: str, weights: Path | None = None, random_init: bool = Fa
                 raise UserError(
                     f"cannot fetch pretrained weights for {full}: {HF_HOST} is unreachable and "
                     "they are not in the local Hugging Face cache. Pass --weights FILE "
-                    "(.safetensors or .pth) or --random-init.")
+                    "(.safetensors, .pth or big_vision .npz) or --random-init.")
             overlay = {"file": cached, "source": ""} if cached else None
             model = timm.create_model(full, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
             info = {"source": f"timm:{full}"}
-    except (TypeError, RuntimeError) as e:  # e.g. img_size not divisible by the patch size
+    except (TypeError, RuntimeError) as e:
+        if "img_size" in str(e):  # a CNN, say, takes no image size
+            raise UserError(f"{full} is not a ViT-family model (it takes no --img-size).") from None
         raise UserError(f"cannot build {full}: {e}") from None
     if not (hasattr(model, "blocks") and hasattr(model, "patch_embed")):
         raise UserError(f"{full} is not a ViT-family model (no patch_embed/blocks).")
+    patch, size = model.patch_embed.patch_size, model.patch_embed.img_size
+    if img_size and any(s % p for s, p in zip(size, patch)):  # timm would crop the remainder away
+        p = patch[0]
+        near = sorted({max(p, img_size // p * p), -(-img_size // p) * p})
+        raise UserError(f"--img-size {img_size} is not a multiple of {full}'s patch size {p}: "
+                        f"use {' or '.join(map(str, near))}.")
     model.eval().requires_grad_(False)
     info["sha256"] = state_sha256(model)
     overrides = {"input_size": (3, *model.patch_embed.img_size)} if img_size else {}

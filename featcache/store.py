@@ -141,7 +141,7 @@ def open_store(path: Location, mode: str = "r") -> Store:
         meta = group.attrs[ATTR]
     except Exception:
         raise UserError(f"{path} is not a featcache store (no Zarr group with featcache "
-                        "attributes). Point --cache at the folder `featcache extract` wrote.") from None
+                        "attributes): give the folder that `featcache extract` wrote (its --out).") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has store format {meta.get('format_version')}; this version "
                         f"of featcache reads format {FORMAT_VERSION}.")

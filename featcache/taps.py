@@ -27,7 +27,7 @@ def parse_taps(spec: str | None, depth: int) -> list[int]:
             taps = sorted(set(range(depth - 1, -1, -k))) if k > 0 else []
         elif spec.startswith("last:"):
             m = int(spec[5:])
-            taps = list(range(max(depth - m, 0), depth)) if m > 0 else []
+            taps = list(range(depth - m, depth)) if 0 < m <= depth else []
         else:
             given = [int(t) for t in spec.split(",")]
             taps = [] if any(t < -depth for t in given) else sorted({t + depth if t < 0 else t

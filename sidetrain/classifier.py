@@ -76,6 +76,9 @@ def select_taps(store: Store, spec: str | None) -> list[int]:
     over the store's taps (every K-th counting back from the last); or block indices."""
     taps = store.taps
     spec = (spec or "all").strip()
+    if spec.startswith("last:") and spec[5:].isdigit() and int(spec[5:]) > len(taps):
+        raise UserError(f"--taps {spec} asks for more taps than {store.path} holds: {len(taps)} "
+                        f"(blocks {taps}); use last:{len(taps)} or fewer, or re-extract with more.")
     if spec.startswith(("last:", "every:")):
         return parse_taps(spec, len(taps))  # positions, with the same syntax and errors
     blocks = parse_taps(spec, store.meta["model"]["depth"]) if spec != "all" else taps

@@ -195,9 +195,10 @@ class LoSA(nn.Module):
                  order: str = "channel-token", dropout: float = 0.0, zero_init: bool = True,
                  temporal: bool = True, prefix: str = "join"):
         super().__init__()
-        if variant not in VARIANTS or order not in ORDERS or prefix not in PREFIX_MIXING:
-            raise UserError(f"--variant must be one of {VARIANTS}, --order one of {ORDERS} and "
-                            f"--prefix-mixing one of {PREFIX_MIXING}")
+        for option, value, allowed in (("--variant", variant, VARIANTS), ("--order", order, ORDERS),
+                                       ("--prefix-mixing", prefix, PREFIX_MIXING)):
+            if value not in allowed:
+                raise UserError(f"{option} {value!r} is not one of {', '.join(allowed)}.")
         width, tokens = layout.width, mixed_tokens(layout, prefix)
         if not 1 <= rank <= min(width, tokens):
             raise UserError(f"--rank {rank} is out of range: it must be between 1 and "

@@ -53,7 +53,7 @@ def _model(config: dict, state: dict, norms: dict) -> Classifier:
 def check_store(config: dict, store: Store) -> list[int]:
     """The store must hold the features the run was trained on; returns the tap positions."""
     s = config["store"]
-    diffs = [f"{k}: run has {s[k]!r}, store has {store.meta[k]!r}"
+    diffs = [_difference(k, s[k], store.meta[k])
              for k in ("model", "layout", "classes", "transform") if store.meta[k] != s[k]]
     if store.meta["weights"]["sha256"] != s["weights"]["sha256"]:
         diffs.append("weights: the store was extracted with other weights (sha256 differs)")
@@ -63,6 +63,19 @@ def check_store(config: dict, store: Store) -> list[int]:
     if diffs:
         raise UserError(f"{store.path} does not match the run's features: " + "; ".join(diffs))
     return [store.taps.index(b) for b in config["blocks"]]
+
+
+def _difference(name: str, run: object, store: object) -> str:
+    """One readable line: only the entries of a record that differ, long values cut short."""
+    if isinstance(run, dict) and isinstance(store, dict):
+        return "; ".join(_difference(f"{name}.{k}", run.get(k), store.get(k))
+                         for k in sorted(run.keys() | store.keys()) if run.get(k) != store.get(k))
+    return f"{name}: run has {_short(run)}, store has {_short(store)}"
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def evaluate_run(run: Path, cache: Path, device: str = "cpu") -> dict[str, float]:
@@ -91,6 +104,9 @@ def _backbone_for(config: dict, weights: Path | None):
     s = config["store"]
     source = s["weights"]["source"]
     img_size = s["transform"]["input_size"][-1]
+    if source.startswith("random-init:seed=") and weights is not None:
+        raise UserError(f"the run's store was extracted with a randomly initialised backbone "
+                        f"({source}), not with weights from a file: leave out --weights.")
     if source.startswith("random-init:seed="):
         bb = load_backbone(s["model"]["name"], random_init=True, img_size=img_size,
                            seed=int(source.split("=")[1]))
@@ -129,18 +145,28 @@ def _reader(transform_config: dict) -> Callable[[Path], torch.Tensor]:
 def predict(run: Path, images: list[Path], weights: Path | None = None, device: str = "cpu",
             batch_size: int = 32) -> list[dict]:
     """Class and probability for each image (or video, for a video run), backbone and
-    adapter run live."""
+    adapter run live. A file that cannot be read gets {"path", "error"} in its place, so
+    that one bad file does not cost the others their answers."""
     config, state = load_run(run)
     bb = _backbone_for(config, weights)
     model = _model(config, state, bb.final_norms())
     live = EndToEnd(bb.model, config["blocks"], model).to(device).eval()
     s = config["store"]
     read = _reader(s["transform"])
-    out = []
+    out: list[dict] = []
     for start in range(0, len(images), batch_size):
-        paths = images[start:start + batch_size]
-        probs = live(torch.stack([read(p) for p in paths]).to(device)).softmax(1).cpu()
-        for p, pr in zip(paths, probs):
+        batch, inputs = [], []
+        for p in images[start:start + batch_size]:
+            try:
+                inputs.append(read(p))
+                batch.append(len(out))
+                out.append({"path": str(p)})
+            except UserError as e:
+                out.append({"path": str(p), "error": str(e)})
+        if not inputs:
+            continue
+        probs = live(torch.stack(inputs).to(device)).softmax(1).cpu()
+        for i, pr in zip(batch, probs):
             k = int(pr.argmax())
-            out.append({"path": str(p), "label": k, "class": s["classes"][k], "prob": float(pr[k])})
+            out[i] |= {"label": k, "class": s["classes"][k], "prob": float(pr[k])}
     return out

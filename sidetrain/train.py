@@ -164,10 +164,10 @@ class Trainer:
                             "trainable_params": self.params, "data_order": DATA_ORDER,
                             "store": {k: store.meta[k] for k in ("model", "weights", "transform",
                                                                  "taps", "layout", "dtype", "classes")}}
-        self._resume()
 
     # -- checkpoints -----------------------------------------------------------------
-    def _resume(self) -> None:
+    def resume(self) -> None:
+        """Continue from the run folder's checkpoint, or start the folder."""
         ckpt = self.run / "checkpoint.pt"
         if not ckpt.is_file():
             self.run.mkdir(parents=True, exist_ok=True)
@@ -186,7 +186,9 @@ class Trainer:
         for k in ("step", "epoch", "seconds", "history", "best", "best_state", "rng", "failed"):
             setattr(self, k, state[k])
         self.rng = [t.cpu() for t in self.rng]  # map_location moved them; torch takes them on the CPU
-        console.print(f"resuming {self.run} after epoch {self.epoch - 1}")
+        console.print(f"{self.run} is complete ({self.epoch} epochs): scoring its best epoch again; "
+                      "use another --out to train anew." if self.epoch >= self.cfg.epochs else
+                      f"resuming {self.run} after epoch {self.epoch - 1}")
 
     def _checkpoint(self) -> None:
         state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
@@ -351,6 +353,8 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
     _check_store(first, store)
     steps = len(ShardLoader(store, "train", first.batch_size, shuffle=True, seed=first.seed))
     trainers = [Trainer(c, store, steps) for c in configs]
+    for t in trainers:  # only once every configuration has proved valid: no stray run folders
+        t.resume()
     union = sorted({p for t in trainers for p in t.layers})
     load = dict(batch_size=first.batch_size, layers=union, device=first.device, recycle=True)
     train = ShardLoader(store, "train", shuffle=True, seed=first.seed, **load)

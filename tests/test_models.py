@@ -45,6 +45,14 @@ def test_offline_without_cache_says_what_to_do(monkeypatch):
         load_backbone("vit_tiny")
 
 
+@pytest.mark.parametrize("name, size, message", [
+    ("vit_tiny", 30, "not a multiple of .* patch size 16: use 16 or 32"),  # not cropped to 16
+    ("resnet18", 32, "not a ViT-family model")])
+def test_a_size_off_the_patch_grid_or_a_cnn_is_refused(name, size, message):
+    with pytest.raises(UserError, match=message):
+        load_backbone(name, random_init=True, img_size=size)
+
+
 def test_unknown_model_suggests_names():
     with pytest.raises(UserError, match="vit_tiny"):
         load_backbone("vit_tinny")
@@ -56,7 +64,7 @@ def test_taps_specs(spec, taps):
     assert parse_taps(spec, 12) == taps
 
 
-@pytest.mark.parametrize("spec", ["12", "-13", "every:0", "last:x", "a,b"])
+@pytest.mark.parametrize("spec", ["12", "-13", "every:0", "last:x", "last:13", "a,b"])
 def test_bad_taps_are_refused(spec):
     with pytest.raises(UserError, match="--taps"):
         parse_taps(spec, 12)

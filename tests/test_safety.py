@@ -99,6 +99,14 @@ def test_every_kind_of_bad_image(tmp_path):
     assert verify(store).ok
 
 
+def test_a_split_of_inputs_none_readable_is_refused_with_its_cause(tmp_path):
+    """A manifest moved away from its images: every path is wrong, which is not a success."""
+    (tmp_path / "labels.csv").write_text("path,label,split\n" + "".join(
+        f"img{i}.png,{'ab'[i % 2]},{'train' if i < 4 else 'val'}\n" for i in range(6)))
+    with pytest.raises(UserError, match=r"none of the 4 inputs of split 'train'.*img0.png.*--data-root"):
+        extract(ExtractConfig(dataset=str(tmp_path / "labels.csv"), out=tmp_path / "s", **TINY))
+
+
 def test_verify_finds_corruption_and_missing_shards(tmp_path):
     out = tmp_path / "v"
     extract(ExtractConfig(dataset="demo", out=out, limit=12, shard_size=4, **TINY))
@@ -113,6 +121,12 @@ def test_verify_finds_corruption_and_missing_shards(tmp_path):
     assert any(p.startswith("test: samples [8, 9, 10, 11] are all zeros") for p in problems), problems
     r = subprocess.run([sys.executable, "-m", "cli.featcache", "verify", str(out)], capture_output=True, text=True)
     assert r.returncode == 1 and "FAILED" in r.stdout
+    train = zarr.open_group(str(out / "train"), mode="r+")
+    train["done"][0] = False  # as if interrupted before shard 0 was written: its labels unset
+    train["labels"][:4] = -1
+    problems = verify(open_store(out)).problems
+    assert any(p.startswith("train: 1 shard(s) never finished") for p in problems), problems
+    assert not any("skipped" in p for p in problems), problems  # not a second, false problem
 
 
 def test_ls_and_info_describe_stores(fp32_store, tmp_path):

@@ -15,7 +15,7 @@ from featcache.distribute import extract_on_dask
 from featcache.lock import StoreLock
 from featcache.verify import verify
 
-from .conftest import TINY
+from .conftest import TINY, make_image_folder
 
 ARGS = ["--model", "vit_tiny", "--random-init", "--img-size", "32", "--dataset", "demo",
         "--limit", "12", "--shard-size", "4", "--batch-size", "2", "--workers", "0"]
@@ -96,6 +96,19 @@ def test_an_identical_store_is_found_and_reused(tmp_path):
     assert other.status == "written"  # different content: extracted
     forced = extract(ExtractConfig(out=tmp_path / "cache" / "dave", reuse=False, **cfg))
     assert forced.status == "written"
+
+
+def test_a_copy_with_the_same_names_elsewhere_is_not_taken_for_the_original(tmp_path):
+    """Keys and labels do not identify images: an edited copy of a dataset keeps both."""
+    original = make_image_folder(tmp_path / "flowers")
+    edited = make_image_folder(tmp_path / "flowers-edited", seed=1)  # same names, other pixels
+    first = extract(ExtractConfig(dataset=str(original), out=tmp_path / "cache" / "a", **TINY))
+    again = extract(ExtractConfig(dataset=str(original), out=tmp_path / "cache" / "b", **TINY))
+    assert again.status == "reused" and again.path == first.path
+    copy = extract(ExtractConfig(dataset=str(edited), out=tmp_path / "cache" / "c", **TINY))
+    assert copy.status == "written"
+    a, c = open_store(first.path).split("train"), open_store(copy.path).split("train")
+    assert list(a.keys) == list(c.keys) and not np.array_equal(a.tokens[:], c.tokens[:])
 
 
 def test_a_dask_worker_killed_mid_extraction_has_its_part_redone(tmp_path):

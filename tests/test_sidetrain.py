@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from featcache import UserError, load_backbone, open_dataset, open_store
-from sidetrain import EndToEnd, FitConfig, ModelSpec, ShardLoader, build_classifier, fit
+from sidetrain import EndToEnd, FitConfig, ModelSpec, ShardLoader, build_classifier, fit, train_many
 from sidetrain import loader as loader_module
 
 
@@ -113,6 +113,8 @@ def test_training_on_a_subset_of_the_taps(fp32_store, tmp_path):
     assert config["blocks"] == [9, 10, 11]
     with pytest.raises(UserError, match="--taps"):
         fit(FitConfig(cache=fp32_store, taps="12", out=tmp_path / "bad"))
+    with pytest.raises(UserError, match="more taps than .* holds: 12"):  # not quietly all 12
+        fit(FitConfig(cache=fp32_store, taps="last:13", out=tmp_path / "bad"))
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "int8", "fp16", "bf16"])
@@ -176,3 +178,10 @@ def test_a_buffer_fill_draws_from_across_the_split(fp32_store):
     _, batches, _ = next(loader.plan(0))
     drawn = np.concatenate(batches)
     assert len(np.unique(drawn // split.shard_size)) > 10 // split.shard_size
+
+
+def test_a_sweep_with_a_bad_configuration_leaves_no_run_folder(fp32_store, tmp_path):
+    good, bad = (FitConfig(cache=fp32_store, rank=r, epochs=1, out=tmp_path / f"r{r}") for r in (4, 99))
+    with pytest.raises(UserError, match="--rank 99"):
+        train_many([good, bad])
+    assert not any(tmp_path.iterdir())

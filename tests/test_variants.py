@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from safetensors.torch import load_file
 
 from featcache import ExtractConfig, UserError, extract, open_store
 from featcache.models import TokenLayout
-from sidetrain import FitConfig, ModelSpec, build_classifier, evaluate_run, fit, sweep
+from sidetrain import FitConfig, ModelSpec, build_classifier, evaluate_run, fit, predict, sweep
 from sidetrain import train as train_module
 from sidetrain.losa import LoSA, TokenMixer, norm_linear
 from sidetrain.readout import HEAD_INPUTS, Readout, head_layers
@@ -214,3 +216,12 @@ def test_predict_on_raw_images_equals_the_cached_path(image_folder, tmp_path):
                       out=tmp_path / "run"))
     keys = open_store(store_path).split("val").keys
     assert_predict_equals_cached(r.run, store_path, [image_folder.parent / "images" / k for k in keys])
+    with pytest.raises(UserError, match="randomly initialised .* leave out --weights"):  # not ignored
+        predict(r.run, [image_folder / keys[0]], weights=tmp_path / "store" / "zarr.json")
+    (tmp_path / "empty.png").write_bytes(b"")
+    files = [str(tmp_path / "empty.png"), str(image_folder / keys[0])]
+    bad, good = predict(r.run, files)  # the bad file does not cost the good one its answer
+    assert "cannot read image" in bad["error"] and good["class"] in open_store(store_path).classes
+    cli = subprocess.run([sys.executable, "-m", "cli.sidetrain", "predict", "--run", str(r.run), *files],
+                         capture_output=True, text=True)
+    assert cli.returncode == 1 and "empty.png" in cli.stderr and cli.stdout.startswith(files[1])

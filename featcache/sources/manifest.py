@@ -75,7 +75,9 @@ def open_manifest(path: Path, data_root: Path | None,
     first = 2 if path.suffix == ".csv" else 1
     spans = [(_seconds(path, n, r.get("start")), _seconds(path, n, r.get("end")))
              for n, r in enumerate(rows, first)]
-    ds = Dataset(name=path.stem, source=f"manifest:{path.resolve()}", classes=classes,
+    # the root too when named: the same manifest then reads other files
+    source = f"manifest:{path.resolve()}" + (f" under {root}" if data_root else "")
+    ds = Dataset(name=path.stem, source=source, classes=classes,
                  video=video if all(is_video) else None)
     split_of = [str(r.get("split") or "") for r in rows]
     has_splits = all(split_of)
