@@ -25,7 +25,8 @@ default allocator. The peak resident set is reset after the first epoch
 (/proc/self/clear_refs), when every page of the store is mapped, and its file-backed part
 is taken off at the end. (Not ru_maxrss: Linux carries it over from the parent across
 fork and exec.) Beside it, the bytes autograd saves for backward over one batch, counted
-by saved-tensor hooks: the same figure on any device. Every method steps a fused AdamW,
+by saved-tensor hooks: a figure no allocator affects (CUDA's fused attention saves somewhat
+different tensors than the CPU's). Every method steps a fused AdamW,
 as sidetrain does. One epoch = n images in batches. Targets: LoSA from the cache at least
 20x faster per epoch than full fine-tuning, with at most a fifth of its peak memory.
 """
@@ -110,7 +111,7 @@ def resident() -> dict[str, int]:
 
 def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
     """Bytes autograd keeps for backward over one batch: the activations, whatever the
-    device or allocator (each storage once; weights, frozen or not, left out)."""
+    allocator (each storage once; parameters, frozen or not, left out)."""
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept: list[torch.Tensor] = []  # alive until the forward ends, so that no address repeats
 
@@ -235,7 +236,7 @@ def main() -> None:
                             "peak private resident memory less that at start (libraries loaded) and "
                             "the decoded images; files mapped apart (the store for LoSA and the probe, "
                             "and in every row the library code loaded late)")
-          + ". saved for backward: the activations autograd keeps over one batch (any device)")
+          + ". saved for backward: the activations autograd keeps over one batch")
     stem = f"training_cost_{'cpu' if cpu else 'cuda'}_{args.model}"
     path = save(stem, {"model": args.model, "img_size": args.img_size, "n": args.n,
                        "batch_size": args.batch_size, "machine": machine(), "rows": rows})

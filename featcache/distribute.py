@@ -20,11 +20,15 @@ from .errors import UserError
 from .extract import ExtractConfig, ExtractResult, console, extract
 
 
-def _run_part(cfg: ExtractConfig) -> ExtractResult:
-    """A dask task. Daemonic worker processes may not fork DataLoader workers."""
+def _run_part(cfg: ExtractConfig) -> ExtractResult | UserError:
+    """A dask task. Daemonic worker processes may not fork DataLoader workers. A UserError
+    comes back as a value: the input is at fault, and dask's retries would only repeat it."""
     if multiprocessing.current_process().daemon:
         cfg = replace(cfg, workers=0)
-    return extract(cfg)
+    try:
+        return extract(cfg)
+    except UserError as e:
+        return e
 
 
 def _progress(out: Path) -> tuple[int, int]:
@@ -82,11 +86,14 @@ def extract_on_dask(cfg: ExtractConfig, address: str) -> ExtractResult:
                 time.sleep(0.5)
             done, total = _progress(out)
             bar.update(task, completed=done, total=total)
-        results: list[ExtractResult] = client.gather(futures)
+        results: list[ExtractResult | UserError] = client.gather(futures)
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
+    for r in results:
+        if isinstance(r, UserError):
+            raise r
     merged = ExtractResult(path=out, plan=plan.plan, seconds=time.perf_counter() - t0)
     for r in results:
         for split, count in r.written.items():

@@ -161,7 +161,7 @@ def _settings(backbone: Backbone, ds: Dataset, taps: list[int], cfg: ExtractConf
             # batch composition changes the low bits of a forward pass: resume must match it
             "batch_size": cfg.batch_size,
             "classes": ds.classes, "dataset": {"name": ds.name, "source": ds.source, **(
-                {"decoder": decoder_name()} if ds.video else {})}}  # provenance, never compared
+                {"decoder": decoder_name()} if ds.video else {})}}  # source: in the content key, only noted on resume
 
 
 def content_key(settings: dict, ds: Dataset) -> str:
@@ -191,7 +191,8 @@ def _identical_store(out: Location, key: str) -> Location | None:
 def _differences(store: Store, settings: dict, ds: Dataset) -> list[str]:
     diffs = [f"{k}: store has {store.meta.get(k)!r}, this run {v!r}"
              for k, v in settings.items()
-             # content_key is derived from the settings compared here (and older stores lack it)
+             # content_key is derived from these settings and the dataset's source, which a
+             # resume only notes (a dataset moved between runs); older stores lack the key
              if k not in ("dataset", "weights", "content_key") and store.meta.get(k) != v]
     if store.meta["weights"]["sha256"] != settings["weights"]["sha256"]:
         diffs.append(f"weights: store has sha256 {store.meta['weights']['sha256'][:12]}..., "
@@ -335,6 +336,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     existed = exists(join(out, "zarr.json"))
     twin = None if existed or not cfg.reuse else _identical_store(out, settings["content_key"])
     if twin is not None:
+        _refuse_unreadable(open_store(twin), list(ds.splits))  # not an empty twin either
         console.print(f"{twin} already holds exactly this (same model, weights, transform, taps, "
                       f"dtype and inputs): reusing it, and {out} is not written. Train from "
                       f"{twin}, or pass --no-reuse to extract anyway.")

@@ -276,7 +276,9 @@ def load_backbone(name: str, weights: Path | None = None, random_init: bool = Fa
     if not (hasattr(model, "blocks") and hasattr(model, "patch_embed")):
         raise UserError(f"{full} is not a ViT-family model (no patch_embed/blocks).")
     patch, size = model.patch_embed.patch_size, model.patch_embed.img_size
-    if img_size and any(s % p for s, p in zip(size, patch)):  # timm would crop the remainder away
+    default = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (0,))[-1]  # SigLIP: 384, patch 14
+    if img_size and img_size != default and any(s % p for s, p in zip(size, patch)):
+        # off the patch grid, timm crops the remainder away: the user asked for another size
         p = patch[0]
         near = sorted({max(p, img_size // p * p), -(-img_size // p) * p})
         raise UserError(f"--img-size {img_size} is not a multiple of {full}'s patch size {p}: "

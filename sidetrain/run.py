@@ -68,8 +68,10 @@ def check_store(config: dict, store: Store) -> list[int]:
 def _difference(name: str, run: object, store: object) -> str:
     """One readable line: only the entries of a record that differ, long values cut short."""
     if isinstance(run, dict) and isinstance(store, dict):
-        return "; ".join(_difference(f"{name}.{k}", run.get(k), store.get(k))
-                         for k in sorted(run.keys() | store.keys()) if run.get(k) != store.get(k))
+        parts = [_difference(f"{name}.{k}", run.get(k), store.get(k))
+                 for k in sorted(run.keys() | store.keys()) if run.get(k) != store.get(k)]
+        if parts:  # (none when one side lacks a key the other holds as None)
+            return "; ".join(parts)
     return f"{name}: run has {_short(run)}, store has {_short(store)}"
 
 

@@ -353,7 +353,7 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
     _check_store(first, store)
     steps = len(ShardLoader(store, "train", first.batch_size, shuffle=True, seed=first.seed))
     trainers = [Trainer(c, store, steps) for c in configs]
-    for t in trainers:  # only once every configuration has proved valid: no stray run folders
+    for t in trainers:  # once every model is built: an invalid configuration leaves no folder
         t.resume()
     union = sorted({p for t in trainers for p in t.layers})
     load = dict(batch_size=first.batch_size, layers=union, device=first.device, recycle=True)

@@ -151,3 +151,12 @@ def test_vit_families_extract_with_their_prefix_tokens(tmp_path, name, size, lay
     lay = open_store(r.path).layout
     assert (lay.prefix_tokens, lay.class_token, lay.pool) == layout
     assert open_store(r.path).split("val").tokens.shape == (2, 1, layout[0] + 4, lay.width)
+
+
+def test_a_manifest_read_under_another_root_is_another_source(tmp_path):
+    """The same manifest with another --data-root reads other files: no store may be reused."""
+    (tmp_path / "labels.csv").write_text("path,label,split\n" + "".join(
+        f"img{i}.png,{'ab'[i % 2]},{'train' if i < 4 else 'val'}\n" for i in range(6)))
+    plain, one, two = (open_dataset(str(tmp_path / "labels.csv"), data_root=root)
+                       for root in (None, tmp_path / "one", tmp_path / "two"))
+    assert len({plain.source, one.source, two.source}) == 3 and str(tmp_path / "two") in two.source
