@@ -157,18 +157,18 @@ def predict(run: Path, images: list[Path], weights: Path | None = None, device: 
     read = _reader(s["transform"])
     out: list[dict] = []
     for start in range(0, len(images), batch_size):
-        batch, inputs = [], []
+        slots, inputs = [], []  # where each readable file's answer goes in `out`
         for p in images[start:start + batch_size]:
             try:
                 inputs.append(read(p))
-                batch.append(len(out))
+                slots.append(len(out))
                 out.append({"path": str(p)})
             except UserError as e:
                 out.append({"path": str(p), "error": str(e)})
         if not inputs:
             continue
         probs = live(torch.stack(inputs).to(device)).softmax(1).cpu()
-        for i, pr in zip(batch, probs):
+        for i, pr in zip(slots, probs):
             k = int(pr.argmax())
             out[i] |= {"label": k, "class": s["classes"][k], "prob": float(pr[k])}
     return out
