@@ -26,9 +26,9 @@ default allocator. The peak resident set is reset after the first epoch
 is taken off at the end. (Not ru_maxrss: Linux carries it over from the parent across
 fork and exec.) Beside it, the bytes autograd saves for backward over one batch, counted
 by saved-tensor hooks: a figure no allocator affects (CUDA's fused attention saves somewhat
-different tensors than the CPU's). Every method steps a fused AdamW,
-as sidetrain does. One epoch = n images in batches. Targets: LoSA from the cache at least
-20x faster per epoch than full fine-tuning, with at most a fifth of its peak memory.
+different tensors than the CPU's). Every method steps a fused AdamW, as sidetrain does.
+One epoch = n images in batches. Targets: LoSA from the cache at least 20x faster per
+epoch than full fine-tuning, with at most a fifth of its peak memory.
 """
 
 from __future__ import annotations
