@@ -10,7 +10,7 @@ MODEL ?= vit_tiny
 , := ,
 WEIGHTS ?=
 
-.PHONY: demo demo-video test bench study install clean
+.PHONY: demo demo-video test bench study install clean gpu-wheels
 
 install: $(STAMP)
 
@@ -47,6 +47,18 @@ bench: $(STAMP)
 # its ranks and its ablations (hours on a CPU; resumes where it stopped).
 study: $(STAMP)
 	cd benchmarks && ../$(PY) losa_study.py && ../$(PY) losa_study.py --img-size 224 --rows core,ranks,ablations
+
+# Wheels for a GPU machine that has torch and timm but no network and no zarr (this
+# project's device machines: Python 3.12), and this package's own for its version
+# metadata; benchmarks/gpu_check.sh installs them there.
+GPU_WHEELS := zarr numcodecs donfig google-crc32c crc32c PyYAML
+gpu-wheels: $(STAMP)
+	rm -rf .whl && $(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl \
+	  $$($(PY) -m pip freeze | grep -iE '^($(subst $() ,|,$(GPU_WHEELS)))==')
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w .whl .
+	du -sh .whl
 
 clean:
 	rm -rf cache runs .pytest_cache data/moving-*

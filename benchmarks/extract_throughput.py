@@ -1,12 +1,14 @@
 """Extraction throughput against the bare backbone forward on the same batches.
 
     python benchmarks/extract_throughput.py [--n 256] [--img-size 112] [--device cpu] [--model vit_base]
+                                            [--precisions fp32,fp16]
 
 The bare forward runs forward_features over pre-decoded, pre-transformed batches (no
 taps, no encoding, no writing); the extraction is the full `extract()` loop (decode in
 DataLoader workers, taps, encode, background shard writer). Their ratio is the share of
 the backbone's speed that extraction keeps (target: at least 0.9). Also reports bytes per
-sample on disk for each dtype.
+sample on disk for each dtype. With several --precisions both run in each (autocast for
+fp16 and bf16): their bare figures compare the backbone's speed in each precision.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import timm.data
 import torch
 
 from featcache import ExtractConfig, extract, load_backbone, open_dataset
+from featcache.precision import autocast
 from featcache.sources.base import to_rgb
 from featcache.store import disk_usage
 
@@ -37,8 +40,8 @@ def write_images(root: Path, n: int) -> Path:
     return root
 
 
-def bare_forward(model, batches, device) -> float:
-    with torch.no_grad():
+def bare_forward(model, batches, device, precision: str) -> float:
+    with torch.no_grad(), autocast(device.type, precision):
         model(batches[0].to(device))  # warm-up
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -61,6 +64,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="a timm name (random init without --weights); "
                     "default: the DINOv2 ViT-S/14 of ../shared/weights")
     ap.add_argument("--dtypes", default="fp16,int8,bf16,fp32")
+    ap.add_argument("--precisions", default="fp32", help="the forward's: fp32, fp16, bf16")
     args = ap.parse_args()
     bb_args = backbone_args(args.weights, args.model)
     device = torch.device(args.device)
@@ -77,23 +81,25 @@ def main() -> None:
         images = torch.stack([tf(to_rgb(split.open(i))) for i in range(n)])
         decode_img_s = n / (time.perf_counter() - t0)
         batches = list(images.split(args.batch_size))
-        for dtype in args.dtypes.split(","):
-            before = bare_forward(model, batches, device)
-            r = extract(ExtractConfig(dataset=str(folder), out=Path(tmp) / dtype, dtype=dtype,
-                                      img_size=args.img_size, batch_size=args.batch_size,
-                                      device=args.device, workers=args.workers, **bb_args))
+        for precision, dtype in [(p, d) for p in args.precisions.split(",") for d in args.dtypes.split(",")]:
+            before = bare_forward(model, batches, device, precision)
+            r = extract(ExtractConfig(dataset=str(folder), out=Path(tmp) / f"{dtype}-{precision}",
+                                      dtype=dtype, precision=precision, img_size=args.img_size,
+                                      batch_size=args.batch_size, device=args.device,
+                                      workers=args.workers, **bb_args))
             # timed before and after each extraction, as a shared or throttled machine drifts
-            bare = (before + bare_forward(model, batches, device)) / 2
+            bare = (before + bare_forward(model, batches, device, precision)) / 2
             samples = sum(r.written.values())
-            rows.append({"dtype": dtype, "bare_img_s": n / bare, "extract_img_s": samples / r.seconds,
+            rows.append({"dtype": dtype, "precision": precision, "bare_img_s": n / bare,
+                         "extract_img_s": samples / r.seconds,
                          "ratio": (samples / r.seconds) / (n / bare),
                          "bytes_per_sample": disk_usage(r.path) / samples})
     print(f"\nextraction vs bare forward: {bb.name} at {args.img_size} px, batch {args.batch_size}, "
           f"{args.workers} workers, {machine()}\n")
-    print("| dtype | bare forward (img/s) | extract (img/s) | ratio | bytes/sample on disk |")
-    print("|---|---:|---:|---:|---:|")
+    print("| dtype | forward in | bare forward (img/s) | extract (img/s) | ratio | bytes/sample on disk |")
+    print("|---|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['dtype']} | {r['bare_img_s']:.1f} | {r['extract_img_s']:.1f} | "
+        print(f"| {r['dtype']} | {r['precision']} | {r['bare_img_s']:.1f} | {r['extract_img_s']:.1f} | "
               f"{r['ratio']:.2f} | {r['bytes_per_sample'] / 1e3:,.1f} kB |")
     # the decoding extraction must also do, in one process: where it shares the cores with
     # the forward (a CPU), it bounds the ratio below 1 whatever our code does
@@ -101,7 +107,7 @@ def main() -> None:
     path = save(f"extract_throughput_{device.type}", {"model": bb.name, "img_size": args.img_size,
                 "batch_size": args.batch_size, "workers": args.workers, "machine": machine(),
                 "decode_img_s": decode_img_s, "rows": rows})
-    png = bar_chart(f"extract_throughput_{device.type}", [r["dtype"] for r in rows],
+    png = bar_chart(f"extract_throughput_{device.type}", [f"{r['dtype']}, {r['precision']}" for r in rows],
                     [r["ratio"] for r in rows], "extract / bare forward",
                     f"extraction vs bare forward, {bb.name}, {machine()}", target=0.9)
     print(f"\nwritten: {path} and {png.name}")

@@ -66,6 +66,11 @@ def extract_cmd(
                                      "pipeline offline; the features carry no pretrained knowledge."),
     dtype: str = typer.Option("fp16", help="Stored precision: fp16 (default), bf16, int8 (a quarter "
                               "of fp32, ~0.5-0.8 % error; see docs/store-format.md) or fp32 (exact)."),
+    precision: str = typer.Option("fp32", help="The backbone's compute precision: fp32 (default), "
+                                  "or fp16 / bf16 autocast, the fast path on a GPU (on most CPUs "
+                                  "slower). On DINOv2 tokens (CPU autocast) an fp16 forward is "
+                                  "0.1-0.2 % off the fp32 one, a bf16 forward 1.0-1.6 % "
+                                  "(docs/store-format.md): on a GPU use fp16. Recorded in the store."),
     batch_size: int = typer.Option(32, help="Images (or clips) per backbone forward."),
     device: str = typer.Option("cpu", help="cpu or cuda (or cuda:N)."),
     limit: Optional[int] = typer.Option(None, help="At most N samples per split (class-balanced, "
@@ -92,7 +97,8 @@ def extract_cmd(
                                        "tcp://HOST:PORT, or local:N for N local worker processes. "
                                        "Not for a bucket URL (one writer)."),
     reuse: bool = typer.Option(True, help="If a complete store with the same content (model, weights, "
-                               "transform, taps, dtype, the same inputs at the same place) exists "
+                               "transform, taps, dtype, precision, the same inputs at the same "
+                               "place) exists "
                                "beside --out, use it instead of extracting again."),
     force: bool = typer.Option(False, help="Write even if the store looks larger than the free space."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and the store size, write nothing."),
@@ -105,7 +111,7 @@ def extract_cmd(
     """
     cfg = ExtractConfig(
         model=model, dataset=dataset, out=out_path, weights=weights, random_init=random_init,
-        dtype=dtype, batch_size=batch_size, device=device, limit=limit, img_size=img_size,
+        dtype=dtype, precision=precision, batch_size=batch_size, device=device, limit=limit, img_size=img_size,
         taps=taps, seed=seed, val_fraction=val_fraction, workers=workers, shard_size=shard_size,
         per_class=per_class, split=split.split(",") if split else None, data_root=data_root,
         download=download, views=views, frames=frames, sampling=sampling, fps=fps, crop_pct=crop_pct, interpolation=interpolation,
@@ -123,7 +129,7 @@ def extract_cmd(
         return
     skipped = sum(map(len, r.skipped.values()))
     out.print(f"{r.status}: {r.path} ({human_bytes(r.plan.total)})"
-              + (f", {sum(r.written.values()) - skipped:,} samples in {r.seconds:.1f} s" if r.written else "")
+              + (f", {sum(r.written.values()):,} samples in {r.seconds:.1f} s" if r.written else "")
               + (f" ({skipped:,} unreadable inputs skipped)" if skipped else ""))
     for split, bad in r.skipped.items():
         out.print(f"[yellow]skipped {len(bad)} unreadable input(s) in {split}[/]:")
@@ -171,7 +177,7 @@ def info_cmd(path: str = typer.Argument(..., metavar="STORE", help="A store fold
     t.add_row("taps", ",".join(map(str, info["taps"])))
     t.add_row("tokens", f"{lay['tokens']} = {lay['prefix_tokens']} prefix + {lay['frames']} x "
               f"{lay['grid'][0]} x {lay['grid'][1]} patches; width {lay['width']}; pool {lay['pool']}")
-    t.add_row("dtype", info["dtype"])
+    t.add_row("dtype", f"{info['dtype']} (computed in {info['precision']})")
     for name, s in info["splits"].items():
         state = "complete" if s["complete"] else f"{s['shards_done']}/{s['shards']} shards"
         t.add_row(f"split {name}", f"{s['n']:,} samples, {len(s['skipped'])} skipped, {state}")

@@ -28,21 +28,23 @@ def calibrate(z: torch.Tensor) -> np.ndarray:
     return z.abs().amax(dim=(0, 2)).clamp_min(1e-6).float().cpu().numpy()
 
 
-def encode(z: torch.Tensor, dtype: str, channel_scale: np.ndarray | None = None
-           ) -> tuple[np.ndarray, np.ndarray | None]:
-    """float tokens (B, L, T, D) -> (stored tokens, per-token scales or None), as numpy."""
+def encode(z: torch.Tensor, dtype: str, channel_scale: np.ndarray | torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """float tokens (B, L, T, D) -> (stored tokens, per-token scales or None), on z's device
+    and in the store's array dtypes (bf16 as its uint16 bits): the extractor copies them to
+    the host while the next batch computes. Pass `channel_scale` on z's device when encoding
+    many batches: a copy to a GPU from ordinary memory waits for the GPU's queue to drain."""
     z = z.float()
     if dtype == "fp32":
-        return z.cpu().numpy(), None
+        return z, None
     if dtype == "fp16":
-        return z.half().cpu().numpy(), None
+        return z.half(), None
     if dtype == "bf16":
-        return z.bfloat16().view(torch.int16).cpu().numpy().view(np.uint16), None
+        return z.bfloat16().view(torch.uint16), None
     if dtype == "int8":
         y = z / torch.as_tensor(channel_scale, device=z.device)[None, :, None, :]
         s = (y.abs().amax(dim=-1) / 127).clamp_min(_TINY)
-        q = torch.round(y / s[..., None]).clamp_(-127, 127).to(torch.int8)
-        return q.cpu().numpy(), s.cpu().numpy()
+        return torch.round(y / s[..., None]).clamp_(-127, 127).to(torch.int8), s
     raise ValueError(f"unknown dtype {dtype!r}")
 
 

@@ -32,6 +32,8 @@ from .lock import StoreLock, meta_lock
 from .location import Location, exists, is_url, join, listing, normalize, parent
 from .models import Backbone, TokenLayout, load_backbone
 from .plan import StorePlan, human_bytes, make_plan
+from .precision import PRECISIONS
+from .readback import InFlight, Readback
 from .sources import Dataset, FrameSampling, Split, open_dataset
 from .sources.base import to_rgb
 from .sources.video import decoder_name
@@ -49,7 +51,8 @@ class ExtractConfig:
     out: Location | None = None  # a folder or an fsspec URL; default: ./cache/<dataset name>
     weights: Path | None = None
     random_init: bool = False
-    dtype: str = "fp16"  # fp16 | bf16 | int8 | fp32
+    dtype: str = "fp16"  # fp16 | bf16 | int8 | fp32: how tokens are stored
+    precision: str = "fp32"  # how the backbone computes them: fp32, or autocast bf16 | fp16
     batch_size: int = 32
     device: str = "cpu"
     limit: int | None = None
@@ -91,7 +94,7 @@ def transform_overrides(cfg: ExtractConfig) -> dict:
 class ExtractResult:
     path: Location
     plan: StorePlan
-    written: dict[str, int] = field(default_factory=dict)  # samples written this run, per split
+    written: dict[str, int] = field(default_factory=dict)  # samples stored this run (not skipped), per split
     skipped: dict[str, dict[str, str]] = field(default_factory=dict)  # split -> key -> reason
     seconds: float = 0.0
     status: str = "written"  # written | resumed | reused | already complete | part done | dry run
@@ -158,6 +161,7 @@ def _settings(backbone: Backbone, ds: Dataset, taps: list[int], cfg: ExtractConf
                 {"views": cfg.views, "view_policy": VIEW_POLICY, "view_seed": cfg.seed}
                 if cfg.views > 1 else {}), **({"video": ds.video.to_dict()} if ds.video else {})}),
             "taps": taps, "layout": _layout(backbone, ds).to_dict(), "dtype": cfg.dtype,
+            "precision": cfg.precision,
             # batch composition changes the low bits of a forward pass: resume must match it
             "batch_size": cfg.batch_size,
             "classes": ds.classes, "dataset": {"name": ds.name, "source": ds.source, **(
@@ -166,12 +170,14 @@ def _settings(backbone: Backbone, ds: Dataset, taps: list[int], cfg: ExtractConf
 
 def content_key(settings: dict, ds: Dataset) -> str:
     """What a store holds, however it was batched: model, weights hash, transform, taps,
-    layout, dtype, classes, each split's inputs (keys and labels) and where those lie. The
+    layout, dtype, precision, classes, each split's inputs (keys and labels) and where those lie. The
     place counts because keys and labels do not identify the images: a resized or edited
     copy of a dataset elsewhere keeps both, and was once handed the original's store."""
     what = {k: settings[k] for k in ("transform", "taps", "layout", "dtype", "classes")}
     what |= {"model": settings["model"]["name"], "weights": settings["weights"]["sha256"],
              "source": ds.source, "splits": {name: s.fingerprint() for name, s in ds.splits.items()}}
+    if settings["precision"] != "fp32":  # (stores from before --precision keep their key)
+        what["precision"] = settings["precision"]
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
@@ -193,7 +199,9 @@ def _differences(store: Store, settings: dict, ds: Dataset) -> list[str]:
              for k, v in settings.items()
              # content_key is derived from these settings and the dataset's source, which a
              # resume only notes (a dataset moved between runs); older stores lack the key
-             if k not in ("dataset", "weights", "content_key") and store.meta.get(k) != v]
+             if k not in ("dataset", "weights", "content_key", "precision") and store.meta.get(k) != v]
+    if store.precision != settings["precision"]:
+        diffs.append(f"precision: store has {store.precision!r}, this run {settings['precision']!r}")
     if store.meta["weights"]["sha256"] != settings["weights"]["sha256"]:
         diffs.append(f"weights: store has sha256 {store.meta['weights']['sha256'][:12]}..., "
                      f"this run {settings['weights']['sha256'][:12]}...")
@@ -297,6 +305,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     """Run stage one as configured; see ExtractConfig and `featcache extract --help`."""
     if cfg.dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not '{cfg.dtype}'")
+    if cfg.precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{cfg.precision}'")
     if cfg.batch_size < 1 or (cfg.shard_size is not None and cfg.shard_size < 1):
         raise UserError("--batch-size and --shard-size must be at least 1")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -308,6 +318,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     ds = open_dataset(cfg.dataset, cfg.seed, cfg.val_fraction, cfg.limit, cfg.per_class,
                       cfg.split, cfg.data_root, cfg.download,
                       FrameSampling(cfg.frames, cfg.sampling, cfg.fps))
+    _note_rare_classes(ds)
     if cfg.views > 1 and ds.video:
         raise UserError("--views is for images; a video dataset keeps one view per clip.")
     if cfg.views > 1 and "train" in ds.splits:
@@ -338,7 +349,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     if twin is not None:
         _refuse_unreadable(open_store(twin), list(ds.splits))  # not an empty twin either
         console.print(f"{twin} already holds exactly this (same model, weights, transform, taps, "
-                      f"dtype and inputs): reusing it, and {out} is not written. Train from "
+                      f"dtype, precision and inputs): reusing it, and {out} is not written. Train from "
                       f"{twin}, or pass --no-reuse to extract anyway.")
         result.path, result.status = twin, "reused"
         return result
@@ -366,7 +377,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                 break
         if not readable:
             raise UserError(f"int8 calibration found no readable image in split '{names[0]}'.")
-        return calibrate(forward_taps(backbone.model, _collate(readable)[1].to(device), taps))
+        return calibrate(forward_taps(backbone.model, _collate(readable)[1].to(device), taps,
+                                      cfg.precision))
 
     with StoreLock(out, cfg.shard):
         with meta_lock(out):  # the parts of a sharded run create the store once
@@ -392,6 +404,19 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                               "the store completes when every part has run.")
     _refuse_unreadable(store, names)
     return result
+
+
+def _note_rare_classes(ds: Dataset) -> None:
+    """A class of one or two samples among classes of ten or more is most often a mistyped label
+    in a manifest: say so before the extraction, without refusing (it may be real)."""
+    labels = np.concatenate([s.labels for s in ds.splits.values()])
+    counts = np.bincount(labels[labels >= 0], minlength=len(ds.classes))
+    rare = np.flatnonzero(counts <= 2)
+    if len(rare) and np.median(counts) >= 10:
+        named = ", ".join(f"'{ds.classes[c]}' ({counts[c]})" for c in rare[:5])
+        console.print(f"[yellow]note:[/] {len(rare)} class(es) with at most 2 samples, against a "
+                      f"median of {int(np.median(counts))} per class: {named}"
+                      f"{' ...' if len(rare) > 5 else ''}. A mistyped label?")
 
 
 def _refuse_unreadable(store: Store, names: list[str]) -> None:
@@ -429,12 +454,13 @@ class _Shard:
         return cls(name, index, lo, np.zeros((hi - lo, *shape), STORAGE[dtype]), scales,
                    split.labels[lo:hi].copy(), split.keys[lo:hi])
 
-    def fill(self, items: list, encoded: tuple | None, ok: np.ndarray, reasons: list[str]) -> None:
+    def fill(self, items: list, encoded: InFlight | None, ok: np.ndarray, reasons: list[str]) -> None:
         rows = np.array([i for _, i in items]) - self.lo
         if encoded is not None:
-            self.tokens[rows[ok]] = encoded[0]
+            tokens, scales = encoded.collect()
+            self.tokens[rows[ok]] = tokens
             if self.scales is not None:
-                self.scales[rows[ok]] = encoded[1]
+                self.scales[rows[ok]] = scales
         for r, why in zip(rows[~ok], np.array(reasons, dtype=object)[~ok]):
             self.labels[r] = -1
             self.skipped[self.keys[r]] = why
@@ -444,7 +470,7 @@ def _run(cfg: ExtractConfig, backbone: Backbone, store: Store, images: _Images, 
          names: list[str], taps: list[int], batches: list[list], result: ExtractResult) -> None:
     device = torch.device(cfg.device)
     model = backbone.model
-    channel_scale = store.channel_scale
+    channel_scale = None if store.channel_scale is None else torch.from_numpy(store.channel_scale).to(device)
     loader = DataLoader(images, batch_sampler=batches,
                         num_workers=cfg.workers, collate_fn=_collate,
                         pin_memory=device.type == "cuda")
@@ -453,7 +479,9 @@ def _run(cfg: ExtractConfig, backbone: Backbone, store: Store, images: _Images, 
     unit = "clips" if ds.video else "img"
     sizes = [store.split(n).shard_size for n in names]
     writer = _ShardWriter(store)
+    readback = Readback(device)
     shard: _Shard | None = None
+    pending: tuple | None = None  # the previous batch, filed into its shard after this one is queued
     t0 = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
@@ -462,19 +490,26 @@ def _run(cfg: ExtractConfig, backbone: Backbone, store: Store, images: _Images, 
         done = 0
         for items, batch, ok, reasons in loader:
             sid, first = items[0]
-            if shard is not None and (shard.split, shard.index) != (names[sid], first // sizes[sid]):
-                _flush(writer, shard, result)
-                shard = None
-            if shard is None:
+            if shard is None or (shard.split, shard.index) != (names[sid], first // sizes[sid]):
+                if pending:
+                    shard.fill(*pending)
+                    pending = None
+                if shard is not None:
+                    _flush(writer, shard, result)
                 shard = _Shard.empty(names[sid], ds.splits[names[sid]], first // sizes[sid],
                                      sizes[sid], shape, cfg.dtype)
-            encoded = None if batch is None else encode(
-                forward_taps(model, batch.to(device, non_blocking=True), taps), cfg.dtype, channel_scale)
-            shard.fill(items, encoded, ok, reasons)
+            encoded = None if batch is None else readback.start(list(encode(
+                forward_taps(model, batch.to(device, non_blocking=True), taps, cfg.precision),
+                cfg.dtype, channel_scale)))
+            if pending:
+                shard.fill(*pending)
+            pending = (items, encoded, ok, reasons)
             done += len(items)
             dt = time.perf_counter() - t0
             bar.update(task, completed=done, rate=f"{done / dt:.1f} {unit}/s, "
                        f"{human_bytes(done * result.plan.bytes_per_sample / dt)}/s")
+        if pending:
+            shard.fill(*pending)
         if shard is not None:
             _flush(writer, shard, result)
         writer.close()
@@ -484,6 +519,7 @@ def _run(cfg: ExtractConfig, backbone: Backbone, store: Store, images: _Images, 
 def _flush(writer: _ShardWriter, shard: _Shard, result: ExtractResult) -> None:
     writer.put(shard.split, shard.index, shard.tokens, shard.scales, shard.labels, shard.keys,
                shard.skipped)
-    result.written[shard.split] = result.written.get(shard.split, 0) + len(shard.labels)
+    stored = len(shard.labels) - len(shard.skipped)
+    result.written[shard.split] = result.written.get(shard.split, 0) + stored
     if shard.skipped:
         result.skipped.setdefault(shard.split, {}).update(shard.skipped)

@@ -15,7 +15,8 @@ def store_info(store: Store) -> dict:
                         "complete": s.complete}
     return {"path": store.path, "format_version": m["format_version"],
             "model": m["model"]["name"], "weights": m["weights"], "taps": m["taps"],
-            "layout": m["layout"], "dtype": m["dtype"], "transform": m["transform"],
+            "layout": m["layout"], "dtype": m["dtype"], "precision": store.precision,
+            "transform": m["transform"],
             "dataset": m["dataset"], "classes": m["classes"], "shard_size": m["shard_size"],
             "splits": splits, "complete": store.complete, "bytes_on_disk": disk_usage(store.path),
             "created": m["created"], "versions": m["versions"]}

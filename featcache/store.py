@@ -108,6 +108,11 @@ class Store:
         return self.meta["dtype"]
 
     @property
+    def precision(self) -> str:
+        """The backbone's compute precision; stores made before it was recorded ran fp32."""
+        return self.meta.get("precision", "fp32")
+
+    @property
     def channel_scale(self) -> np.ndarray | None:
         """int8 stores: the per-layer, per-channel calibration scale (L, D)."""
         return self.group["channel_scale"][:] if self.dtype == "int8" else None

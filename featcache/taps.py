@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .precision import autocast
 
 
 def parse_taps(spec: str | None, depth: int) -> list[int]:
@@ -45,8 +46,10 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def forward_taps(model: nn.Module, images: torch.Tensor, taps: list[int]) -> torch.Tensor:
-    """Run `model` on `images` and return the tapped blocks' tokens as (B, L, T, D).
+def forward_taps(model: nn.Module, images: torch.Tensor, taps: list[int], precision: str | None = None
+                 ) -> torch.Tensor:
+    """Run `model` on `images` and return the tapped blocks' tokens as (B, L, T, D), in
+    `precision` (fp32, bf16, fp16; None: under whatever autocast the caller set).
 
     Clips (B, F, C, H, W) run frame by frame and come back in the video token order of
     TokenLayout: every frame's prefix tokens, then every frame's patches. No gradient is
@@ -54,15 +57,16 @@ def forward_taps(model: nn.Module, images: torch.Tensor, taps: list[int]) -> tor
     """
     if images.ndim == 5:
         b, f = images.shape[:2]
-        z = _forward(model, images.flatten(0, 1), taps).unflatten(0, (b, f))  # (B, F, L, P+S, D)
+        z = _forward(model, images.flatten(0, 1), taps, precision).unflatten(0, (b, f))  # (B, F, L, P+S, D)
         p = int(model.num_prefix_tokens)
         prefix = z[:, :, :, :p].permute(0, 2, 1, 3, 4).flatten(2, 3)
         patches = z[:, :, :, p:].permute(0, 2, 1, 3, 4).flatten(2, 3)
         return torch.cat([prefix, patches], dim=2)
-    return _forward(model, images, taps)
+    return _forward(model, images, taps, precision)
 
 
-def _forward(model: nn.Module, images: torch.Tensor, taps: list[int]) -> torch.Tensor:
+def _forward(model: nn.Module, images: torch.Tensor, taps: list[int], precision: str | None
+             ) -> torch.Tensor:
     outputs: dict[int, torch.Tensor] = {}
     last = max(taps)
 
@@ -75,7 +79,8 @@ def _forward(model: nn.Module, images: torch.Tensor, taps: list[int]) -> torch.T
 
     handles = [model.blocks[i].register_forward_hook(hook(i)) for i in taps]
     try:
-        model.forward_features(images)
+        with autocast(images.device.type, precision):
+            model.forward_features(images)
     except _StopForward:
         pass
     finally:

@@ -15,13 +15,16 @@ from .classifier import Classifier
 
 
 class EndToEnd(nn.Module):
-    def __init__(self, backbone: nn.Module, taps: list[int], classifier: Classifier):
+    def __init__(self, backbone: nn.Module, taps: list[int], classifier: Classifier,
+                 precision: str | None = None):
+        """`precision`: the backbone's, as the store was extracted (its `precision`); None:
+        the caller's autocast, if any."""
         super().__init__()
         self.backbone = backbone.eval().requires_grad_(False)
-        self.taps, self.classifier = taps, classifier
+        self.taps, self.classifier, self.precision = taps, classifier, precision
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier(forward_taps(self.backbone, images, self.taps))
+        return self.classifier(forward_taps(self.backbone, images, self.taps, self.precision))
 
     def train(self, mode: bool = True) -> "EndToEnd":
         """Only the classifier trains; the backbone stays in eval mode (no dropout)."""

@@ -12,7 +12,8 @@ whole shard. The order is a pure function of (seed, epoch), which lets the end-t
 reference (and any resumed run) replay exactly the same batches. Tokens leave the loader on
 the training device as stored when 16-bit (fp16, bf16: a batch takes half the memory, and
 the models widen to float32 what they read, LoSA one layer at a time), else as float32
-(int8 is expanded on the device, not on the CPU).
+(int8 is expanded on the device, not on the CPU). For a GPU, a batch is gathered straight
+into pinned memory and copied without blocking, so the copy overlaps the training step.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from featcache.store import Store
 # memory-mapped shard files are read-only, and the loader only reads them
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
+_TORCH_DTYPE = {np.dtype(t): getattr(torch, t) for t in ("float32", "float16", "uint16", "int8")}
 BUFFER_BYTES = 512 * 2**20
 DATA_ORDER = "stripes-1"  # saved with each run: a run resumes only under the order it began with
 READ_BYTES = 8 * 2**20  # a stripe of at least this much, so zarr's per-call cost stays small
@@ -123,41 +125,44 @@ class ShardLoader:
             yield group, [pool[i:i + self.batch_size] for i in range(0, cut, self.batch_size)], pool[cut:]
             carry = pool[cut:]
 
-    def _sources(self, index: np.ndarray, carry: tuple[np.ndarray, list[np.ndarray]] | None
+    def _sources(self, index: np.ndarray, carry: tuple[np.ndarray, list[torch.Tensor]] | None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Where each sample is: (stripe key, row in it, whether `carry` holds it instead)."""
         stripe, pos = self._stripe_of(index)
         return stripe, pos, np.zeros(len(index), bool) if carry is None else np.isin(index, carry[0])
 
     def _gather(self, blocks: dict[int, list[np.ndarray]], index: np.ndarray,
-                carry: tuple[np.ndarray, list[np.ndarray]] | None = None) -> list[np.ndarray]:
+                carry: tuple[np.ndarray, list[torch.Tensor]] | None = None, pin: bool = False
+                ) -> list[torch.Tensor]:
         """The samples `index` (with the selected layers) of every array, in one copy each:
         straight from the stripes read (views into the shard files on the memmap path), or
-        from `carry`, (sorted ids, rows) kept over from the previous buffer fill."""
+        from `carry`, (sorted ids, rows) kept over from the previous buffer fill. `pin`:
+        into page-locked memory, from which a copy to the GPU runs without blocking (torch's
+        pinned-memory cache holds a buffer back until its copy is done)."""
         stripe, pos, kept = self._sources(index, carry)
         out = []
         for i, a in enumerate(self.arrays):
             tail = (self.n_layers, *a.shape[2:])
-            dest = np.empty((len(index), *tail), a.dtype)
+            gathered = torch.empty((len(index), *tail), dtype=_TORCH_DTYPE[np.dtype(a.dtype)],
+                                   pin_memory=pin)
+            dest = gathered.numpy()
             if kept.any():
-                dest[kept] = carry[1][i][np.searchsorted(carry[0], index[kept])]
+                dest[kept] = carry[1][i].numpy()[np.searchsorted(carry[0], index[kept])]
             for k in np.unique(stripe[~kept]):
                 m = (stripe == k) & ~kept
                 rows = pos[m]
                 dest[m] = blocks[k][i][(rows, self.layers) if isinstance(self.layers, slice)
                                        else np.ix_(rows, self.layers)]
-            out.append(dest)
+            out.append(gathered)
         return out
 
     def _batch(self, blocks: dict[int, list[np.ndarray]], index: np.ndarray,
-               carry: tuple[np.ndarray, list[np.ndarray]] | None = None) -> Batch:
+               carry: tuple[np.ndarray, list[torch.Tensor]] | None = None) -> Batch:
         labels = torch.from_numpy(self.split.labels[index]).to(self.device, non_blocking=True)
         if self.direct:
             return Batch(self._copy_rows(blocks, index, carry), labels, index)
-        parts = self._gather(blocks, index, carry)
-        cuda = self.device.type == "cuda"  # pinned pages let the copy overlap compute
-        stored = [(torch.from_numpy(p).pin_memory() if cuda else torch.from_numpy(p))
-                  .to(self.device, non_blocking=True) for p in parts]
+        parts = self._gather(blocks, index, carry, pin=self.device.type == "cuda")
+        stored = [p.to(self.device, non_blocking=True) for p in parts]
         if self.out_dtype != torch.float32:  # 16-bit tokens leave as they are
             return Batch(stored[0].view(self.out_dtype), labels, index)
         tokens = decode(stored[0], self.dtype, stored[1] if len(stored) > 1 else None,
@@ -165,7 +170,7 @@ class ShardLoader:
         return Batch(tokens, labels, index)
 
     def _copy_rows(self, blocks: dict[int, list[np.ndarray]], index: np.ndarray,
-                   carry: tuple[np.ndarray, list[np.ndarray]] | None) -> torch.Tensor:
+                   carry: tuple[np.ndarray, list[torch.Tensor]] | None) -> torch.Tensor:
         """fp16/bf16 samples copied straight into a recycled buffer, one copy per sample (per
         layer when the layers picked are not a run): gathering them into a fresh array first
         moved every byte twice, and ran at about half the speed."""
@@ -174,7 +179,7 @@ class ShardLoader:
         run = isinstance(self.layers, slice)
         for j, i in enumerate(index):
             if kept[j]:  # carried rows hold the selected layers already
-                src = torch.from_numpy(carry[1][0][np.searchsorted(carry[0], i)])
+                src = carry[1][0][np.searchsorted(carry[0], i)]
             else:
                 src = torch.from_numpy(blocks[stripe[j]][0][pos[j]])
                 src = src[self.layers] if run else src

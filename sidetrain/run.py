@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from featcache.errors import UserError
 from featcache.models import TokenLayout, load_backbone
+from featcache.precision import autocast
 from featcache.sources.base import to_rgb
 from featcache.sources.video import FrameSampling, read_clip
 from featcache.store import Store, open_store
@@ -91,14 +92,19 @@ def evaluate_run(run: Path, cache: Path, device: str = "cpu") -> dict[str, float
     for name in store.splits:
         if not store.split(name).complete:
             continue
-        correct = n = 0
-        with torch.no_grad():
+        correct, n = torch.zeros((), dtype=torch.int64, device=device), 0  # read once: no sync per batch
+        with torch.no_grad(), autocast(torch.device(device).type, _precision(config, device)):
             for b in ShardLoader(store, name, 256, shuffle=False, layers=layers, device=device,
                                   recycle=True).epoch(0):
-                correct += (model(b.tokens).argmax(1) == b.labels).sum().item()
+                correct += (model(b.tokens).argmax(1) == b.labels).sum()
                 n += len(b.labels)
-        accs[name] = correct / max(n, 1)
+        accs[name] = correct.item() / max(n, 1)
     return accs
+
+
+def _precision(config: dict, device: str) -> str:
+    """The side network's precision when the run was trained: autocast on CUDA only."""
+    return config.get("precision", "fp32") if torch.device(device).type == "cuda" else "fp32"
 
 
 def _backbone_for(config: dict, weights: Path | None):
@@ -152,8 +158,8 @@ def predict(run: Path, images: list[Path], weights: Path | None = None, device: 
     config, state = load_run(run)
     bb = _backbone_for(config, weights)
     model = _model(config, state, bb.final_norms())
-    live = EndToEnd(bb.model, config["blocks"], model).to(device).eval()
-    s = config["store"]
+    s = config["store"]  # the backbone in the store's precision, the side network in the run's
+    live = EndToEnd(bb.model, config["blocks"], model, s.get("precision", "fp32")).to(device).eval()
     read = _reader(s["transform"])
     out: list[dict] = []
     for start in range(0, len(images), batch_size):
@@ -167,7 +173,8 @@ def predict(run: Path, images: list[Path], weights: Path | None = None, device: 
                 out.append({"path": str(p), "error": str(e)})
         if not inputs:
             continue
-        probs = live(torch.stack(inputs).to(device)).softmax(1).cpu()
+        with autocast(torch.device(device).type, _precision(config, device)):
+            probs = live(torch.stack(inputs).to(device)).float().softmax(1).cpu()
         for i, pr in zip(slots, probs):
             k = int(pr.argmax())
             out[i] |= {"label": k, "class": s["classes"][k], "prob": float(pr[k])}

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from featcache import location
 from featcache.errors import UserError
 from featcache.location import Location
+from featcache.precision import PRECISIONS, autocast
 from featcache.store import Store, open_store
 
 from .classifier import ModelSpec, build_classifier, input_layers, select_taps, trainable_parameters
@@ -32,7 +33,7 @@ from .loader import DATA_ORDER, ShardLoader
 from .plots import plot_curves
 
 console = Console(stderr=True)
-PRECISIONS = ("fp32", "bf16", "fp16")
+CHECK_EVERY = 100  # steps between reads of the running loss: each read waits for the GPU
 
 
 @dataclass(frozen=True)
@@ -148,9 +149,8 @@ class Trainer:
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
                                      lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      fused=self.device.type in ("cpu", "cuda"))
-        self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-        self.autocast = self.device.type == "cuda" and self.amp is not None
-        self.scaler = torch.amp.GradScaler(enabled=self.autocast and cfg.precision == "fp16")
+        self.precision = cfg.precision if self.device.type == "cuda" else "fp32"  # autocast on CUDA
+        self.scaler = torch.amp.GradScaler(enabled=self.precision == "fp16")
         self.total = cfg.epochs * steps_per_epoch
         self.warmup = max(1, int(cfg.warmup * self.total))
         self.step, self.epoch, self.seconds = 0, 0, 0.0
@@ -159,11 +159,17 @@ class Trainer:
         self.best_state: dict[str, torch.Tensor] = {}
         self.failed: str | None = None
         self.rng = _get_rng(self.device)  # own dropout stream: a sweep trains as `fit` would
-        self.train_loss, self.eval_sums, self.busy = 0.0, [0.0, 0, 0], 0.0
+        # sums kept on the device and read once per epoch (and every CHECK_EVERY steps): a
+        # read per step would make the CPU wait for the GPU instead of queueing the next one
+        self.train_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.eval_sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, correct
+        self.eval_n = 0
+        self.clock = Clock()
         self.config_json = {**cfg.to_json(), "blocks": [store.taps[p] for p in self.positions],
                             "trainable_params": self.params, "data_order": DATA_ORDER,
-                            "store": {k: store.meta[k] for k in ("model", "weights", "transform",
-                                                                 "taps", "layout", "dtype", "classes")}}
+                            "store": {k: store.meta[k] for k in ("model", "weights", "transform", "taps",
+                                                                 "layout", "dtype", "precision", "classes")
+                                      if k in store.meta}}  # (precision: not in older stores)
 
     # -- checkpoints -----------------------------------------------------------------
     def resume(self) -> None:
@@ -210,7 +216,7 @@ class Trainer:
     def readout(self, tokens: torch.Tensor) -> torch.Tensor:
         """A probe's head input: what its model computes before the head, without a graph.
         Shared by probes (see _pass), so it must stay stateless and draw no random numbers."""
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.autocast):
+        with autocast(self.device.type, self.precision):
             return self.model.readout(tokens)
 
     def train_batch(self, x: torch.Tensor, labels: torch.Tensor) -> None:
@@ -220,7 +226,7 @@ class Trainer:
             g["lr"] = lr_at(self.step, self.total, cfg.lr, self.warmup)
         _set_rng(self.device, self.rng)
         self.model.train()
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.autocast):
+        with autocast(self.device.type, self.precision):
             loss = F.cross_entropy(self.net(x), labels, label_smoothing=cfg.label_smoothing)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -230,39 +236,49 @@ class Trainer:
         self.scaler.step(self.opt)
         self.scaler.update()
         self.rng = _get_rng(self.device)
-        value = loss.item()
-        if not math.isfinite(value):
-            self.failed = (f"loss became {value} at epoch {self.epoch}, step {self.step}; lower --lr. "
-                           f"Kept the last good checkpoint (epoch {self.epoch - 1}).")
-        self.train_loss += value
+        self.train_loss += loss.detach()
         self.step += 1
+        if self.step % CHECK_EVERY == 0:
+            self._check_loss()
+
+    def _check_loss(self) -> None:
+        """Stop at a NaN or infinite loss (found within CHECK_EVERY steps of its step)."""
+        if self.failed:
+            return
+        value = self.train_loss.item()
+        if not math.isfinite(value):
+            self.failed = (f"loss became {value} at epoch {self.epoch} (by step {self.step}); lower "
+                           f"--lr. Kept the last good checkpoint (epoch {self.epoch - 1}).")
 
     @torch.no_grad()
     def eval_batch(self, x: torch.Tensor, labels: torch.Tensor) -> None:
         self.model.eval()
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.autocast):
+        with autocast(self.device.type, self.precision):
             logits = self.net(x).float()
-        self.eval_sums[0] += F.cross_entropy(logits, labels, reduction="sum").item()
-        self.eval_sums[1] += (logits.argmax(1) == labels).sum().item()
-        self.eval_sums[2] += len(labels)
+        self.eval_sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
+                                       (logits.argmax(1) == labels).sum()])
+        self.eval_n += len(labels)
 
     def take_eval(self) -> tuple[float, float | None]:
         """(mean loss, accuracy) of the pass just made; accuracy None when it saw no sample."""
-        loss, correct, n = self.eval_sums
-        self.eval_sums = [0.0, 0, 0]
+        (loss, correct), n = self.eval_sums.tolist(), self.eval_n
+        self.eval_sums.zero_()
+        self.eval_n = 0
         return loss / max(n, 1), (correct / n if n else None)
 
-    def end_epoch(self, steps: int, shared_seconds: float) -> None:
+    def end_epoch(self, steps: int, seconds: float) -> None:
         """Close the epoch: record metrics, keep the best state, checkpoint.
 
-        `shared_seconds`: this trainer's share of the data loading of the epoch."""
+        `seconds`: this trainer's time in the epoch (its own work and its share of the rest)."""
+        self._check_loss()
         val_loss, val_acc = self.take_eval()
-        self.seconds += self.busy + shared_seconds
-        self.busy = 0.0
-        row = {"epoch": self.epoch, "step": self.step, "train_loss": self.train_loss / max(steps, 1),
+        if self.failed:
+            return
+        self.seconds += seconds
+        row = {"epoch": self.epoch, "step": self.step, "train_loss": self.train_loss.item() / max(steps, 1),
                "val_loss": val_loss, "val_acc": val_acc, "lr": self.opt.param_groups[0]["lr"],
                "seconds": self.seconds}
-        self.train_loss = 0.0
+        self.train_loss.zero_()
         self.history.append(row)
         if val_acc > self.best["val_acc"]:
             self.best = row
@@ -293,30 +309,74 @@ def _set_rng(device: torch.device, state: list[torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
+def _mark(device: torch.device) -> float | torch.cuda.Event:
+    """A point in time: the wall clock's on the CPU, the GPU stream's on a GPU."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+class Clock:
+    """A trainer's own seconds, so that a sweep reports each configuration's cost rather
+    than the sweep's average. On a GPU a step returns once its kernels are queued, so the
+    time between two `_mark`s is read from CUDA events, without waiting for them per step."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.spans: list[tuple[torch.cuda.Event, torch.cuda.Event, float]] = []
+
+    def add(self, start: float | torch.cuda.Event, end: float | torch.cuda.Event, share: float = 1.0
+            ) -> None:
+        if isinstance(start, float):
+            self.seconds += share * (end - start)
+            return
+        self.spans.append((start, end, share))
+        if len(self.spans) >= 256:  # read the finished ones: events are not free to hold
+            self._read(wait=False)
+
+    def _read(self, wait: bool) -> None:
+        """Fold the spans whose end has passed into `seconds` (all of them if `wait`);
+        one stream's events pass in the order they were recorded."""
+        done = 0
+        for a, b, share in self.spans:
+            if not (wait or b.query()):
+                break
+            b.synchronize()
+            self.seconds += share * a.elapsed_time(b) / 1000
+            done += 1
+        del self.spans[:done]
+
+    def take(self) -> float:
+        """The seconds added since the last take."""
+        self._read(wait=True)
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
 def _pass(loader: ShardLoader, epoch: int, trainers: list[Trainer], union: list[int], train: bool
           ) -> tuple[int, float]:
     """One pass over a split, each batch fed to every trainer.
 
     Probes that read the same taps through the same head input share one readout per batch
     (a sweep over a probe's lr then costs one readout, not eight).
-    Returns (batches, seconds spent loading); each trainer adds its own compute time (and an
-    even share of a readout it shares) to `busy`, so a sweep reports each configuration's
-    cost, not the sweep's average."""
+    Returns (batches, wall seconds); each trainer's clock gets its own compute time and an
+    even share of a readout it shares."""
     picks = [None if t.layers == union else torch.tensor([union.index(p) for p in t.layers],
                                                          device=loader.device) for t in trainers]
     readers = {}  # readout key -> the probes that share it
     for t in trainers:
         if t.probe:
             readers.setdefault(t.readout_key, []).append(t)
-    batches, loading = 0, 0.0
-    t0 = time.perf_counter()
+    device = loader.device
+    batches, t0 = 0, time.perf_counter()
     for b in loader.epoch(epoch):
-        loading += time.perf_counter() - t0
         readouts: dict[tuple, torch.Tensor] = {}
         for t, pick in zip(trainers, picks):
             if t.failed:
                 continue
-            t1 = time.perf_counter()
+            start = _mark(device)
             if t.probe and t.readout_key in readouts:
                 x = readouts[t.readout_key]
             else:
@@ -324,15 +384,16 @@ def _pass(loader: ShardLoader, epoch: int, trainers: list[Trainer], union: list[
                 if t.probe:  # the first of its probes: compute the readout, split its time
                     x = readouts[t.readout_key] = t.readout(x)
                     sharers = [s for s in readers[t.readout_key] if not s.failed]
-                    share = (time.perf_counter() - t1) / len(sharers)
+                    end = _mark(device)
                     for s in sharers:
-                        s.busy += share
-                    t1 = time.perf_counter()
+                        s.clock.add(start, end, 1 / len(sharers))
+                    start = _mark(device)
             (t.train_batch if train else t.eval_batch)(x, b.labels)
-            t.busy += time.perf_counter() - t1
+            t.clock.add(start, _mark(device))
         batches += 1
-        t0 = time.perf_counter()
-    return batches, loading
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return batches, time.perf_counter() - t0
 
 
 def train_many(configs: list[FitConfig]) -> list[FitResult]:
@@ -363,15 +424,15 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
         active = [t for t in trainers if t.active and t.epoch == epoch]
         if not active:
             continue
-        steps_done, load_train = _pass(train, epoch, active, union, train=True)
-        _, load_val = _pass(val, 0, active, union, train=False)
-        shared = (load_train + load_val) / len(active)  # reading is shared: split it evenly
-        for t in active:
+        steps_done, wall_train = _pass(train, epoch, active, union, train=True)
+        _, wall_val = _pass(val, 0, active, union, train=False)
+        own = [t.clock.take() for t in active]
+        shared = max(0.0, wall_train + wall_val - sum(own)) / len(active)  # reading: split evenly
+        for t, seconds in zip(active, own):
+            t.end_epoch(steps_done, seconds + shared)
             if t.failed:
                 console.print(f"[red]{t.run.name}: {t.failed}[/]")
-                t.take_eval()
                 continue
-            t.end_epoch(steps_done, shared)
             row = t.history[-1]
             console.print(f"{t.run.name}  epoch {epoch:3d}  train loss {row['train_loss']:.4f}  "
                           f"val loss {row['val_loss']:.4f}  val acc {100 * row['val_acc']:.1f}%")

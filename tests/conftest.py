@@ -41,7 +41,8 @@ def fp32_store(tmp_path_factory) -> Path:
     return out
 
 
-def assert_predict_equals_cached(run: Path, store_path: Path, files: list[Path]) -> None:
+def assert_predict_equals_cached(run: Path, store_path: Path, files: list[Path], device: str = "cpu",
+                                 atol: float = 1e-4) -> None:
     """`sidetrain predict` on the raw files of the store's val split (in its order) gives
     the classes and probabilities that the run's adapter gives on the stored tokens."""
     import json
@@ -53,7 +54,7 @@ def assert_predict_equals_cached(run: Path, store_path: Path, files: list[Path])
     from sidetrain import ModelSpec, build_classifier, predict
 
     store = open_store(store_path)
-    preds = predict(run, files)
+    preds = predict(run, files, device=device)
     config = json.loads((run / "config.json").read_text())
     model = build_classifier(ModelSpec(**{k: v for k, v in config.items()
                                           if k in ModelSpec.__dataclass_fields__}), store, seed=0)
@@ -61,4 +62,4 @@ def assert_predict_equals_cached(run: Path, store_path: Path, files: list[Path])
     with torch.no_grad():
         cached = model.eval()(torch.from_numpy(store.split("val").tokens[:])).softmax(1)
     assert [p["label"] for p in preds] == cached.argmax(1).tolist()
-    np.testing.assert_allclose([p["prob"] for p in preds], cached.max(1).values.numpy(), atol=1e-4)
+    np.testing.assert_allclose([p["prob"] for p in preds], cached.max(1).values.numpy(), atol=atol)

@@ -1,23 +1,24 @@
-"""Stored precisions: bf16 and int8 round trips stay within their error budgets."""
+"""Precisions: bf16 and int8 storage stay within their error budgets; a 16-bit forward is recorded."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 import torch
 
-from featcache import ExtractConfig, extract, open_store
+from featcache import ExtractConfig, UserError, extract, open_store
 from featcache.codec import calibrate, decode, encode
-from sidetrain import ModelSpec, ShardLoader, build_classifier
+from sidetrain import FitConfig, ModelSpec, ShardLoader, build_classifier, fit
 
-from .conftest import TINY
+from .conftest import TINY, assert_predict_equals_cached
 
 
 def roundtrip(z: torch.Tensor, dtype: str, calib: torch.Tensor | None = None) -> torch.Tensor:
     cs = calibrate(z if calib is None else calib)
     q, s = encode(z, dtype, cs)
-    return decode(torch.from_numpy(q), dtype, None if s is None else torch.from_numpy(s),
-                  torch.from_numpy(cs))
+    return decode(q, dtype, s, torch.from_numpy(cs))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -38,7 +39,7 @@ def test_int8_copes_with_outlier_channels():
     z = torch.randn(16, 4, 17, 64, generator=g) * gain
     ours = rel_err(roundtrip(z[8:], "int8", calib=z[:8]), z[8:])
     q, s = encode(z[8:], "int8", np.ones((4, 64), np.float32))  # per-token scale alone
-    naive = rel_err(decode(torch.from_numpy(q), "int8", torch.from_numpy(s), torch.ones(4, 64)), z[8:])
+    naive = rel_err(decode(q, "int8", s, torch.ones(4, 64)), z[8:])
     assert ours.max() < 0.01
     assert (naive > 2 * ours).all()  # measured: 1.6 % against 0.6 %
 
@@ -46,8 +47,8 @@ def test_int8_copes_with_outlier_channels():
 def test_bf16_roundtrip():
     z = torch.randn(4, 2, 5, 32) * 10
     q, s = encode(z, "bf16")
-    assert q.dtype == np.uint16 and s is None
-    assert rel_err(decode(torch.from_numpy(q), "bf16"), z).max() < 0.005
+    assert q.dtype == torch.uint16 and s is None
+    assert rel_err(decode(q, "bf16"), z).max() < 0.005
 
 
 def test_int8_and_bf16_stores_load_close_to_fp32(fp32_store, tmp_path):
@@ -67,3 +68,22 @@ def test_int8_and_bf16_stores_load_close_to_fp32(fp32_store, tmp_path):
         if dtype == "bf16":  # the store's raw bits are not tokens
             with pytest.raises(TypeError, match="floating point"):
                 model(torch.from_numpy(store.split("train").tokens[:2]))
+
+
+def test_a_bf16_forward_is_recorded_kept_apart_and_replayed_by_predict(image_folder, tmp_path):
+    """--precision bf16: the store says so, holds tokens near the fp32 forward's but not
+    equal to them, is not taken for (nor resumed as) an fp32 store, and `predict` runs the
+    backbone as the store did."""
+    exact, half = tmp_path / "fp32", tmp_path / "bf16"
+    common = dict(dataset=str(image_folder), dtype="fp32", **TINY)
+    extract(ExtractConfig(out=exact, **common))
+    assert extract(ExtractConfig(out=half, precision="bf16", **common)).status == "written"
+    a, b = open_store(exact), open_store(half)
+    assert (a.precision, b.precision) == ("fp32", "bf16")
+    za, zb = (torch.from_numpy(s.split("train").tokens[:]) for s in (a, b))
+    assert 0 < rel_err(zb, za).max() < 0.02
+    with pytest.raises(UserError, match="precision: store has 'bf16', this run 'fp16'"):
+        extract(ExtractConfig(out=half, precision="fp16", **common))
+    r = fit(FitConfig(cache=half, rank=2, epochs=2, batch_size=4, out=tmp_path / "run"))
+    assert json.loads((r.run / "config.json").read_text())["store"]["precision"] == "bf16"
+    assert_predict_equals_cached(r.run, half, [image_folder / k for k in b.split("val").keys])

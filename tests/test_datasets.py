@@ -42,6 +42,7 @@ def test_csv_manifest_with_splits_a_missing_file_and_a_bad_label(image_folder, t
     manifest.write_text("\n".join(rows) + "\n")
     r = extract(ExtractConfig(dataset=str(manifest), data_root=image_folder, out=tmp_path / "s", **TINY))
     assert r.skipped["train"].keys() == {"class0/gone.png"}
+    assert r.written == {"train": 12, "val": 6}  # what was stored: not the input that was skipped
     store = open_store(tmp_path / "s")
     assert store.splits == ["train", "val"] and store.classes == ["class0", "class1", "class2"]
     bad = tmp_path / "bad.csv"
@@ -160,3 +161,14 @@ def test_a_manifest_read_under_another_root_is_another_source(tmp_path):
     plain, one, two = (open_dataset(str(tmp_path / "labels.csv"), data_root=root)
                        for root in (None, tmp_path / "one", tmp_path / "two"))
     assert len({plain.source, one.source, two.source}) == 3 and str(tmp_path / "two") in two.source
+
+
+def test_a_class_of_one_sample_among_large_ones_is_pointed_out(tmp_path, capsys):
+    folder = make_image_folder(tmp_path / "images", per_class=20, size=8)
+    rows = [f"{p.relative_to(folder)},{p.parent.name}" for p in sorted(folder.rglob("*.png"))]
+    rows[5] = rows[5].replace(",class0", ",clas0")  # one typo
+    (folder / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    extract(ExtractConfig(dataset=str(folder / "labels.csv"), dry_run=True, **TINY))
+    assert "1 class(es) with at most 2 samples" in capsys.readouterr().err.replace("\n", " ")
+    extract(ExtractConfig(dataset=str(folder), dry_run=True, **TINY))  # the folder itself: no note
+    assert "at most 2 samples" not in capsys.readouterr().err

@@ -185,3 +185,21 @@ def test_a_sweep_with_a_bad_configuration_leaves_no_run_folder(fp32_store, tmp_p
     with pytest.raises(UserError, match="--rank 99"):
         train_many([good, bad])
     assert not any(tmp_path.iterdir())
+
+
+def test_training_reads_values_back_per_epoch_not_per_step(fp32_store, tmp_path, monkeypatch):
+    """Reading a tensor's value waits for the GPU: twice the steps, the same number of reads."""
+    reads = []
+    item = torch.Tensor.item
+
+    def counted(self):
+        reads.append(1)
+        return item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counted)
+    counts = []
+    for batch in (8, 4):  # 3, then 6 steps an epoch
+        reads.clear()
+        fit(FitConfig(cache=fp32_store, rank=2, epochs=2, batch_size=batch, out=tmp_path / f"b{batch}"))
+        counts.append(len(reads))
+    assert counts[0] == counts[1] > 0

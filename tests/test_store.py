@@ -136,3 +136,16 @@ def test_unreadable_images_are_skipped_and_recorded(image_folder, tmp_path):
         assert (arr.labels[bad] == -1).all() and (arr.labels[~bad] >= 0).all()
         tokens = arr.tokens[:]  # a skipped row holds zeros, every other row tokens
         assert (tokens[bad] == 0).all() and (tokens[~bad] != 0).any(axis=(1, 2, 3)).all()
+
+
+def test_a_store_from_before_precision_was_recorded_resumes_and_is_reused(tmp_path):
+    """Such stores ran fp32: they are neither refused on a rerun nor missed by reuse."""
+    cfg = dict(dataset="demo", limit=8, **TINY)
+    old = tmp_path / "old"
+    extract(ExtractConfig(out=old, **cfg))
+    group = zarr.open_group(str(old), mode="r+")
+    group.attrs["featcache"] = {k: v for k, v in group.attrs["featcache"].items() if k != "precision"}
+    assert "precision" not in open_store(old).meta and open_store(old).precision == "fp32"
+    assert extract(ExtractConfig(out=old, **cfg)).status == "already complete"
+    assert extract(ExtractConfig(out=tmp_path / "new", **cfg)).status == "reused"
+    assert extract(ExtractConfig(out=tmp_path / "half", precision="fp16", **cfg)).status == "written"

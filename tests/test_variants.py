@@ -199,6 +199,23 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fp32_store, tmp_path,
     assert len((tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def test_a_nan_loss_stops_training_within_check_every_steps(fp32_store, tmp_path, monkeypatch):
+    """The loss is read every CHECK_EVERY steps (each read waits for a GPU): a NaN in the
+    middle of an epoch stops that epoch there, and the checkpoint stays the last good one."""
+    monkeypatch.setattr(train_module, "CHECK_EVERY", 2)
+    original, steps = train_module.Trainer.train_batch, []
+
+    def poisoned(self, tokens, labels):
+        steps.append(self.step)
+        return original(self, tokens * float("nan") if self.step >= 7 else tokens, labels)
+
+    monkeypatch.setattr(train_module.Trainer, "train_batch", poisoned)
+    with pytest.raises(UserError, match=r"loss became nan at epoch 1 \(by step 8\).*checkpoint \(epoch 0\)"):
+        fit(FitConfig(cache=fp32_store, rank=4, epochs=4, batch_size=4, out=tmp_path / "nan"))
+    assert steps[-1] == 7  # 6 steps an epoch: stopped after step 7's check, not at the epoch's end
+    assert torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+
+
 def test_eval_matches_training_and_refuses_foreign_stores(fp32_store, tmp_path):
     r = fit(FitConfig(cache=fp32_store, rank=4, epochs=2, batch_size=8, out=tmp_path / "run"))
     accs = evaluate_run(r.run, fp32_store)

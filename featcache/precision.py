@@ -1,0 +1,25 @@
+"""Compute precision of a forward pass by name: fp32, or autocast to bf16 or fp16.
+
+Extraction runs the backbone in the precision it records in the store (`--precision`),
+training and evaluation run the side network in theirs; one helper turns a name into the
+same autocast everywhere. Under autocast, matrix products read 16-bit inputs and accumulate
+in fp32; on CUDA norms and softmax run in fp32 (torch's autocast op lists; on the CPU they
+keep their input's 16 bits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def autocast(device_type: str, precision: str | None) -> contextlib.AbstractContextManager:
+    """torch.autocast for `precision` on `device_type` ("cpu", "cuda"): fp32 turns it off,
+    None leaves the caller's setting as it is."""
+    if precision is None:
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)

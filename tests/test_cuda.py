@@ -1,0 +1,96 @@
+"""The CUDA-only paths, checked against the CPU's: skipped where torch sees no GPU (CI).
+
+Run them on a GPU machine with `pytest tests/test_cuda.py`. Tolerances allow for the GPU's
+own rounding (cuDNN's TF32 patch-embedding convolution, other summation orders); the
+loader's batches must be bit-identical, as it only moves bytes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from featcache import ExtractConfig, extract, open_store
+from sidetrain import FitConfig, ShardLoader, evaluate_run, fit, train_many
+from sidetrain import train as train_module
+
+from .conftest import TINY, assert_predict_equals_cached
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+GPU = {**TINY, "device": "cuda"}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("precision,bound", [("fp32", 1e-2), ("fp16", 2e-2)])
+def test_extraction_on_the_gpu_matches_the_cpu(fp32_store, tmp_path, precision, bound):
+    """Batches of 4 in shards of 5: many device-to-host copies in flight, crossing shards."""
+    out = tmp_path / "gpu"
+    extract(ExtractConfig(dataset="demo", out=out, dtype="fp32", limit=24, shard_size=5,
+                          precision=precision, **GPU))
+    for split in ("train", "val", "test"):
+        cpu, gpu = (torch.from_numpy(open_store(p).split(split).tokens[:]) for p in (fp32_store, out))
+        assert rel_err(gpu, cpu) < bound, split
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "int8", "fp32"])
+def test_gpu_batches_are_the_cpu_batches(tmp_path, dtype):
+    """Pinned gathers, buffer fills with carried samples, int8 decoded on the device."""
+    out = tmp_path / dtype
+    extract(ExtractConfig(dataset="demo", out=out, dtype=dtype, limit=24, shard_size=5, **TINY))
+    store = open_store(out)
+    small = store.split("train").tokens.nbytes // 24 * 6
+    for layers in (None, [0, 2]):
+        cpu, gpu = (ShardLoader(store, "train", batch_size=4, shuffle=True, seed=3, buffer_bytes=small,
+                                layers=layers, device=d) for d in ("cpu", "cuda"))
+        pairs = list(zip(cpu.epoch(1), gpu.epoch(1)))
+        assert len(pairs) == len(cpu)
+        for a, b in pairs:
+            assert b.tokens.is_cuda and torch.equal(a.tokens, b.tokens.cpu())
+            assert torch.equal(a.labels, b.labels.cpu())
+
+
+def test_gpu_training_resumes_and_scores_like_the_cpu(fp32_store, tmp_path, monkeypatch):
+    cfg = FitConfig(cache=fp32_store, rank=4, epochs=3, batch_size=8, dropout=0.1, device="cuda")
+    whole = fit(FitConfig(**{**vars(cfg), "out": tmp_path / "whole"}))
+    original = train_module.Trainer.end_epoch
+
+    def crash_after_one(self, *args):
+        original(self, *args)
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module.Trainer, "end_epoch", crash_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        fit(FitConfig(**{**vars(cfg), "out": tmp_path / "resumed"}))
+    monkeypatch.setattr(train_module.Trainer, "end_epoch", original)
+    resumed = fit(FitConfig(**{**vars(cfg), "out": tmp_path / "resumed"}))  # the CUDA RNG state
+    a, b = (load_file(str(r.run / "adapter.safetensors")) for r in (whole, resumed))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    on_cpu = evaluate_run(whole.run, fp32_store)
+    assert evaluate_run(whole.run, fp32_store, device="cuda") == pytest.approx(on_cpu, abs=1 / 24)
+    assert whole.val_acc == pytest.approx(on_cpu["val"], abs=1 / 24)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_training_learns_and_times_each_configuration(fp32_store, tmp_path, precision):
+    base = FitConfig(cache=fp32_store, epochs=4, batch_size=8, lr=3e-3, device="cuda", precision=precision)
+    results = train_many([FitConfig(**{**vars(base), "rank": r, "out": tmp_path / f"r{r}"}) for r in (2, 4)]
+                         + [FitConfig(**{**vars(base), "method": "linear", "out": tmp_path / "linear"})])
+    for r in results:
+        losses, seconds = ([h[k] for h in r.history] for k in ("train_loss", "seconds"))
+        assert r.failed is None and losses[-1] < losses[0]
+        assert 0 < seconds[0] < seconds[1] < seconds[2] < seconds[3]  # each epoch's own time added
+
+
+def test_predict_on_the_gpu_runs_the_backbone_as_the_store_did(image_folder, tmp_path):
+    """An fp16-forward store: predict's backbone under fp16 autocast, nested in the run's."""
+    store = tmp_path / "store"
+    extract(ExtractConfig(dataset=str(image_folder), out=store, dtype="fp32", precision="fp16", **GPU))
+    r = fit(FitConfig(cache=store, rank=2, epochs=2, batch_size=4, device="cuda", out=tmp_path / "run"))
+    files = [image_folder / k for k in open_store(store).split("val").keys]
+    assert_predict_equals_cached(r.run, store, files, device="cuda", atol=2e-3)
