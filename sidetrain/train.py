@@ -14,12 +14,15 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from safetensors.torch import save_file
 
 from featcache import location
@@ -33,6 +36,8 @@ from .loader import DATA_ORDER, ShardLoader
 from .plots import plot_curves
 
 console = Console(stderr=True)
+BAR = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("batches"),
+       TimeElapsedColumn(), TimeRemainingColumn())
 CHECK_EVERY = 100  # steps between reads of the running loss: each read waits for the GPU
 
 
@@ -355,14 +360,14 @@ class Clock:
         return seconds
 
 
-def _pass(loader: ShardLoader, epoch: int, trainers: list[Trainer], union: list[int], train: bool
-          ) -> tuple[int, float]:
+def _pass(loader: ShardLoader, epoch: int, trainers: list[Trainer], union: list[int], train: bool,
+          tick: Callable[[], None] = lambda: None) -> tuple[int, float]:
     """One pass over a split, each batch fed to every trainer.
 
     Probes that read the same taps through the same head input share one readout per batch
     (a sweep over a probe's lr then costs one readout, not eight).
     Returns (batches, wall seconds); each trainer's clock gets its own compute time and an
-    even share of a readout it shares."""
+    even share of a readout it shares. `tick` is called after each batch (a progress bar)."""
     picks = [None if t.layers == union else torch.tensor([union.index(p) for p in t.layers],
                                                          device=loader.device) for t in trainers]
     readers = {}  # readout key -> the probes that share it
@@ -391,6 +396,7 @@ def _pass(loader: ShardLoader, epoch: int, trainers: list[Trainer], union: list[
             (t.train_batch if train else t.eval_batch)(x, b.labels)
             t.clock.add(start, _mark(device))
         batches += 1
+        tick()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return batches, time.perf_counter() - t0
@@ -424,8 +430,10 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
         active = [t for t in trainers if t.active and t.epoch == epoch]
         if not active:
             continue
-        steps_done, wall_train = _pass(train, epoch, active, union, train=True)
-        _, wall_val = _pass(val, 0, active, union, train=False)
+        with Progress(*BAR, console=console, transient=True) as bar:  # an epoch can take hours
+            task = bar.add_task(f"epoch {epoch}", total=len(train) + len(val))
+            steps_done, wall_train = _pass(train, epoch, active, union, True, lambda: bar.advance(task))
+            _, wall_val = _pass(val, 0, active, union, False, lambda: bar.advance(task))
         own = [t.clock.take() for t in active]
         shared = max(0.0, wall_train + wall_val - sum(own)) / len(active)  # reading: split evenly
         for t, seconds in zip(active, own):
