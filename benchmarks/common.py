@@ -5,12 +5,21 @@ from __future__ import annotations
 import json
 import os
 import platform
+import tempfile
 from pathlib import Path
 
 import torch
 
 # BENCH_RESULTS (set by `make bench QUICK=1`) keeps quick figures apart from the full ones
 RESULTS = Path(os.environ.get("BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
+WORK = Path(__file__).resolve().parent / "work"  # git-ignored: stores, images, runs
+
+
+def scratch() -> tempfile.TemporaryDirectory:
+    """A temporary folder on the repository's disk (not a tmpfs /tmp), under the ignored
+    work/ folder, so that what a killed run leaves behind is never committed."""
+    WORK.mkdir(exist_ok=True)
+    return tempfile.TemporaryDirectory(dir=WORK)
 DINOV2_FILE = Path(__file__).resolve().parents[2] / "shared" / "weights" / \
     "vit_small_patch14_dinov2.imgfocus.safetensors"
 

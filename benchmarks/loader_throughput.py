@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from featcache.models import TokenLayout
 from featcache.store import create_store, open_store, write_shard
 from sidetrain import ShardLoader
 
-from common import bar_chart, machine, save
+from common import bar_chart, machine, save, scratch
 
 SHAPE = (12, 65, 384)
 
@@ -105,7 +104,7 @@ def main() -> None:
     args = ap.parse_args()
     n, gb = args.samples, args.samples * np.prod(SHAPE) * 2 / 1e9
     rows = []
-    with tempfile.TemporaryDirectory(dir=Path(__file__).parent) as tmp:
+    with scratch() as tmp:
         path, flat = Path(tmp) / "store", Path(tmp) / "flat.npy"
         make_store(path, flat, n)
         runs = {"memmap random": lambda: memmap_random(flat, n, args.batch_size),

@@ -14,7 +14,6 @@ shows how much of a run was shared work (target: under 2x).
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from featcache import ExtractConfig, extract
 from sidetrain import FitConfig, train_many
 
-from common import bar_chart, machine, save
+from common import bar_chart, machine, save, scratch
 
 
 def timed(configs: list[FitConfig]) -> float:
@@ -42,7 +41,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     kind = torch.device(args.device).type
-    with tempfile.TemporaryDirectory(dir=Path(__file__).parent) as tmp:
+    with scratch() as tmp:
         store = args.store or extract(ExtractConfig(model=args.model, random_init=True, img_size=args.img_size,
                                                     dataset="demo", out=Path(tmp) / "store",
                                                     device=args.device)).path

@@ -1,8 +1,10 @@
 """Training cost per epoch, peak memory and trainable parameters, same backbone/batch/data:
 
-    python benchmarks/training_cost.py [--model vit_small] [--img-size 112] [--n 256]
+    python benchmarks/training_cost.py [--model vit_small] [--img-size 112] [--n 256] [--precision bf16]
 
-writes benchmarks/results/training_cost_<cpu|cuda>_<model>.json and .png.
+writes benchmarks/results/training_cost_<cpu|cuda>_<model>[_bf16].json and .png. With
+--precision bf16 every method's forward runs under bf16 autocast, as `sidetrain fit
+--precision bf16` trains (for GPUs: on most CPUs it is slower).
 
 - losa-cache:  LoSA trained from the store (what sidetrain does);
 - losa-e2e:    the same LoSA with the frozen backbone run forward every step;
@@ -38,7 +40,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,10 +49,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from featcache import ExtractConfig, extract, load_backbone, open_dataset, open_store
+from featcache.precision import autocast
 from featcache.sources.base import to_rgb
 from sidetrain import EndToEnd, ModelSpec, ShardLoader, build_classifier
 
-from common import bar_chart, machine, save
+from common import bar_chart, machine, save, scratch
 
 METHODS = ("losa-cache", "losa-e2e", "linear", "full-ft", "lora", "adapter")
 
@@ -156,7 +158,8 @@ def run_one(args) -> dict:
         batches = lambda: ((images[i:i + args.batch_size].to(device), labels[i:i + args.batch_size].to(device))  # noqa: E731
                            for i in range(0, len(images), args.batch_size))
     params = [p for p in model.parameters() if p.requires_grad]
-    saved = saved_bytes(model, next(batches())[0])
+    with autocast(device.type, args.precision):
+        saved = saved_bytes(model, next(batches())[0])
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     times = []
     for _ in range(args.epochs):  # the first warms up (allocator, caches); the best of the rest
@@ -167,7 +170,8 @@ def run_one(args) -> dict:
             Path("/proc/self/clear_refs").write_text("5")
         t0 = time.perf_counter()
         for x, y in batches():
-            loss = F.cross_entropy(model(x), y)
+            with autocast(device.type, args.precision):
+                loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -195,6 +199,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # one child process
     ap.add_argument("--store", help=argparse.SUPPRESS)
     ap.add_argument("--images", help=argparse.SUPPRESS)
@@ -204,7 +209,7 @@ def main() -> None:
         print(json.dumps(run_one(args)))
         return
     cpu = torch.device(args.device).type == "cpu"
-    with tempfile.TemporaryDirectory(dir=Path(__file__).parent) as tmp:
+    with scratch() as tmp:
         images = Path(tmp) / "images"
         from extract_throughput import write_images
         write_images(images, args.n)
@@ -213,7 +218,7 @@ def main() -> None:
                               dataset=str(images), out=store, device=args.device, val_fraction=0.01))
         child = [sys.executable, __file__, "--store", str(store), "--images", str(images), "--model",
                  args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
-                 "--device", args.device]
+                 "--device", args.device, "--precision", args.precision]
         rows = []
         for method in METHODS:
             row = run_child(child + ["--method", method])
@@ -224,7 +229,7 @@ def main() -> None:
             rows.append(row)
     ft = next(r for r in rows if r["method"] == "full-ft")
     print(f"\ntraining cost per epoch: {args.model} at {args.img_size} px, {args.n} images, batch "
-          f"{args.batch_size}, {machine()}\n")
+          f"{args.batch_size}, {args.precision}, {machine()}\n")
     print("| method | trainable params | epoch (s) | speed-up vs full FT | peak memory | vs full FT "
           "| saved for backward |" + (" files mapped |" if cpu else ""))
     print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if cpu else ""))
@@ -237,12 +242,12 @@ def main() -> None:
                             "the decoded images; files mapped apart (the store for LoSA and the probe, "
                             "and in every row the library code loaded late)")
           + ". saved for backward: the activations autograd keeps over one batch")
-    stem = f"training_cost_{'cpu' if cpu else 'cuda'}_{args.model}"
-    path = save(stem, {"model": args.model, "img_size": args.img_size, "n": args.n,
+    stem = f"training_cost_{'cpu' if cpu else 'cuda'}_{args.model}" + ("_bf16" if args.precision == "bf16" else "")
+    path = save(stem, {"model": args.model, "img_size": args.img_size, "n": args.n, "precision": args.precision,
                        "batch_size": args.batch_size, "machine": machine(), "rows": rows})
     png = bar_chart(stem, [r["method"] for r in rows],
                     [ft["epoch_s"] / r["epoch_s"] for r in rows], "epoch speed-up vs full FT",
-                    f"training cost, {args.model} {args.img_size} px, {machine()}", target=20)
+                    f"training cost, {args.model} {args.img_size} px, {args.precision}, {machine()}", target=20)
     print(f"\nwritten: {path} and {png.name}")
 
 

@@ -67,8 +67,8 @@ def extract_cmd(
     dtype: str = typer.Option("fp16", help="Stored precision: fp16 (default), bf16, int8 (a quarter "
                               "of fp32, ~0.5-0.8 % error; see docs/store-format.md) or fp32 (exact)."),
     precision: str = typer.Option("fp32", help="The backbone's compute precision: fp32 (default), "
-                                  "or fp16 / bf16 autocast, the fast path on a GPU (on most CPUs "
-                                  "slower). On DINOv2 tokens (CPU autocast) an fp16 forward is "
+                                  "or fp16 / bf16 autocast, the fast path on a GPU (on a CPU "
+                                  "without 16-bit matrix units several times slower). On DINOv2 tokens (CPU autocast) an fp16 forward is "
                                   "0.1-0.2 % off the fp32 one, a bf16 forward 1.0-1.6 % "
                                   "(docs/store-format.md): on a GPU use fp16. Recorded in the store."),
     batch_size: int = typer.Option(32, help="Images (or clips) per backbone forward."),
@@ -122,8 +122,8 @@ def extract_cmd(
         r = extract_on_dask(cfg, dask)
     else:
         r = extract(cfg)
-    summary = {"path": str(r.path), "status": r.status, "bytes": r.plan.total, "written": r.written,
-               "skipped": r.skipped, "seconds": round(r.seconds, 2)}
+    summary = {"path": str(r.path), "status": r.status, "complete": r.complete, "bytes": r.plan.total,
+               "written": r.written, "skipped": r.skipped, "seconds": round(r.seconds, 2)}
     if as_json:
         emit_json(summary)
         return
@@ -173,11 +173,14 @@ def info_cmd(path: str = typer.Argument(..., metavar="STORE", help="A store fold
     t = Table(show_header=False, box=None)
     t.add_row("model", info["model"])
     t.add_row("weights", f"{info['weights']['source']} (sha256 {info['weights']['sha256'][:16]}...)")
-    t.add_row("dataset", f"{info['dataset']['source']}, {len(info['classes'])} classes")
+    t.add_row("dataset", info["dataset"]["source"])
     t.add_row("taps", ",".join(map(str, info["taps"])))
     t.add_row("tokens", f"{lay['tokens']} = {lay['prefix_tokens']} prefix + {lay['frames']} x "
               f"{lay['grid'][0]} x {lay['grid'][1]} patches; width {lay['width']}; pool {lay['pool']}")
-    t.add_row("dtype", f"{info['dtype']} (computed in {info['precision']})")
+    t.add_row("classes", f"{len(info['classes'])}: " + ", ".join(info["classes"][:20])
+              + (" ..." if len(info["classes"]) > 20 else ""))
+    t.add_row("dtype", info["dtype"])
+    t.add_row("precision", f"{info['precision']} (the backbone's forward)")
     for name, s in info["splits"].items():
         state = "complete" if s["complete"] else f"{s['shards_done']}/{s['shards']} shards"
         t.add_row(f"split {name}", f"{s['n']:,} samples, {len(s['skipped'])} skipped, {state}")
@@ -223,7 +226,8 @@ def ls_cmd(root: str = typer.Argument("cache", metavar="ROOT", help="Folder or U
         print(f"no stores under {root}")
     for s in stores:  # plain lines, never wrapped: easy to grep
         splits = " ".join(f"{k}={v}" for k, v in s["splits"].items())
-        print(f"{s['path']}  {s['model']}  {s['dataset']}  {splits}  {s['dtype']}  {s['taps']} taps  "
+        dtype = s["dtype"] + ("" if s["precision"] == "fp32" else f" ({s['precision']} forward)")
+        print(f"{s['path']}  {s['model']}  {s['dataset']}  {splits}  {dtype}  {s['taps']} taps  "
               f"{human_bytes(s['bytes_on_disk'])}  {'complete' if s['complete'] else 'INCOMPLETE'}")
 
 

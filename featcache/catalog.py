@@ -78,6 +78,7 @@ def _summary(path: Location, meta: dict) -> dict:
         except (OSError, ValueError, KeyError):
             splits[name] = None
     return {"path": str(path), "model": meta["model"]["name"], "dataset": meta["dataset"]["name"],
-            "splits": splits, "dtype": meta["dtype"], "taps": len(meta["taps"]),
+            "splits": splits, "dtype": meta["dtype"], "precision": meta.get("precision", "fp32"),
+            "taps": len(meta["taps"]),
             "bytes_on_disk": disk_usage(path), "complete": bool(meta.get("complete")),
             "content_key": meta.get("content_key")}

@@ -54,6 +54,8 @@ def extract_on_dask(cfg: ExtractConfig, address: str) -> ExtractResult:
         plan.plan.check_fits(cfg.force)
     if cfg.dry_run:
         return plan
+    if plan.twin is not None:  # (the plan said so) every part would return it: run none
+        return ExtractResult(path=plan.twin, plan=plan.plan, status="reused", complete=True)
     if address.startswith("local:"):
         try:
             n = int(address[6:])
@@ -105,4 +107,5 @@ def extract_on_dask(cfg: ExtractConfig, address: str) -> ExtractResult:
         "resumed" if "resumed" in statuses else "written"
     if total and done < total:
         raise UserError(f"only {done} of {total} shards of {out} are done; rerun the command.")
+    merged.complete = True
     return merged

@@ -7,6 +7,7 @@ bit-identical (on CPU) to a run that was never interrupted.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -98,6 +99,8 @@ class ExtractResult:
     skipped: dict[str, dict[str, str]] = field(default_factory=dict)  # split -> key -> reason
     seconds: float = 0.0
     status: str = "written"  # written | resumed | reused | already complete | part done | dry run
+    complete: bool = False  # whether the store is complete now (a --shard part may leave it not)
+    twin: Location | None = None  # an identical complete store that a run returns instead
 
 
 class _Images(torch.utils.data.Dataset):
@@ -339,19 +342,28 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                      layout.width, cfg.dtype, out)
     console.print(plan.describe())
     result = ExtractResult(path=out, plan=plan)
-    if cfg.dry_run:
-        result.status = "dry run"
-        return result
     settings = _settings(backbone, ds, taps, cfg)
     settings["content_key"] = content_key(settings, ds)
     existed = exists(join(out, "zarr.json"))
-    twin = None if existed or not cfg.reuse else _identical_store(out, settings["content_key"])
+    try:
+        twin = None if existed or not cfg.reuse else _identical_store(out, settings["content_key"])
+    except UserError:  # a bucket that cannot be listed: a dry run needs no credentials
+        if not cfg.dry_run:
+            raise
+        twin = None
+    result.twin = twin
+    if cfg.dry_run:
+        if twin is not None:
+            console.print(f"{twin} already holds exactly this: a real run would reuse it and write "
+                          "nothing (--no-reuse to extract anyway).")
+        result.status = "dry run"
+        return result
     if twin is not None:
         _refuse_unreadable(open_store(twin), list(ds.splits))  # not an empty twin either
         console.print(f"{twin} already holds exactly this (same model, weights, transform, taps, "
                       f"dtype, precision and inputs): reusing it, and {out} is not written. Train from "
                       f"{twin}, or pass --no-reuse to extract anyway.")
-        result.path, result.status = twin, "reused"
+        result.path, result.status, result.complete = twin, "reused", True
         return result
     if not existed:
         plan.check_fits(cfg.force)
@@ -392,14 +404,14 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
             for name in names:
                 if store.split(name).done.all() and not store.split(name).attrs["complete"]:
                     mark_complete(store, name)
-            if all(store.split(n).done.all() for n in names):
+            result.complete = all(store.split(n).done.all() for n in names)
+            if result.complete:
                 if not store.meta["complete"]:
                     mark_complete(store)
                 if not batches:
                     result.status = "already complete"
-                    console.print(f"{out} is already complete: nothing to do.")
-            elif not batches:
-                result.status = "part done"
+            elif cfg.shard:
+                result.status = result.status if batches else "part done"
                 console.print(f"part {cfg.shard[0]}/{cfg.shard[1]} of {out} is done; "
                               "the store completes when every part has run.")
     _refuse_unreadable(store, names)
@@ -407,16 +419,29 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
 
 
 def _note_rare_classes(ds: Dataset) -> None:
-    """A class of one or two samples among classes of ten or more is most often a mistyped label
-    in a manifest: say so before the extraction, without refusing (it may be real)."""
+    """A class of one or two samples, among classes of ten or more or named like another
+    class, is most often a mistyped label in a manifest: say so before the extraction,
+    naming a sample, without refusing (it may be real)."""
     labels = np.concatenate([s.labels for s in ds.splits.values()])
     counts = np.bincount(labels[labels >= 0], minlength=len(ds.classes))
-    rare = np.flatnonzero(counts <= 2)
-    if len(rare) and np.median(counts) >= 10:
-        named = ", ".join(f"'{ds.classes[c]}' ({counts[c]})" for c in rare[:5])
-        console.print(f"[yellow]note:[/] {len(rare)} class(es) with at most 2 samples, against a "
-                      f"median of {int(np.median(counts))} per class: {named}"
-                      f"{' ...' if len(rare) > 5 else ''}. A mistyped label?")
+    rare = np.flatnonzero((counts > 0) & (counts <= 2))
+    # many rare classes are a long tail or a --limit, not typos: then only name likenesses
+    by_count = np.median(counts) >= 10 and len(rare) <= max(1, 0.1 * len(counts))
+    lines = []
+    for c in rare:
+        big = [n for n, k in zip(ds.classes, counts) if k >= 5 * counts[c]]  # a typo's original
+        like = difflib.get_close_matches(ds.classes[c], big, n=1, cutoff=0.75) or [
+            n for n in big if n.lower() == ds.classes[c].lower()]
+        if like or by_count:
+            key = next(s.keys[i] for s in ds.splits.values() for i in np.flatnonzero(s.labels == c))
+            lines.append(f"'{ds.classes[c]}' ({counts[c]} sample{'s' if counts[c] > 1 else ''}, e.g. {key})"
+                         + (f", close to '{like[0]}'" if like else ""))
+        if len(lines) > 5:
+            break
+    if lines:
+        console.print(f"[yellow]note:[/] class(es) with at most 2 samples, against a median of "
+                      f"{np.median(counts):g} per class: {'; '.join(lines[:5])}"
+                      f"{' ...' if len(lines) > 5 else ''}. A mistyped label?")
 
 
 def _refuse_unreadable(store: Store, names: list[str]) -> None:

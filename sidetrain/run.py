@@ -15,6 +15,7 @@ from pathlib import Path
 import timm.data
 import torch
 from PIL import Image
+from rich.console import Console
 from safetensors.torch import load_file
 
 from featcache.errors import UserError
@@ -27,6 +28,8 @@ from featcache.store import Store, open_store
 from .classifier import Classifier, ModelSpec, input_layers, make_classifier
 from .endtoend import EndToEnd
 from .loader import ShardLoader
+
+console = Console(stderr=True)
 
 
 def load_run(run: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -63,6 +66,11 @@ def check_store(config: dict, store: Store) -> list[int]:
         diffs.append(f"taps: the run uses blocks {missing} that the store does not hold")
     if diffs:
         raise UserError(f"{store.path} does not match the run's features: " + "; ".join(diffs))
+    trained = s.get("precision", "fp32")
+    if store.precision != trained:  # close features, not the same: worth a word, not a refusal
+        console.print(f"[yellow]note:[/] the run was trained on tokens computed in {trained}, and "
+                      f"{store.path} holds tokens computed in {store.precision}: scores may "
+                      "differ slightly from those on the training store.")
     return [store.taps.index(b) for b in config["blocks"]]
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
@@ -118,7 +119,7 @@ def _check_store(cfg: FitConfig, store: Store) -> None:
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise UserError("--epochs and --batch-size must be at least 1 and --lr positive")
     if cfg.precision not in PRECISIONS:
-        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}")
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{cfg.precision}'")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but torch sees no CUDA device here.")
     for name in ("train", "val"):
@@ -132,6 +133,16 @@ def _check_store(cfg: FitConfig, store: Store) -> None:
                             "`featcache extract` command that made it to finish it.")
         if not (split.labels >= 0).any():
             raise UserError(f"split '{name}' of {store.path} has no labelled samples.")
+    if cfg.precision != "fp32" and not cfg.device.startswith("cuda"):
+        console.print(f"[yellow]note:[/] --precision {cfg.precision} applies on CUDA; on "
+                      f"{cfg.device} training runs in fp32.")
+    labels = store.split("train").labels
+    absent = [store.classes[c] for c in np.flatnonzero(
+        np.bincount(labels[labels >= 0], minlength=len(store.classes)) == 0)]
+    if absent:
+        console.print(f"[yellow]note:[/] {len(absent)} class(es) have no training sample, so the "
+                      f"head cannot learn them: {', '.join(absent[:10])}"
+                      f"{' ...' if len(absent) > 10 else ''}.")
 
 
 class Trainer:
@@ -430,7 +441,8 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
         active = [t for t in trainers if t.active and t.epoch == epoch]
         if not active:
             continue
-        with Progress(*BAR, console=console, transient=True) as bar:  # an epoch can take hours
+        with Progress(*BAR, console=console, transient=True,  # an epoch can take hours
+                      disable=not (console.is_terminal or console.is_jupyter)) as bar:
             task = bar.add_task(f"epoch {epoch}", total=len(train) + len(val))
             steps_done, wall_train = _pass(train, epoch, active, union, True, lambda: bar.advance(task))
             _, wall_val = _pass(val, 0, active, union, False, lambda: bar.advance(task))

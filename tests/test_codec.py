@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from featcache import ExtractConfig, UserError, extract, open_store
+from featcache.catalog import find_stores
 from featcache.codec import calibrate, decode, encode
-from sidetrain import FitConfig, ModelSpec, ShardLoader, build_classifier, fit
+from sidetrain import FitConfig, ModelSpec, ShardLoader, build_classifier, evaluate_run, fit
 
 from .conftest import TINY, assert_predict_equals_cached
 
@@ -70,7 +71,7 @@ def test_int8_and_bf16_stores_load_close_to_fp32(fp32_store, tmp_path):
                 model(torch.from_numpy(store.split("train").tokens[:2]))
 
 
-def test_a_bf16_forward_is_recorded_kept_apart_and_replayed_by_predict(image_folder, tmp_path):
+def test_a_bf16_forward_is_recorded_kept_apart_and_replayed_by_predict(image_folder, tmp_path, capsys):
     """--precision bf16: the store says so, holds tokens near the fp32 forward's but not
     equal to them, is not taken for (nor resumed as) an fp32 store, and `predict` runs the
     backbone as the store did."""
@@ -80,6 +81,7 @@ def test_a_bf16_forward_is_recorded_kept_apart_and_replayed_by_predict(image_fol
     assert extract(ExtractConfig(out=half, precision="bf16", **common)).status == "written"
     a, b = open_store(exact), open_store(half)
     assert (a.precision, b.precision) == ("fp32", "bf16")
+    assert {s["path"]: s["precision"] for s in find_stores(tmp_path)} == {str(exact): "fp32", str(half): "bf16"}
     za, zb = (torch.from_numpy(s.split("train").tokens[:]) for s in (a, b))
     assert 0 < rel_err(zb, za).max() < 0.02
     with pytest.raises(UserError, match="precision: store has 'bf16', this run 'fp16'"):
@@ -87,3 +89,6 @@ def test_a_bf16_forward_is_recorded_kept_apart_and_replayed_by_predict(image_fol
     r = fit(FitConfig(cache=half, rank=2, epochs=2, batch_size=4, out=tmp_path / "run"))
     assert json.loads((r.run / "config.json").read_text())["store"]["precision"] == "bf16"
     assert_predict_equals_cached(r.run, half, [image_folder / k for k in b.split("val").keys])
+    capsys.readouterr()
+    evaluate_run(r.run, exact)  # scored on the fp32 forward's tokens: allowed, with a word
+    assert "trained on tokens computed in bf16" in " ".join(capsys.readouterr().err.split())

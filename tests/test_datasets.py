@@ -163,12 +163,25 @@ def test_a_manifest_read_under_another_root_is_another_source(tmp_path):
     assert len({plain.source, one.source, two.source}) == 3 and str(tmp_path / "two") in two.source
 
 
-def test_a_class_of_one_sample_among_large_ones_is_pointed_out(tmp_path, capsys):
-    folder = make_image_folder(tmp_path / "images", per_class=20, size=8)
+def test_a_class_of_one_sample_named_like_another_is_pointed_out(tmp_path, capsys):
+    folder = make_image_folder(tmp_path / "images", classes=4, per_class=12, size=8)
     rows = [f"{p.relative_to(folder)},{p.parent.name}" for p in sorted(folder.rglob("*.png"))]
-    rows[5] = rows[5].replace(",class0", ",clas0")  # one typo
-    (folder / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
-    extract(ExtractConfig(dataset=str(folder / "labels.csv"), dry_run=True, **TINY))
-    assert "1 class(es) with at most 2 samples" in capsys.readouterr().err.replace("\n", " ")
-    extract(ExtractConfig(dataset=str(folder), dry_run=True, **TINY))  # the folder itself: no note
-    assert "at most 2 samples" not in capsys.readouterr().err
+
+    def note(labels: list[str]) -> str:
+        (folder / "labels.csv").write_text("path,label\n" + "\n".join(
+            f"{r.split(',')[0]},{label}" for r, label in zip(rows, labels)) + "\n")
+        extract(ExtractConfig(dataset=str(folder / "labels.csv"), dry_run=True, **TINY))
+        return " ".join(capsys.readouterr().err.split())
+
+    labels = [r.split(",")[1] for r in rows]
+    assert "at most 2 samples" not in note(labels)
+    typo = labels.copy()
+    typo[1] = "clas0"  # a typo: named like a class 11 times its size
+    assert "'clas0' (1 sample, e.g. class0/img01.png), close to 'class0'" in note(typo)
+    odd = labels.copy()
+    odd[1] = "zebra"  # like nothing, but alone among classes of about 12
+    assert "'zebra' (1 sample, e.g. class0/img01.png). A mistyped label?" in note(odd)
+    tail = [f"{i // 2}" for i in range(len(rows))]  # 24 classes of 2 named alike (a --limit): no note
+    assert "at most 2 samples" not in note(tail)
+    gap = [str(1 + int(label[-1])) for label in labels]  # integer labels from 1: class 0 is empty
+    assert "at most 2 samples" not in note(gap)

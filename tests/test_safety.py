@@ -139,6 +139,7 @@ def test_ls_and_info_describe_stores(fp32_store, tmp_path):
     r = subprocess.run([sys.executable, "-m", "cli.featcache", "info", str(fp32_store)],
                        capture_output=True, text=True)
     assert "vit_tiny_patch16_224" in r.stdout and "5 = 1 prefix + 1 x 2 x 2" in r.stdout
+    assert "fp32 (the backbone's forward)" in r.stdout and "10: t-shirt/top, trouser" in r.stdout
 
 
 def test_a_read_only_store_serves_info_verify_ls_fit_sweep_and_eval(fp32_store, tmp_path):

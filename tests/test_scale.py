@@ -55,9 +55,10 @@ def test_n_processes_fill_one_store_bit_for_bit(single, tmp_path):
 def test_a_part_alone_leaves_the_store_incomplete(tmp_path):
     cfg = dict(dataset="demo", out=tmp_path / "p", limit=12, shard_size=4, **TINY)
     r = extract(ExtractConfig(shard=(0, 2), **cfg))
-    assert r.status == "written" and not open_store(tmp_path / "p").complete
+    assert r.status == "written" and not r.complete and not open_store(tmp_path / "p").complete
     assert extract(ExtractConfig(shard=(0, 2), **cfg)).status == "part done"
-    assert extract(ExtractConfig(shard=(1, 2), **cfg)).status == "resumed"  # the store existed
+    r = extract(ExtractConfig(shard=(1, 2), **cfg))
+    assert r.status == "resumed" and r.complete  # the store existed; this part completed it
     assert open_store(tmp_path / "p").complete
 
 
@@ -79,19 +80,25 @@ def test_dask_local_cluster_equals_a_single_process(tmp_path):
     out = tmp_path / "dask"
     r = extract_on_dask(ExtractConfig(dataset="demo", out=out, limit=12, shard_size=4, reuse=False,
                                       **{**TINY, "batch_size": 2}), "local:2")
-    assert r.written == {"train": 12, "val": 12, "test": 12}
+    assert r.written == {"train": 12, "val": 12, "test": 12} and r.complete
     assert open_store(out).complete
     expected = arrays(single)
     for name, value in arrays(out).items():
         np.testing.assert_array_equal(value, expected[name], err_msg=name)
 
 
-def test_an_identical_store_is_found_and_reused(tmp_path):
+def test_an_identical_store_is_found_and_reused(tmp_path, capsys):
     cfg = dict(dataset="demo", limit=4, **TINY)
     first = extract(ExtractConfig(out=tmp_path / "cache" / "alice", **cfg))
+    capsys.readouterr()
+    assert extract(ExtractConfig(out=tmp_path / "cache" / "bob", dry_run=True, **cfg)).status == "dry run"
+    assert "a real run would reuse it" in " ".join(capsys.readouterr().err.split())
     again = extract(ExtractConfig(out=tmp_path / "cache" / "bob", **{**cfg, "batch_size": 3}))
     assert again.status == "reused" and again.path == first.path
     assert not (tmp_path / "cache" / "bob").exists()
+    dask = extract_on_dask(ExtractConfig(out=tmp_path / "cache" / "erin", **cfg), "local:1")
+    assert (dask.status, dask.path, dask.complete) == ("reused", first.path, True)  # no part run
+    assert not (tmp_path / "cache" / "erin").exists()
     other = extract(ExtractConfig(out=tmp_path / "cache" / "carol", **{**cfg, "dtype": "fp32"}))
     assert other.status == "written"  # different content: extracted
     forced = extract(ExtractConfig(out=tmp_path / "cache" / "dave", reuse=False, **cfg))
