@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from featcache import UserError
+from featcache import UserError, open_store
 from sidetrain import FitConfig, evaluate_run, fit, predict, sweep
 
 from .common import emit_json, make_app, run
@@ -166,8 +166,10 @@ def eval_cmd(run_dir: Path = typer.Option(..., "--run", help="A run folder from 
     if as_json:
         emit_json(accs)
         return
+    store = open_store(cache)
     for split, acc in accs.items():
-        out.print(f"{split}: {100 * acc:.2f}%")
+        n = int((store.split(split).labels >= 0).sum())
+        out.print(f"{split}: {100 * acc:.2f}% of {n:,} samples")
 
 
 @app.command("predict")

@@ -501,7 +501,7 @@ def _run(cfg: ExtractConfig, backbone: Backbone, store: Store, images: _Images, 
                         pin_memory=device.type == "cuda")
     layout = _layout(backbone, ds)
     shape = (len(taps), layout.tokens, layout.width)
-    unit = "clips" if ds.video else "img"
+    unit = "clips" if ds.video else "views" if cfg.views > 1 else "img"  # what the bar counts
     sizes = [store.split(n).shard_size for n in names]
     writer = _ShardWriter(store)
     readback = Readback(device)

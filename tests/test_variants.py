@@ -220,6 +220,9 @@ def test_eval_matches_training_and_refuses_foreign_stores(fp32_store, tmp_path):
     r = fit(FitConfig(cache=fp32_store, rank=4, epochs=2, batch_size=8, out=tmp_path / "run"))
     accs = evaluate_run(r.run, fp32_store)
     assert accs["val"] == r.val_acc and accs["test"] == r.test_acc
+    cli = subprocess.run([sys.executable, "-m", "cli.sidetrain", "eval", "--run", str(r.run), "--cache",
+                          str(fp32_store)], capture_output=True, text=True)
+    assert f"val: {100 * r.val_acc:.2f}% of 24 samples" in cli.stdout
     other = tmp_path / "other"
     extract(ExtractConfig(dataset="demo", out=other, limit=8, **{**TINY, "seed": 7}))
     with pytest.raises(UserError, match="weights"):
