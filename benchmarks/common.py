@@ -13,6 +13,8 @@ import torch
 # BENCH_RESULTS (set by `make bench QUICK=1`) keeps quick figures apart from the full ones
 RESULTS = Path(os.environ.get("BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 WORK = Path(__file__).resolve().parent / "work"  # git-ignored: stores, images, runs
+DINOV2_FILE = Path(__file__).resolve().parents[2] / "shared" / "weights" / \
+    "vit_small_patch14_dinov2.imgfocus.safetensors"
 
 
 def scratch() -> tempfile.TemporaryDirectory:
@@ -20,8 +22,6 @@ def scratch() -> tempfile.TemporaryDirectory:
     work/ folder, so that what a killed run leaves behind is never committed."""
     WORK.mkdir(exist_ok=True)
     return tempfile.TemporaryDirectory(dir=WORK)
-DINOV2_FILE = Path(__file__).resolve().parents[2] / "shared" / "weights" / \
-    "vit_small_patch14_dinov2.imgfocus.safetensors"
 
 
 def backbone_args(weights: Path | None, model: str | None = None) -> dict:

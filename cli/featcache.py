@@ -68,9 +68,10 @@ def extract_cmd(
                               "of fp32, ~0.5-0.8 % error; see docs/store-format.md) or fp32 (exact)."),
     precision: str = typer.Option("fp32", help="The backbone's compute precision: fp32 (default), "
                                   "or fp16 / bf16 autocast, the fast path on a GPU (on a CPU "
-                                  "without 16-bit matrix units several times slower). On DINOv2 tokens (CPU autocast) an fp16 forward is "
-                                  "0.1-0.2 % off the fp32 one, a bf16 forward 1.0-1.6 % "
-                                  "(docs/store-format.md): on a GPU use fp16. Recorded in the store."),
+                                  "without 16-bit matrix units several times slower). On DINOv2 "
+                                  "tokens (CPU autocast) an fp16 forward is 0.1-0.2 % off the fp32 "
+                                  "one, a bf16 forward 1.0-1.6 % (docs/store-format.md): on a GPU "
+                                  "use fp16. Recorded in the store."),
     batch_size: int = typer.Option(32, help="Images (or clips) per backbone forward."),
     device: str = typer.Option("cpu", help="cpu or cuda (or cuda:N)."),
     limit: Optional[int] = typer.Option(None, help="At most N samples per split (class-balanced, "
@@ -98,8 +99,7 @@ def extract_cmd(
                                        "Not for a bucket URL (one writer)."),
     reuse: bool = typer.Option(True, help="If a complete store with the same content (model, weights, "
                                "transform, taps, dtype, precision, the same inputs at the same "
-                               "place) exists "
-                               "beside --out, use it instead of extracting again."),
+                               "place) exists beside --out, use it instead of extracting again."),
     force: bool = typer.Option(False, help="Write even if the store looks larger than the free space."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and the store size, write nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
@@ -111,7 +111,8 @@ def extract_cmd(
     """
     cfg = ExtractConfig(
         model=model, dataset=dataset, out=out_path, weights=weights, random_init=random_init,
-        dtype=dtype, precision=precision, batch_size=batch_size, device=device, limit=limit, img_size=img_size,
+        dtype=dtype, precision=precision, batch_size=batch_size, device=device, limit=limit,
+        img_size=img_size,
         taps=taps, seed=seed, val_fraction=val_fraction, workers=workers, shard_size=shard_size,
         per_class=per_class, split=split.split(",") if split else None, data_root=data_root,
         download=download, views=views, frames=frames, sampling=sampling, fps=fps, crop_pct=crop_pct, interpolation=interpolation,

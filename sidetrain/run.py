@@ -28,6 +28,7 @@ from featcache.store import Store, open_store
 from .classifier import Classifier, ModelSpec, input_layers, make_classifier
 from .endtoend import EndToEnd
 from .loader import ShardLoader
+from .train import side_precision
 
 console = Console(stderr=True)
 
@@ -96,12 +97,13 @@ def evaluate_run(run: Path, cache: Path, device: str = "cpu") -> dict[str, float
     positions = check_store(config, store)
     model = _model(config, state, store.norms()).to(device)
     layers = input_layers(model, positions)
+    precision = side_precision(config.get("precision", "fp32"), device)  # as the run was trained
     accs = {}
     for name in store.splits:
         if not store.split(name).complete:
             continue
         correct, n = torch.zeros((), dtype=torch.int64, device=device), 0  # read once: no sync per batch
-        with torch.no_grad(), autocast(torch.device(device).type, _precision(config, device)):
+        with torch.no_grad(), autocast(torch.device(device).type, precision):
             for b in ShardLoader(store, name, 256, shuffle=False, layers=layers, device=device,
                                   recycle=True).epoch(0):
                 correct += (model(b.tokens).argmax(1) == b.labels).sum()
@@ -109,10 +111,6 @@ def evaluate_run(run: Path, cache: Path, device: str = "cpu") -> dict[str, float
         accs[name] = correct.item() / max(n, 1)
     return accs
 
-
-def _precision(config: dict, device: str) -> str:
-    """The side network's precision when the run was trained: autocast on CUDA only."""
-    return config.get("precision", "fp32") if torch.device(device).type == "cuda" else "fp32"
 
 
 def _backbone_for(config: dict, weights: Path | None):
@@ -169,6 +167,7 @@ def predict(run: Path, images: list[Path], weights: Path | None = None, device: 
     s = config["store"]  # the backbone in the store's precision, the side network in the run's
     live = EndToEnd(bb.model, config["blocks"], model, s.get("precision", "fp32")).to(device).eval()
     read = _reader(s["transform"])
+    precision = side_precision(config.get("precision", "fp32"), device)
     out: list[dict] = []
     for start in range(0, len(images), batch_size):
         slots, inputs = [], []  # where each readable file's answer goes in `out`
@@ -181,7 +180,7 @@ def predict(run: Path, images: list[Path], weights: Path | None = None, device: 
                 out.append({"path": str(p), "error": str(e)})
         if not inputs:
             continue
-        with autocast(torch.device(device).type, _precision(config, device)):
+        with autocast(torch.device(device).type, precision):
             probs = live(torch.stack(inputs).to(device)).float().softmax(1).cpu()
         for i, pr in zip(slots, probs):
             k = int(pr.argmax())

@@ -107,6 +107,11 @@ class FitResult:
         return {**d, "run": str(self.run), "config": self.config.to_json()}
 
 
+def side_precision(precision: str, device: str | torch.device) -> str:
+    """The precision the side network runs in: `--precision` autocasts on CUDA only."""
+    return precision if torch.device(device).type == "cuda" else "fp32"
+
+
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to zero."""
     if step < warmup:
@@ -165,7 +170,7 @@ class Trainer:
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
                                      lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      fused=self.device.type in ("cpu", "cuda"))
-        self.precision = cfg.precision if self.device.type == "cuda" else "fp32"  # autocast on CUDA
+        self.precision = side_precision(cfg.precision, self.device)
         self.scaler = torch.amp.GradScaler(enabled=self.precision == "fp16")
         self.total = cfg.epochs * steps_per_epoch
         self.warmup = max(1, int(cfg.warmup * self.total))
