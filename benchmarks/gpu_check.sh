@@ -20,15 +20,17 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONUNBUFFERED=1 BENCH_RESULTS=$out
 log="$out/gpu_check.log"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c "import torch, timm, zarr; print('torch', torch.__version__, 'timm', timm.__version__, 'zarr', zarr.__version__)"
-} 2>&1 | tee -a "$log"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$log"
+# every step needs these: without them, say which is missing once rather than fail each step
+python3 -c "import torch, timm, zarr, featcache, sidetrain
+print('torch', torch.__version__, 'timm', timm.__version__, 'zarr', zarr.__version__)" 2>&1 | tee -a "$log" ||
+  { echo "an import failed: rerun \`make gpu-wheels\` here and carry .whl along" | tee -a "$log"; exit 1; }
 bench() { (cd benchmarks && timeout "$1" python3 "${@:2}") 2>&1 | grep -v "━" | tail -25 | tee -a "$log"; }
 for step in "${@:-tests cost cost-bf16 extract sweep}"; do
   for s in $step; do
     echo "== $s" | tee -a "$log"
     case $s in
-      tests) timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -30 | tee -a "$log" ;;
+      tests) timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -30 | tee -a "$log" ;;
       cost) bench 150 training_cost.py --device cuda --model vit_base --img-size 224 --n 512 ;;
       cost-bf16) bench 150 training_cost.py --device cuda --model vit_base --img-size 224 --n 512 --precision bf16 ;;
       extract) bench 200 extract_throughput.py --device cuda --model vit_base_patch16_224 --img-size 224 \

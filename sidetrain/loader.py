@@ -158,10 +158,12 @@ class ShardLoader:
 
     def _batch(self, blocks: dict[int, list[np.ndarray]], index: np.ndarray,
                carry: tuple[np.ndarray, list[torch.Tensor]] | None = None) -> Batch:
-        labels = torch.from_numpy(self.split.labels[index]).to(self.device, non_blocking=True)
+        pin = self.device.type == "cuda"  # a copy from pageable memory may wait for the GPU
+        labels = torch.from_numpy(self.split.labels[index])
+        labels = (labels.pin_memory() if pin else labels).to(self.device, non_blocking=True)
         if self.direct:
             return Batch(self._copy_rows(blocks, index, carry), labels, index)
-        parts = self._gather(blocks, index, carry, pin=self.device.type == "cuda")
+        parts = self._gather(blocks, index, carry, pin=pin)
         stored = [p.to(self.device, non_blocking=True) for p in parts]
         if self.out_dtype != torch.float32:  # 16-bit tokens leave as they are
             return Batch(stored[0].view(self.out_dtype), labels, index)

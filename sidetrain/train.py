@@ -33,6 +33,7 @@ from featcache.precision import PRECISIONS, autocast
 from featcache.store import Store, open_store
 
 from .classifier import ModelSpec, build_classifier, input_layers, select_taps, trainable_parameters
+from .clock import Clock, mark
 from .loader import DATA_ORDER, ShardLoader
 from .plots import plot_curves
 
@@ -330,52 +331,6 @@ def _set_rng(device: torch.device, state: list[torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def _mark(device: torch.device) -> float | torch.cuda.Event:
-    """A point in time: the wall clock's on the CPU, the GPU stream's on a GPU."""
-    if device.type != "cuda":
-        return time.perf_counter()
-    event = torch.cuda.Event(enable_timing=True)
-    event.record(torch.cuda.current_stream(device))
-    return event
-
-
-class Clock:
-    """A trainer's own seconds, so that a sweep reports each configuration's cost rather
-    than the sweep's average. On a GPU a step returns once its kernels are queued, so the
-    time between two `_mark`s is read from CUDA events, without waiting for them per step."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self.spans: list[tuple[torch.cuda.Event, torch.cuda.Event, float]] = []
-
-    def add(self, start: float | torch.cuda.Event, end: float | torch.cuda.Event, share: float = 1.0
-            ) -> None:
-        if isinstance(start, float):
-            self.seconds += share * (end - start)
-            return
-        self.spans.append((start, end, share))
-        if len(self.spans) >= 256:  # read the finished ones: events are not free to hold
-            self._read(wait=False)
-
-    def _read(self, wait: bool) -> None:
-        """Fold the spans whose end has passed into `seconds` (all of them if `wait`);
-        one stream's events pass in the order they were recorded."""
-        done = 0
-        for a, b, share in self.spans:
-            if not (wait or b.query()):
-                break
-            b.synchronize()
-            self.seconds += share * a.elapsed_time(b) / 1000
-            done += 1
-        del self.spans[:done]
-
-    def take(self) -> float:
-        """The seconds added since the last take."""
-        self._read(wait=True)
-        seconds, self.seconds = self.seconds, 0.0
-        return seconds
-
-
 def _pass(loader: ShardLoader, epoch: int, trainers: list[Trainer], union: list[int], train: bool,
           tick: Callable[[], None] = lambda: None) -> tuple[int, float]:
     """One pass over a split, each batch fed to every trainer.
@@ -397,7 +352,7 @@ def _pass(loader: ShardLoader, epoch: int, trainers: list[Trainer], union: list[
         for t, pick in zip(trainers, picks):
             if t.failed:
                 continue
-            start = _mark(device)
+            start = mark(device)
             if t.probe and t.readout_key in readouts:
                 x = readouts[t.readout_key]
             else:
@@ -405,12 +360,12 @@ def _pass(loader: ShardLoader, epoch: int, trainers: list[Trainer], union: list[
                 if t.probe:  # the first of its probes: compute the readout, split its time
                     x = readouts[t.readout_key] = t.readout(x)
                     sharers = [s for s in readers[t.readout_key] if not s.failed]
-                    end = _mark(device)
+                    end = mark(device)
                     for s in sharers:
                         s.clock.add(start, end, 1 / len(sharers))
-                    start = _mark(device)
+                    start = mark(device)
             (t.train_batch if train else t.eval_batch)(x, b.labels)
-            t.clock.add(start, _mark(device))
+            t.clock.add(start, mark(device))
         batches += 1
         tick()
     if device.type == "cuda":

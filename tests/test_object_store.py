@@ -7,14 +7,13 @@ the bucket, fit and sweep from the bucket.
 
 from __future__ import annotations
 
-import importlib
 import socket
 import urllib.request
 
 import numpy as np
 import pytest
 
-from featcache import ExtractConfig, UserError, extract, open_store
+from featcache import ExtractConfig, UserError, extract, open_store, shards
 from featcache.catalog import find_stores
 from featcache.info import store_info
 from featcache.verify import verify
@@ -70,9 +69,8 @@ def test_extract_to_a_bucket_survives_the_server_going_away_then_reads_back(s3, 
     cfg = dict(dataset="demo", limit=12, shard_size=4, dtype="fp32", **TINY)
     local = extract(ExtractConfig(out=tmp_path / "local", **cfg)).path
     url = f"s3://{BUCKET}/cache/demo"
-    extract_module = importlib.import_module("featcache.extract")  # the module, not the function
     writes = []
-    real_write = extract_module.write_shard
+    real_write = shards.write_shard
 
     def write_then_fail(*args):  # the server goes away after the first two shards
         if len(writes) == 2:
@@ -80,10 +78,10 @@ def test_extract_to_a_bucket_survives_the_server_going_away_then_reads_back(s3, 
         real_write(*args)
         writes.append(args[2])
 
-    monkeypatch.setattr(extract_module, "write_shard", write_then_fail)
+    monkeypatch.setattr(shards, "write_shard", write_then_fail)
     with pytest.raises(UserError, match="rerun the same command"):
         extract(ExtractConfig(out=url, **cfg))
-    monkeypatch.setattr(extract_module, "write_shard", real_write)
+    monkeypatch.setattr(shards, "write_shard", real_write)
     s3.start()  # the same server again: moto keeps the bucket's objects in this process
 
     r = extract(ExtractConfig(out=url, **cfg))

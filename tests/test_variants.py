@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -142,7 +143,10 @@ def test_a_sweep_trains_each_configuration_as_fit_would(fp32_store, tmp_path):
     # the four probes share one readout per batch (the mlp heads with dropout); each must
     # still train exactly as it would alone
     grid = {"method": ["losa", "linear", "mlp"], "rank": [2, 4], "lr": [1e-3, 1e-2]}
+    t0 = time.perf_counter()
     results = sweep(base, grid, tmp_path / "sw")
+    # each configuration's time is its share of the epochs' wall time: together, no more
+    assert 0 < sum(r.seconds for r in results) <= time.perf_counter() - t0
     assert sorted(r.run.name for r in results) == [
         "linear-lr0.001", "linear-lr0.01", "losa-rank2-lr0.001", "losa-rank2-lr0.01",
         "losa-rank4-lr0.001", "losa-rank4-lr0.01", "mlp-lr0.001", "mlp-lr0.01"]

@@ -1,0 +1,52 @@
+"""Checks of a dataset and its store that name the likely mistake behind what they find:
+a mistyped label before the extraction, a wrong path after it."""
+
+from __future__ import annotations
+
+import difflib
+
+import numpy as np
+
+from .errors import UserError
+from .sources import Dataset
+from .store import Store
+
+
+def rare_classes_note(ds: Dataset) -> str | None:
+    """A class of one or two samples, among classes of ten or more or named like another
+    class, is most often a mistyped label in a manifest: a note naming a sample (not an
+    error: the class may be real)."""
+    labels = np.concatenate([s.labels for s in ds.splits.values()])
+    counts = np.bincount(labels[labels >= 0], minlength=len(ds.classes))
+    rare = np.flatnonzero((counts > 0) & (counts <= 2))
+    # many rare classes are a long tail or a --limit, not typos: then only name likenesses
+    by_count = np.median(counts) >= 10 and len(rare) <= max(1, 0.1 * len(counts))
+    lines = []
+    for c in rare:
+        big = [n for n, k in zip(ds.classes, counts) if k >= 5 * counts[c]]  # a typo's original
+        like = difflib.get_close_matches(ds.classes[c], big, n=1, cutoff=0.75) or [
+            n for n in big if n.lower() == ds.classes[c].lower()]
+        if like or by_count:
+            key = next(s.keys[i] for s in ds.splits.values() for i in np.flatnonzero(s.labels == c))
+            lines.append(f"'{ds.classes[c]}' ({counts[c]} sample{'s' if counts[c] > 1 else ''}, e.g. {key})"
+                         + (f", close to '{like[0]}'" if like else ""))
+        if len(lines) > 5:
+            break
+    if not lines:
+        return None
+    return (f"class(es) with at most 2 samples, against a median of {np.median(counts):g} per "
+            f"class: {'; '.join(lines[:5])}{' ...' if len(lines) > 5 else ''}. A mistyped label?")
+
+
+def refuse_unreadable(store: Store, names: list[str]) -> None:
+    """A finished split none of whose inputs could be read is a wrong path, not bad luck:
+    say so now rather than let `sidetrain fit` find an empty split later."""
+    for name in names:
+        split = store.split(name)
+        if split.attrs["complete"] and split.n and not (split.labels >= 0).any():
+            key, why = next(iter(split.attrs["skipped"].items()))
+            raise UserError(
+                f"none of the {split.n} inputs of split '{name}' could be read (the first: {key}: "
+                f"{why}), so {store.path} holds no sample of it. Check that the files are where "
+                "the dataset says (a manifest's relative paths are read from its folder, or from "
+                f"--data-root), then delete {store.path} and extract again.")

@@ -1,0 +1,98 @@
+"""Which store a run writes: the one at --out when it was made the same way (a resume),
+an identical complete store beside it (reused, nothing written), or a new one.
+
+A store's settings are its root attributes that define its contents; its content key is
+a hash of what it holds however it was batched, so that a lab finds a twin by listing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .catalog import find_stores
+from .errors import UserError
+from .location import Location, exists, is_url, join, listing, normalize, parent
+from .models import Backbone
+from .plan import StorePlan
+from .sources import Dataset
+from .store import Store, create_store, is_partial_layout, open_store, shard_size_for
+
+
+def content_key(settings: dict, ds: Dataset) -> str:
+    """What a store holds, however it was batched: model, weights hash, transform, taps,
+    layout, dtype, precision, classes, each split's inputs (keys and labels) and where those
+    lie. The place counts because keys and labels do not identify the images: a resized or
+    edited copy of a dataset elsewhere keeps both, and was once handed the original's store."""
+    what = {k: settings[k] for k in ("transform", "taps", "layout", "dtype", "classes")}
+    what |= {"model": settings["model"]["name"], "weights": settings["weights"]["sha256"],
+             "source": ds.source, "splits": {name: s.fingerprint() for name, s in ds.splits.items()}}
+    if settings["precision"] != "fp32":  # (stores from before --precision keep their key)
+        what["precision"] = settings["precision"]
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def identical_store(out: Location, key: str) -> Location | None:
+    """A complete store with this content key elsewhere under out's parent folder (or prefix)."""
+    if not exists(parent(out)):
+        return None
+    here = out if is_url(out) else Path(out).resolve()
+    for s in find_stores(parent(out)):
+        there = normalize(s["path"])
+        if s["complete"] and s.get("content_key") == key and (
+                there if is_url(there) else Path(there).resolve()) != here:
+            return there
+    return None
+
+
+def differences(store: Store, settings: dict, ds: Dataset) -> list[str]:
+    """Why `store` cannot be resumed by a run with these settings (empty when it can)."""
+    diffs = [f"{k}: store has {store.meta.get(k)!r}, this run {v!r}"
+             for k, v in settings.items()
+             # content_key is derived from these settings and the dataset's source, which a
+             # resume only notes (a dataset moved between runs); older stores lack the key
+             if k not in ("dataset", "weights", "content_key", "precision") and store.meta.get(k) != v]
+    if store.precision != settings["precision"]:
+        diffs.append(f"precision: store has {store.precision!r}, this run {settings['precision']!r}")
+    if store.meta["weights"]["sha256"] != settings["weights"]["sha256"]:
+        diffs.append(f"weights: store has sha256 {store.meta['weights']['sha256'][:12]}..., "
+                     f"this run {settings['weights']['sha256'][:12]}...")
+    if set(store.splits) != set(ds.splits):
+        diffs.append(f"splits: store has {store.splits}, this run {list(ds.splits)}")
+    for name in set(store.splits) & set(ds.splits):
+        if store.split(name).attrs["fingerprint"] != ds.splits[name].fingerprint():
+            diffs.append(f"split {name}: different inputs (keys or labels) than the store's")
+    return diffs
+
+
+def open_or_create(out: Location, settings: dict, ds: Dataset, backbone: Backbone, plan: StorePlan,
+                   shard_size: int | None, calibration: Callable[[], np.ndarray | None]
+                   ) -> tuple[Store, list[str]]:
+    """The existing store at `out` when it was made with the same settings, else a new one;
+    with notes for the user (what a resume keeps of the store rather than of this run)."""
+    if exists(join(out, "zarr.json")) and not is_partial_layout(out):
+        store = open_store(out, mode="r+")
+        diffs = differences(store, settings, ds)
+        if diffs:
+            raise UserError(f"{out} already holds a store made with other settings; use another "
+                            "--out or delete it. Differences: " + "; ".join(diffs))
+        notes = []
+        if store.meta["dataset"]["source"] != settings["dataset"]["source"]:
+            notes.append(f"{out} was made from {store.meta['dataset']['source']}; this run reads "
+                         f"{settings['dataset']['source']} (same keys and labels).")
+        if shard_size and shard_size != store.meta["shard_size"]:
+            notes.append(f"{out} keeps its shard size {store.meta['shard_size']}.")
+        return store, notes
+    # laying out a store replaces whatever lies under its split names: never over other
+    # data (a layout of ours interrupted half-way, with its zarr.json, is simply redone)
+    if not exists(join(out, "zarr.json")) and any(
+            not name.startswith(".featcache.") for name in listing(out)):  # our lock files
+        raise UserError(f"{out} exists, is not empty and is not a featcache store; choose "
+                        "another --out.")
+    splits = {name: (len(s), s.fingerprint()) for name, s in ds.splits.items()}
+    shard = shard_size or shard_size_for(plan.bytes_per_sample, max(n for n, _ in splits.values()))
+    return create_store(out, settings, splits, backbone.final_norms(), shard, calibration()), []

@@ -1,0 +1,119 @@
+"""Shards as the extraction's unit of work: which batches are left, filling one, writing it.
+
+Batches never straddle a shard, and a shard is flagged done only once it is written, so a
+rerun recomputes exactly the shards that are not done.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .codec import STORAGE
+from .errors import UserError
+from .readback import InFlight
+from .sources import Split
+from .store import Store, write_shard
+
+
+def shard_batches(store: Store, names: list[str], batch_size: int,
+                  part: tuple[int, int] | None) -> list[list]:
+    """Batches of (split id, index) covering every shard not yet done (of this part, with
+    --shard K/N: the shards whose position over all splits is K modulo N); never across
+    shards. Split ids index `names`."""
+    batches, position = [], 0
+    k_of, n_of = part or (0, 1)
+    for name in store.splits:  # the store's order: every part numbers shards alike
+        sid = names.index(name)
+        arrays = store.split(name)
+        s, n = arrays.shard_size, arrays.n
+        for k, done in enumerate(arrays.done):
+            mine = position % n_of == k_of
+            position += 1
+            if done or not mine:
+                continue
+            lo, hi = k * s, min((k + 1) * s, n)
+            for b in range(lo, hi, batch_size):
+                batches.append([(sid, i) for i in range(b, min(b + batch_size, hi))])
+    return batches
+
+
+@dataclass
+class Shard:
+    """The shard being filled: its rows arrive batch by batch, then it goes to the writer."""
+
+    split: str
+    index: int
+    lo: int
+    tokens: np.ndarray
+    scales: np.ndarray | None
+    labels: np.ndarray
+    keys: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, name: str, split: Split, index: int, size: int, shape: tuple, dtype: str) -> Shard:
+        lo, hi = index * size, min((index + 1) * size, len(split))
+        scales = np.zeros((hi - lo, *shape[:2]), np.float32) if dtype == "int8" else None
+        return cls(name, index, lo, np.zeros((hi - lo, *shape), STORAGE[dtype]), scales,
+                   split.labels[lo:hi].copy(), split.keys[lo:hi])
+
+    def fill(self, items: list, encoded: InFlight | None, ok: np.ndarray, reasons: list[str]) -> None:
+        """Rows `items` (of which `ok` were read; `reasons` says why the others were not)."""
+        rows = np.array([i for _, i in items]) - self.lo
+        if encoded is not None:
+            tokens, scales = encoded.collect()
+            self.tokens[rows[ok]] = tokens
+            if self.scales is not None:
+                self.scales[rows[ok]] = scales
+        for r, why in zip(rows[~ok], np.array(reasons, dtype=object)[~ok]):
+            self.labels[r] = -1
+            self.skipped[self.keys[r]] = why
+
+    @property
+    def stored(self) -> int:
+        return len(self.labels) - len(self.skipped)
+
+
+BUGS = (TypeError, AttributeError, NameError, KeyError, IndexError, AssertionError,
+        NotImplementedError)  # errors of the code, never of the disk or the network
+
+
+class ShardWriter:
+    """Writes finished shards on a background thread so the backbone never waits on I/O."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (shard := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    write_shard(self.store, shard.split, shard.index, shard.tokens, shard.scales,
+                                shard.labels, shard.keys, shard.skipped)
+                except BUGS as e:  # our mistake, not the storage's: keep its traceback
+                    self.error = e
+                except Exception as e:  # disk full, a bucket gone away: say so, in one line
+                    self.error = UserError(
+                        f"writing shard {shard.index} of split '{shard.split}' to {self.store.path} "
+                        f"failed ({type(e).__name__}: {e}). Every shard written before it is kept: "
+                        "rerun the same command to continue from there.")
+                    self.error.__cause__ = e
+
+    def put(self, shard: Shard) -> None:
+        if self.error:
+            raise self.error
+        self.queue.put(shard)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error:
+            raise self.error
