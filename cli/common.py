@@ -19,15 +19,18 @@ def make_app(help: str) -> typer.Typer:
 
 
 def run(app: typer.Typer) -> None:
-    """Run `app`; a UserError becomes `error: ...` on one stderr line and exit status 2."""
+    """Run `app`; a UserError becomes `error: ...` on one stderr line and exit status 2,
+    Ctrl-C exit status 130 with a line on what was kept."""
     try:
         app()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except SystemExit as e:
+        if e.code == 130:  # typer's exit for Ctrl-C (it catches KeyboardInterrupt itself)
+            print("\ninterrupted: finished shards and epochs are kept, and the same command "
+                  "continues from there", file=sys.stderr)
+        raise
 
 
 def emit_json(obj: object) -> None:

@@ -72,7 +72,10 @@ def extract_cmd(
                                   "tokens (CPU autocast) an fp16 forward is 0.1-0.2 % off the fp32 "
                                   "one, a bf16 forward 1.0-1.6 % (docs/store-format.md): on a GPU "
                                   "use fp16. Recorded in the store."),
-    batch_size: int = typer.Option(32, help="Images (or clips) per backbone forward."),
+    batch_size: Optional[int] = typer.Option(None, help="Images (or clips) per backbone forward. "
+                                             "Default: 32, or, resuming a store, the store's (a "
+                                             "resume must batch alike: batching changes a forward's "
+                                             "low bits)."),
     device: str = typer.Option("cpu", help="cpu or cuda (or cuda:N)."),
     limit: Optional[int] = typer.Option(None, help="At most N samples per split (class-balanced, "
                                         "seeded): for quick tries on big datasets."),
@@ -123,7 +126,8 @@ def extract_cmd(
         r = extract_on_dask(cfg, dask)
     else:
         r = extract(cfg)
-    summary = {"path": str(r.path), "status": r.status, "complete": r.complete, "bytes": r.plan.total,
+    summary = {"path": str(r.path), "status": r.status, "complete": r.complete,
+               "twin": r.twin and str(r.twin), "bytes": r.plan.total,
                "written": r.written, "skipped": r.skipped, "seconds": round(r.seconds, 2)}
     if as_json:
         emit_json(summary)
@@ -181,10 +185,12 @@ def info_cmd(path: str = typer.Argument(..., metavar="STORE", help="A store fold
     t.add_row("classes", f"{len(info['classes'])}: " + ", ".join(info["classes"][:20])
               + (" ..." if len(info["classes"]) > 20 else ""))
     t.add_row("dtype", info["dtype"])
-    t.add_row("precision", f"{info['precision']} (the backbone's forward)")
+    t.add_row("precision", f"{info['precision']} (the backbone's forward), batch {info['batch_size']} "
+              "(a resume batches alike)")
     for name, s in info["splits"].items():
         state = "complete" if s["complete"] else f"{s['shards_done']}/{s['shards']} shards"
-        t.add_row(f"split {name}", f"{s['n']:,} samples, {len(s['skipped'])} skipped, {state}")
+        skipped = f" ({len(s['skipped'])} unreadable, skipped)" if s["skipped"] else ""
+        t.add_row(f"split {name}", f"{s['n']:,} inputs{skipped}, {state}")
     t.add_row("size", human_bytes(info["bytes_on_disk"]))
     t.add_row("complete", "yes" if info["complete"] else "no (rerun the extract command to finish)")
     out.print(t)
@@ -228,7 +234,10 @@ def ls_cmd(root: str = typer.Argument("cache", metavar="ROOT", help="Folder or U
     for s in stores:  # plain lines, never wrapped: easy to grep
         splits = " ".join(f"{k}={v}" for k, v in s["splits"].items())
         dtype = s["dtype"] + ("" if s["precision"] == "fp32" else f" ({s['precision']} forward)")
-        print(f"{s['path']}  {s['model']}  {s['dataset']}  {splits}  {dtype}  {s['taps']} taps  "
+        weights = "RANDOM weights" if s["weights"].startswith("random-init") else s["weights"]
+        frames = f" x {s['frames']} frames" if s["frames"] else ""
+        print(f"{s['path']}  {s['model']} ({weights})  {s['img_size']} px{frames}  {s['dataset']} "
+              f"({s['classes']} classes)  {splits}  {dtype}  {s['taps']} taps  "
               f"{human_bytes(s['bytes_on_disk'])}  {'complete' if s['complete'] else 'INCOMPLETE'}")
 
 

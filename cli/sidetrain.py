@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from featcache import UserError, open_store
+from featcache import UserError, location, open_store
 from sidetrain import FitConfig, evaluate_run, fit, predict, sweep
 
 from .common import emit_json, make_app, run
@@ -133,8 +133,8 @@ def sweep_cmd(
     epochs: int = typer.Option(10, help=HELP["epochs"]),
     batch_size: int = typer.Option(64, help=HELP["batch_size"]),
     device: str = typer.Option("cpu", help=HELP["device"]),
-    out_dir: Path = typer.Option(Path("runs/sweep"), "--out", help="Folder for the runs, sweep.json "
-                                 "and pareto.png."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the runs, sweep.json "
+                                           "and pareto.png. Default: runs/<store>-sweep."),
     as_json: bool = typer.Option(False, "--json", help=HELP["json"]),
 ) -> None:
     """Train every combination of the comma lists, each batch read once and fed to every model.
@@ -145,6 +145,7 @@ def sweep_cmd(
     """
     grid = _grid(method=method, rank=rank, lr=lr, variant=variant, order=order,
                  head_input=head_input, dropout=dropout, weight_decay=weight_decay, seed=seed)
+    out_dir = out_dir or Path("runs") / f"{location.name(cache)}-sweep"
     results = sweep(FitConfig(cache=cache, taps=taps, epochs=epochs, batch_size=batch_size,
                               device=device), grid, out_dir)
     results.sort(key=lambda r: -r.val_acc)

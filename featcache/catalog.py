@@ -77,7 +77,11 @@ def _summary(path: Location, meta: dict) -> dict:
             splits[name] = read_json(join(path, name, "zarr.json"))["attributes"][ATTR]["n"]
         except (OSError, ValueError, KeyError):
             splits[name] = None
-    return {"path": str(path), "model": meta["model"]["name"], "dataset": meta["dataset"]["name"],
+    layout = meta["layout"]
+    return {"path": str(path), "model": meta["model"]["name"], "weights": meta["weights"]["source"],
+            "img_size": meta["transform"]["input_size"][-1],
+            "frames": layout["frames"] if "video" in meta["transform"] else None,
+            "dataset": meta["dataset"]["name"], "classes": len(meta["classes"]),
             "splits": splits, "dtype": meta["dtype"], "precision": meta.get("precision", "fp32"),
             "taps": len(meta["taps"]),
             "bytes_on_disk": disk_usage(path), "complete": bool(meta.get("complete")),

@@ -38,6 +38,16 @@ def rare_classes_note(ds: Dataset) -> str | None:
             f"class: {'; '.join(lines[:5])}{' ...' if len(lines) > 5 else ''}. A mistyped label?")
 
 
+def one_class_note(ds: Dataset) -> str | None:
+    """A single class is most often a folder one level above the class folders (whose
+    images are then found recursively under one "class"): nothing can be learned from it."""
+    if len(ds.classes) != 1:
+        return None
+    return (f"the dataset has one class, '{ds.classes[0]}', so a classifier can learn nothing "
+            f"from it. If '{ds.classes[0]}' is the folder holding the class folders, pass that "
+            "folder as --dataset.")
+
+
 def refuse_unreadable(store: Store, names: list[str]) -> None:
     """A finished split none of whose inputs could be read is a wrong path, not bad luck:
     say so now rather than let `sidetrain fit` find an empty split later."""

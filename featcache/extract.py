@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from .checks import rare_classes_note, refuse_unreadable
+from .checks import one_class_note, rare_classes_note, refuse_unreadable
 from .codec import DTYPES, calibrate, encode
 from .errors import UserError
 from .images import VIEW_POLICY, Images, collate, make_images, repeat
@@ -30,7 +30,7 @@ from .models import Backbone, TokenLayout, load_backbone
 from .plan import StorePlan, human_bytes, make_plan
 from .precision import PRECISIONS
 from .readback import Readback
-from .reuse import content_key, identical_store, open_or_create
+from .reuse import content_key, existing_store, identical_store, open_or_create, stored_batch_size
 from .shards import Shard, ShardWriter, shard_batches
 from .sources import Dataset, FrameSampling, open_dataset
 from .sources.video import decoder_name
@@ -49,7 +49,7 @@ class ExtractConfig:
     random_init: bool = False
     dtype: str = "fp16"  # fp16 | bf16 | int8 | fp32: how tokens are stored
     precision: str = "fp32"  # how the backbone computes them: fp32, or autocast bf16 | fp16
-    batch_size: int = 32
+    batch_size: int | None = None  # per forward; default: the store's when resuming one, else 32
     device: str = "cpu"
     limit: int | None = None
     img_size: int | None = None
@@ -126,7 +126,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not '{cfg.dtype}'")
     if cfg.precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{cfg.precision}'")
-    if cfg.batch_size < 1 or (cfg.shard_size is not None and cfg.shard_size < 1):
+    if any(v is not None and v < 1 for v in (cfg.batch_size, cfg.shard_size)):
         raise UserError("--batch-size and --shard-size must be at least 1")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but torch sees no CUDA device here.")
@@ -137,8 +137,9 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     ds = open_dataset(cfg.dataset, cfg.seed, cfg.val_fraction, cfg.limit, cfg.per_class,
                       cfg.split, cfg.data_root, cfg.download,
                       FrameSampling(cfg.frames, cfg.sampling, cfg.fps))
-    if note := rare_classes_note(ds):
-        console.print(f"[yellow]note:[/] {note}")
+    for note in (one_class_note(ds), rare_classes_note(ds)):
+        if note:
+            console.print(f"[yellow]note:[/] {note}")
     if cfg.views > 1 and ds.video:
         raise UserError("--views is for images; a video dataset keeps one view per clip.")
     if cfg.views > 1 and "train" in ds.splits:
@@ -148,6 +149,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         raise UserError(f"{out}: object stores have no locks, so a URL store takes one writer. "
                         "Extract with --shard or --dask to a shared folder (then copy it to the "
                         "bucket), or in one process straight to the URL.")
+    if cfg.batch_size is None:
+        cfg = replace(cfg, batch_size=stored_batch_size(out) or 32)
     backbone = load_backbone(cfg.model, cfg.weights, cfg.random_init, cfg.img_size, cfg.seed,
                              transform_overrides(cfg))
     if cfg.random_init:
@@ -158,10 +161,19 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     plan = make_plan({k: len(v) for k, v in ds.splits.items()}, len(taps), layout.tokens,
                      layout.width, cfg.dtype, out)
     console.print(plan.describe())
+    console.print(f"classes: {len(ds.classes)} ({', '.join(ds.classes[:8])}"
+                  f"{', ...' if len(ds.classes) > 8 else ''})")
     result = ExtractResult(path=out, plan=plan)
     settings = _settings(backbone, ds, taps, cfg)
     settings["content_key"] = content_key(settings, ds)
     existed = exists(join(out, "zarr.json"))
+    store, notes = existing_store(out, settings, ds, cfg.shard_size)  # refused if made otherwise
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}")
+    if store is not None and store.complete and store.meta["complete"] and not cfg.dry_run:
+        refuse_unreadable(store, list(ds.splits))  # (no lock taken: a reader may rerun it)
+        result.status, result.complete = "already complete", True
+        return result
     try:
         twin = None if existed or not cfg.reuse else identical_store(out, settings["content_key"])
     except UserError:  # a bucket that cannot be listed: a dry run needs no credentials
@@ -207,9 +219,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
 
     with StoreLock(out, cfg.shard):
         with meta_lock(out):  # the parts of a sharded run create the store once
-            store, notes = open_or_create(out, settings, ds, backbone, plan, cfg.shard_size, calibration)
-        for note in notes:
-            console.print(f"[yellow]note:[/] {note}")
+            store = open_or_create(out, settings, ds, backbone, plan, cfg.shard_size, calibration)
         batches = shard_batches(store, names, cfg.batch_size, cfg.shard)
         if batches:
             result.status = "resumed" if existed else "written"

@@ -51,7 +51,8 @@ def identical_store(out: Location, key: str) -> Location | None:
 
 def differences(store: Store, settings: dict, ds: Dataset) -> list[str]:
     """Why `store` cannot be resumed by a run with these settings (empty when it can)."""
-    diffs = [f"{k}: store has {store.meta.get(k)!r}, this run {v!r}"
+    hints = {"batch_size": " (leave --batch-size out to resume with the store's)"}
+    diffs = [f"{k}: store has {store.meta.get(k)!r}, this run {v!r}{hints.get(k, '')}"
              for k, v in settings.items()
              # content_key is derived from these settings and the dataset's source, which a
              # resume only notes (a dataset moved between runs); older stores lack the key
@@ -69,24 +70,42 @@ def differences(store: Store, settings: dict, ds: Dataset) -> list[str]:
     return diffs
 
 
+def stored_batch_size(out: Location) -> int | None:
+    """The batch size of the store at `out`, if one is there: a resume keeps it by default
+    (batch composition changes a forward's low bits, so a resume must batch alike)."""
+    if not exists(join(out, "zarr.json")) or is_partial_layout(out):
+        return None
+    return open_store(out).meta["batch_size"]
+
+
+def existing_store(out: Location, settings: dict, ds: Dataset, shard_size: int | None, mode: str = "r"
+                   ) -> tuple[Store | None, list[str]]:
+    """The store at `out` when this run may continue it (None when there is none, or only a
+    layout of ours interrupted half-way), with notes for the user on what the resume keeps
+    of the store rather than of this run; refused when it was made otherwise."""
+    if not exists(join(out, "zarr.json")) or is_partial_layout(out):
+        return None, []
+    store = open_store(out, mode=mode)
+    diffs = differences(store, settings, ds)
+    if diffs:
+        raise UserError(f"{out} already holds a store made with other settings; use another "
+                        "--out or delete it. Differences: " + "; ".join(diffs))
+    notes = []
+    if store.meta["dataset"]["source"] != settings["dataset"]["source"]:
+        notes.append(f"{out} was made from {store.meta['dataset']['source']}; this run reads "
+                     f"{settings['dataset']['source']} (same keys and labels).")
+    if shard_size and shard_size != store.meta["shard_size"]:
+        notes.append(f"{out} keeps its shard size {store.meta['shard_size']}.")
+    return store, notes
+
+
 def open_or_create(out: Location, settings: dict, ds: Dataset, backbone: Backbone, plan: StorePlan,
-                   shard_size: int | None, calibration: Callable[[], np.ndarray | None]
-                   ) -> tuple[Store, list[str]]:
-    """The existing store at `out` when it was made with the same settings, else a new one;
-    with notes for the user (what a resume keeps of the store rather than of this run)."""
-    if exists(join(out, "zarr.json")) and not is_partial_layout(out):
-        store = open_store(out, mode="r+")
-        diffs = differences(store, settings, ds)
-        if diffs:
-            raise UserError(f"{out} already holds a store made with other settings; use another "
-                            "--out or delete it. Differences: " + "; ".join(diffs))
-        notes = []
-        if store.meta["dataset"]["source"] != settings["dataset"]["source"]:
-            notes.append(f"{out} was made from {store.meta['dataset']['source']}; this run reads "
-                         f"{settings['dataset']['source']} (same keys and labels).")
-        if shard_size and shard_size != store.meta["shard_size"]:
-            notes.append(f"{out} keeps its shard size {store.meta['shard_size']}.")
-        return store, notes
+                   shard_size: int | None, calibration: Callable[[], np.ndarray | None]) -> Store:
+    """The existing store at `out`, opened for writing, when this run may continue it (see
+    existing_store), else a new one."""
+    store, _ = existing_store(out, settings, ds, shard_size, mode="r+")
+    if store is not None:
+        return store
     # laying out a store replaces whatever lies under its split names: never over other
     # data (a layout of ours interrupted half-way, with its zarr.json, is simply redone)
     if not exists(join(out, "zarr.json")) and any(
@@ -95,4 +114,4 @@ def open_or_create(out: Location, settings: dict, ds: Dataset, backbone: Backbon
                         "another --out.")
     splits = {name: (len(s), s.fingerprint()) for name, s in ds.splits.items()}
     shard = shard_size or shard_size_for(plan.bytes_per_sample, max(n for n, _ in splits.values()))
-    return create_store(out, settings, splits, backbone.final_norms(), shard, calibration()), []
+    return create_store(out, settings, splits, backbone.final_norms(), shard, calibration())

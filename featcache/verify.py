@@ -70,7 +70,7 @@ def verify(store: Store, progress: Progress | None = None) -> VerifyReport:
                 report.problems.append(f"{name}: samples {(lo + np.flatnonzero(empty))[:10].tolist()} "
                                        "are all zeros (missing data)")
             report.shards += 1
-            report.samples += hi - lo
+            report.samples += int(hi - lo)
             if progress:
                 progress.advance(task)
     return report

@@ -144,14 +144,19 @@ def _reader(transform_config: dict) -> Callable[[Path], torch.Tensor]:
     video = transform_config.get("video")
     sampling = video and FrameSampling(video["frames"], video["sampling"], video["fps"])
 
+    kind = f"a video clip (the run was trained on clips of {video['frames']} frames)" if video \
+        else "an image (the run was trained on images)"
+
     def read(path: Path) -> torch.Tensor:
+        if Path(path).is_dir():
+            raise UserError(f"{path} is a folder: pass the files in it (e.g. {path}/*)")
         try:
             if sampling:
                 return torch.stack([transform(to_rgb(f)) for f in read_clip(path, sampling)])
             with Image.open(path) as img:
                 return transform(to_rgb(img))
         except Exception as e:
-            raise UserError(f"cannot read {'video' if sampling else 'image'} {path}: {e}") from None
+            raise UserError(f"cannot read {path} as {kind}: {e}") from None
     return read
 
 

@@ -139,12 +139,25 @@ def _check_store(cfg: FitConfig, store: Store) -> None:
                             "`featcache extract` command that made it to finish it.")
         if not (split.labels >= 0).any():
             raise UserError(f"split '{name}' of {store.path} has no labelled samples.")
+    if store.meta["weights"]["source"].startswith("random-init"):
+        console.print(f"[yellow]note:[/] {store.path} was extracted with RANDOM backbone weights "
+                      "(--random-init): what trains on it only shows that the pipeline runs.")
     if cfg.precision != "fp32" and not cfg.device.startswith("cuda"):
         console.print(f"[yellow]note:[/] --precision {cfg.precision} applies on CUDA; on "
                       f"{cfg.device} training runs in fp32.")
     labels = store.split("train").labels
-    absent = [store.classes[c] for c in np.flatnonzero(
-        np.bincount(labels[labels >= 0], minlength=len(store.classes)) == 0)]
+    counts = np.bincount(labels[labels >= 0], minlength=len(store.classes))
+    if (counts > 0).sum() < 2:
+        raise UserError(f"the train split of {store.path} holds one class ('{store.classes[counts.argmax()]}'): "
+                        "a classifier needs two or more. Was the dataset folder one level above "
+                        "the class folders?")
+    val = store.split("val").labels
+    val = val[val >= 0]
+    if len(val) < 10 or len(np.unique(val)) < 2:
+        console.print(f"[yellow]note:[/] val holds {len(val)} sample(s) of {len(np.unique(val))} "
+                      "class(es): the best epoch is picked on it, so that pick is mostly chance "
+                      "(extract with a larger --val-fraction, or a val/ folder).")
+    absent = [store.classes[c] for c in np.flatnonzero(counts == 0)]
     if absent:
         console.print(f"[yellow]note:[/] {len(absent)} class(es) have no training sample, so the "
                       f"head cannot learn them: {', '.join(absent[:10])}"

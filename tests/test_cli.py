@@ -36,7 +36,30 @@ def test_extract_info_fit_from_the_command_line(tmp_path):
     assert json.loads(r.stdout)["written"] == {"train": 10, "val": 10, "test": 10}
     info = json.loads(cli("featcache", "info", "s", "--json", cwd=tmp_path).stdout)
     assert info["complete"] and info["splits"]["train"]["n"] == 10 and info["dtype"] == "fp16"
+    r = cli("featcache", "extract", "--model", "vit_tiny", "--random-init", "--img-size", "32",
+            "--dataset", "demo", "--limit", "10", "--out", "t", "--dry-run", "--json", cwd=tmp_path)
+    assert json.loads(r.stdout)["twin"] == "s"  # the store a real run would reuse
+    assert json.loads(cli("featcache", "verify", "s", "--json", cwd=tmp_path).stdout)["samples"] == 30
     r = cli("sidetrain", "fit", "--cache", "s", "--epochs", "1", "--rank", "4", "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["config"]["method"] == "losa"
     assert (tmp_path / "runs" / "s-losa-r4-s0" / "adapter.safetensors").is_file()
+
+
+def test_ctrl_c_says_what_was_kept(capsys, monkeypatch):
+    from cli.common import make_app, run
+
+    app = make_app("test")
+
+    @app.command()
+    def long() -> None:
+        raise KeyboardInterrupt  # as Ctrl-C in the middle of an extraction or a fit
+
+    @app.command()
+    def other() -> None:  # (with two commands typer reads the first argument as the command)
+        pass
+
+    monkeypatch.setattr(sys, "argv", ["tool", "long"])
+    with pytest.raises(SystemExit) as stop:
+        run(app)
+    assert stop.value.code == 130 and "the same command continues from there" in capsys.readouterr().err

@@ -19,8 +19,9 @@ from featcache import ExtractConfig, UserError, extract, open_store
 from featcache.catalog import find_stores
 from featcache.lock import StoreLock
 from featcache.verify import verify
+from sidetrain import FitConfig, fit
 
-from .conftest import TINY
+from .conftest import TINY, make_image_folder
 
 CMD = [sys.executable, "-m", "cli.featcache", "extract", "--model", "vit_tiny", "--random-init",
        "--img-size", "32", "--dataset", "demo", "--limit", "60", "--shard-size", "6",
@@ -107,6 +108,17 @@ def test_a_split_of_inputs_none_readable_is_refused_with_its_cause(tmp_path):
         extract(ExtractConfig(dataset=str(tmp_path / "labels.csv"), out=tmp_path / "s", **TINY))
 
 
+def test_a_folder_one_level_too_high_is_pointed_out_and_not_trained(tmp_path, capsys):
+    """<root>/mydata/<class>/... given as <root>: one class, 'mydata', found recursively."""
+    make_image_folder(tmp_path / "wrap" / "mydata")
+    r = extract(ExtractConfig(dataset=str(tmp_path / "wrap"), out=tmp_path / "s", **TINY))
+    err = capsys.readouterr().err
+    assert "one class, 'mydata'" in err and "classes: 1 (mydata)" in err
+    with pytest.raises(UserError, match="one class .'mydata'.: a classifier needs two or more"):
+        fit(FitConfig(cache=r.path, epochs=1, out=tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_verify_finds_corruption_and_missing_shards(tmp_path):
     out = tmp_path / "v"
     extract(ExtractConfig(dataset="demo", out=out, limit=12, shard_size=4, **TINY))
@@ -136,10 +148,11 @@ def test_ls_and_info_describe_stores(fp32_store, tmp_path):
                        capture_output=True, text=True)
     line = next(l for l in r.stdout.splitlines() if l.startswith(str(fp32_store) + " "))
     assert "train=24 val=24 test=24" in line and "fp32" in line and line.endswith("complete")
+    assert "(RANDOM weights)  32 px  demo (10 classes)" in line
     r = subprocess.run([sys.executable, "-m", "cli.featcache", "info", str(fp32_store)],
                        capture_output=True, text=True)
     assert "vit_tiny_patch16_224" in r.stdout and "5 = 1 prefix + 1 x 2 x 2" in r.stdout
-    assert "fp32 (the backbone's forward)" in r.stdout and "10: t-shirt/top, trouser" in r.stdout
+    assert "fp32 (the backbone's forward), batch 4" in r.stdout and "10: t-shirt/top, trouser" in r.stdout
 
 
 def test_a_read_only_store_serves_info_verify_ls_fit_sweep_and_eval(fp32_store, tmp_path):
@@ -162,6 +175,9 @@ def test_a_read_only_store_serves_info_verify_ls_fit_sweep_and_eval(fp32_store, 
             (ro / "probe").write_text("x")
         store = open_store(ro)
         assert store_info(store)["complete"] and verify(store).ok
+        unbatched = {k: v for k, v in TINY.items() if k != "batch_size"}  # (the store's is taken)
+        again = extract(ExtractConfig(dataset="demo", out=ro, dtype="fp32", limit=24, **unbatched))
+        assert again.status == "already complete" and again.complete  # without a lock file
         assert [s["path"] for s in find_stores(ro.parent)] == [str(ro)]
         r = fit(FitConfig(cache=ro, rank=2, epochs=1, batch_size=8, out=tmp_path / "run"))
         assert evaluate_run(r.run, ro)["val"] == pytest.approx(r.val_acc)

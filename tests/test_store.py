@@ -89,8 +89,14 @@ def test_fp16_store_is_the_rounded_fp32_store(fp32_store, tmp_path):
 def test_rerun_is_a_noop_and_other_settings_are_refused(fp32_store):
     r = extract(ExtractConfig(dataset="demo", out=fp32_store, dtype="fp32", limit=24, shard_size=5, **TINY))
     assert r.status == "already complete" and not r.written
-    with pytest.raises(UserError, match="dtype"):
-        extract(ExtractConfig(dataset="demo", out=fp32_store, dtype="fp16", limit=24, **TINY))
+    unbatched = {k: v for k, v in TINY.items() if k != "batch_size"}  # a resume takes the store's
+    r = extract(ExtractConfig(dataset="demo", out=fp32_store, dtype="fp32", limit=24, **unbatched))
+    assert r.status == "already complete"
+    with pytest.raises(UserError, match=r"batch_size: store has 4, this run 8 \(leave --batch-size out"):
+        extract(ExtractConfig(dataset="demo", out=fp32_store, dtype="fp32", limit=24, **{**TINY, "batch_size": 8}))
+    for dry_run in (True, False):  # a dry run is refused as the run would be
+        with pytest.raises(UserError, match="dtype"):
+            extract(ExtractConfig(dataset="demo", out=fp32_store, dtype="fp16", limit=24, dry_run=dry_run, **TINY))
     with pytest.raises(UserError, match="weights"):
         extract(ExtractConfig(dataset="demo", out=fp32_store, dtype="fp32", limit=24,
                               **{**TINY, "seed": 1}))

@@ -245,7 +245,10 @@ def test_predict_on_raw_images_equals_the_cached_path(image_folder, tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     files = [str(tmp_path / "empty.png"), str(image_folder / keys[0])]
     bad, good = predict(r.run, files)  # the bad file does not cost the good one its answer
-    assert "cannot read image" in bad["error"] and good["class"] in open_store(store_path).classes
+    assert "as an image (the run was trained on images)" in bad["error"]
+    assert good["class"] in open_store(store_path).classes
+    (folder,) = predict(r.run, [image_folder])
+    assert "is a folder: pass the files in it" in folder["error"]
     cli = subprocess.run([sys.executable, "-m", "cli.sidetrain", "predict", "--run", str(r.run), *files],
                          capture_output=True, text=True)
     assert cli.returncode == 1 and "empty.png" in cli.stderr and cli.stdout.startswith(files[1])

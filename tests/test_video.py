@@ -151,7 +151,7 @@ def test_predict_on_video_files_equals_the_cached_path(clips, video_store, tmp_p
     r = fit(FitConfig(cache=video_store, rank=4, epochs=2, batch_size=4, out=tmp_path / "run"))
     assert_predict_equals_cached(r.run, video_store, [clips / k for k in open_store(video_store).split("val").keys])
     (missing,) = predict(r.run, [tmp_path / "missing.mp4"])
-    assert "cannot read video" in missing["error"]
+    assert "as a video clip (the run was trained on clips of" in missing["error"]
 
 
 def test_views_are_refused_for_video(clips, tmp_path):
