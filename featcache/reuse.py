@@ -88,8 +88,10 @@ def existing_store(out: Location, settings: dict, ds: Dataset, shard_size: int |
     store = open_store(out, mode=mode)
     diffs = differences(store, settings, ds)
     if diffs:
+        model = settings["model"]["name"]
+        other = f" (e.g. --out {out}-{model.split('.')[0]})" if store.meta["model"]["name"] != model else ""
         raise UserError(f"{out} already holds a store made with other settings; use another "
-                        "--out or delete it. Differences: " + "; ".join(diffs))
+                        f"--out{other} or delete it. Differences: " + "; ".join(diffs))
     notes = []
     if store.meta["dataset"]["source"] != settings["dataset"]["source"]:
         notes.append(f"{out} was made from {store.meta['dataset']['source']}; this run reads "

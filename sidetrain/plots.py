@@ -32,10 +32,15 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
 def plot_pareto(points: list[tuple[str, int, float]], path: Path, title: str) -> None:
     """Accuracy against trainable parameters, one labelled point per configuration."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    tied: dict[tuple[int, float], list[str]] = {}  # configurations on one point share a label
     for label, params, acc in points:
-        ax.scatter(params, 100 * acc)
-        ax.annotate(label, (params, 100 * acc), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        tied.setdefault((params, 100 * acc), []).append(label)
+    for (params, acc), labels in tied.items():
+        ax.scatter(params, acc)
+        ax.annotate("\n".join(labels), (params, acc), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set(xscale="log", xlabel="trainable parameters", ylabel="accuracy (%)")
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(max(lo, 0), min(hi, 100.5))
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -94,6 +94,9 @@ def test_rerun_is_a_noop_and_other_settings_are_refused(fp32_store):
     assert r.status == "already complete"
     with pytest.raises(UserError, match=r"batch_size: store has 4, this run 8 \(leave --batch-size out"):
         extract(ExtractConfig(dataset="demo", out=fp32_store, dtype="fp32", limit=24, **{**TINY, "batch_size": 8}))
+    with pytest.raises(UserError, match=r"use another --out \(e.g. --out \S*demo32-vit_small_patch16_224\)"):
+        extract(ExtractConfig(dataset="demo", out=fp32_store, dtype="fp32", limit=24, dry_run=True,
+                              **{**TINY, "model": "vit_small"}))
     for dry_run in (True, False):  # a dry run is refused as the run would be
         with pytest.raises(UserError, match="dtype"):
             extract(ExtractConfig(dataset="demo", out=fp32_store, dtype="fp16", limit=24, dry_run=dry_run, **TINY))
