@@ -164,13 +164,13 @@ def eval_cmd(run_dir: Path = typer.Option(..., "--run", help="A run folder from 
              as_json: bool = typer.Option(False, "--json", help=HELP["json"])) -> None:
     """Accuracy of a trained adapter on every split of a store."""
     accs = evaluate_run(run_dir, cache, device)
-    if as_json:
-        emit_json(accs)
-        return
     store = open_store(cache)
+    counts = {split: int((store.split(split).labels >= 0).sum()) for split in accs}
+    if as_json:
+        emit_json({split: {"accuracy": acc, "samples": counts[split]} for split, acc in accs.items()})
+        return
     for split, acc in accs.items():
-        n = int((store.split(split).labels >= 0).sum())
-        out.print(f"{split}: {100 * acc:.2f}% of {n:,} samples")
+        out.print(f"{split}: {100 * acc:.2f}% of {counts[split]:,} samples")
 
 
 @app.command("predict")

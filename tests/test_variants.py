@@ -227,6 +227,9 @@ def test_eval_matches_training_and_refuses_foreign_stores(fp32_store, tmp_path):
     cli = subprocess.run([sys.executable, "-m", "cli.sidetrain", "eval", "--run", str(r.run), "--cache",
                           str(fp32_store)], capture_output=True, text=True)
     assert f"val: {100 * r.val_acc:.2f}% of 24 samples" in cli.stdout
+    cli = subprocess.run([sys.executable, "-m", "cli.sidetrain", "eval", "--run", str(r.run), "--cache",
+                          str(fp32_store), "--json"], capture_output=True, text=True)
+    assert json.loads(cli.stdout)["val"] == {"accuracy": r.val_acc, "samples": 24}
     other = tmp_path / "other"
     extract(ExtractConfig(dataset="demo", out=other, limit=8, **{**TINY, "seed": 7}))
     with pytest.raises(UserError, match="weights"):

@@ -78,6 +78,7 @@ Picker = Callable[[int, float], list[int]]  # (frame count, native fps) -> frame
 
 def _decode_decord(path: Path, pick: Picker) -> np.ndarray:
     import decord
+    decord.logging.set_level(decord.logging.QUIET)  # ffmpeg's own lines: the skip records why
     reader = decord.VideoReader(str(path), num_threads=1)
     indices = pick(len(reader), float(reader.get_avg_fps()))
     return reader.get_batch(indices).asnumpy()
