@@ -28,8 +28,8 @@ def run(app: typer.Typer) -> None:
         sys.exit(2)
     except SystemExit as e:
         if e.code == 130:  # typer's exit for Ctrl-C (it catches KeyboardInterrupt itself)
-            print("\ninterrupted: finished shards and epochs are kept, and the same command "
-                  "continues from there", file=sys.stderr)
+            print("\ninterrupted (extract, fit and sweep keep the shards and epochs they "
+                  "finished: the same command continues from there)", file=sys.stderr)
         raise
 
 

@@ -132,16 +132,10 @@ def extract_cmd(
     if as_json:
         emit_json(summary)
         return
-    skipped = sum(map(len, r.skipped.values()))
-    out.print(f"{r.status}: {r.path} ({human_bytes(r.plan.total)})"
-              + (f", {sum(r.written.values()):,} samples in {r.seconds:.1f} s" if r.written else "")
-              + (f" ({skipped:,} unreadable inputs skipped)" if skipped else ""))
-    for split, bad in r.skipped.items():
-        out.print(f"[yellow]skipped {len(bad)} unreadable input(s) in {split}[/]:")
-        for key, why in list(bad.items())[:10]:
-            out.print(f"  {key}: {why}")
-        if len(bad) > 10:
-            out.print(f"  ... and {len(bad) - 10} more (`featcache info --json {r.path}` lists them all)")
+    skipped = sum(map(len, r.skipped.values()))  # (extract named them, on stderr)
+    print(f"{r.status}: {r.path} ({human_bytes(r.plan.total)})"
+          + (f", {sum(r.written.values()):,} samples in {r.seconds:.1f} s" if r.written else "")
+          + (f" ({skipped:,} unreadable inputs skipped)" if skipped else ""))
 
 
 def _part(text: Optional[str]) -> Optional[tuple[int, int]]:
@@ -189,8 +183,9 @@ def info_cmd(path: str = typer.Argument(..., metavar="STORE", help="A store fold
               "(a resume batches alike)")
     for name, s in info["splits"].items():
         state = "complete" if s["complete"] else f"{s['shards_done']}/{s['shards']} shards"
-        skipped = f" ({len(s['skipped'])} unreadable, skipped)" if s["skipped"] else ""
-        t.add_row(f"split {name}", f"{s['n']:,} inputs{skipped}, {state}")
+        unread = (f" ({s['n'] - s['read']:,} of them unreadable, skipped)"
+                  if s["complete"] and s["read"] < s["n"] else "")
+        t.add_row(f"split {name}", f"{s['n']:,} samples{unread}, {state}")
     t.add_row("size", human_bytes(info["bytes_on_disk"]))
     t.add_row("complete", "yes" if info["complete"] else "no (rerun the extract command to finish)")
     out.print(t)

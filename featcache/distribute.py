@@ -17,7 +17,8 @@ import zarr
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .errors import UserError
-from .extract import ExtractConfig, ExtractResult, console, extract
+from .console import console, escape
+from .extract import ExtractConfig, ExtractResult, extract
 
 
 def _run_part(cfg: ExtractConfig) -> ExtractResult | UserError:
@@ -81,7 +82,7 @@ def extract_on_dask(cfg: ExtractConfig, address: str) -> ExtractResult:
                    TimeElapsedColumn())
         t0 = time.perf_counter()
         with Progress(*columns, console=console) as bar:
-            task = bar.add_task(f"{parts} dask workers -> {out} (shards)", total=None)
+            task = bar.add_task(f"{parts} dask workers -> {escape(str(out))} (shards)", total=None)
             while not all(f.done() for f in futures):
                 done, total = _progress(out)
                 bar.update(task, completed=done, total=total or None)

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
 from .checks import one_class_note, rare_classes_note, refuse_unreadable
 from .codec import DTYPES, calibrate, encode
+from .console import console, escape, note, say
 from .errors import UserError
 from .images import VIEW_POLICY, Images, collate, make_images, repeat
 from .location import Location, exists, is_url, join, normalize
@@ -37,13 +37,14 @@ from .sources.video import decoder_name
 from .store import Store, mark_complete, open_store
 from .taps import forward_taps, parse_taps
 
-console = Console(stderr=True)
-
-
 @dataclass
 class ExtractConfig:
+    """What to extract, and how: the options of `featcache extract` (the same names, with
+    dashes for underscores; `featcache extract --help` explains each). `model` and
+    `dataset` are required; `out` defaults to ./cache/<dataset name>."""
+
     model: str
-    dataset: str
+    dataset: str | Path  # a name (demo, cifar10, vtab1k:dtd), a folder, or a manifest file
     out: Location | None = None  # a folder or an fsspec URL; default: ./cache/<dataset name>
     weights: Path | None = None
     random_init: bool = False
@@ -83,6 +84,10 @@ def transform_overrides(cfg: ExtractConfig) -> dict:
 
 @dataclass
 class ExtractResult:
+    """What a run did: the store to train from (`path`; a reused twin's when `status` is
+    "reused"), its size plan, what this run wrote and skipped, and whether the store is
+    complete."""
+
     path: Location
     plan: StorePlan
     written: dict[str, int] = field(default_factory=dict)  # samples stored this run (not skipped), per split
@@ -137,9 +142,9 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     ds = open_dataset(cfg.dataset, cfg.seed, cfg.val_fraction, cfg.limit, cfg.per_class,
                       cfg.split, cfg.data_root, cfg.download,
                       FrameSampling(cfg.frames, cfg.sampling, cfg.fps))
-    for note in (one_class_note(ds), rare_classes_note(ds)):
-        if note:
-            console.print(f"[yellow]note:[/] {note}")
+    for text in (one_class_note(ds), rare_classes_note(ds)):
+        if text:
+            note(text)
     if cfg.views > 1 and ds.video:
         raise UserError("--views is for images; a video dataset keeps one view per clip.")
     if cfg.views > 1 and "train" in ds.splits:
@@ -154,22 +159,22 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     backbone = load_backbone(cfg.model, cfg.weights, cfg.random_init, cfg.img_size, cfg.seed,
                              transform_overrides(cfg))
     if cfg.random_init:
-        console.print(f"[yellow]note:[/] {backbone.name} has RANDOM weights (--random-init): "
-                      "its features only exercise the pipeline.")
+        note(f"{backbone.name} has RANDOM weights (--random-init): "
+             "its features only exercise the pipeline.")
     taps = parse_taps(cfg.taps, len(backbone.blocks))
     layout = _layout(backbone, ds)
     plan = make_plan({k: len(v) for k, v in ds.splits.items()}, len(taps), layout.tokens,
                      layout.width, cfg.dtype, out)
-    console.print(plan.describe())
-    console.print(f"classes: {len(ds.classes)} ({', '.join(ds.classes[:8])}"
-                  f"{', ...' if len(ds.classes) > 8 else ''})")
+    say(plan.describe())
+    say(f"classes: {len(ds.classes)} ({', '.join(ds.classes[:8])}"
+        f"{', ...' if len(ds.classes) > 8 else ''})")
     result = ExtractResult(path=out, plan=plan)
     settings = _settings(backbone, ds, taps, cfg)
     settings["content_key"] = content_key(settings, ds)
     existed = exists(join(out, "zarr.json"))
     store, notes = existing_store(out, settings, ds, cfg.shard_size)  # refused if made otherwise
-    for note in notes:
-        console.print(f"[yellow]note:[/] {note}")
+    for text in notes:
+        note(text)
     if store is not None and store.complete and store.meta["complete"] and not cfg.dry_run:
         refuse_unreadable(store, list(ds.splits))  # (no lock taken: a reader may rerun it)
         result.status, result.complete = "already complete", True
@@ -183,15 +188,15 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     result.twin = twin
     if cfg.dry_run:
         if twin is not None:
-            console.print(f"{twin} already holds exactly this: a real run would reuse it and write "
-                          "nothing (--no-reuse to extract anyway).")
+            say(f"{twin} already holds exactly this: a real run would reuse it and write "
+                "nothing (--no-reuse to extract anyway).")
         result.status = "dry run"
         return result
     if twin is not None:
         refuse_unreadable(open_store(twin), list(ds.splits))  # not an empty twin either
-        console.print(f"{twin} already holds exactly this (same model, weights, transform, taps, "
-                      f"dtype, precision and inputs): reusing it, and {out} is not written. Train from "
-                      f"{twin}, or pass --no-reuse to extract anyway.")
+        say(f"{twin} already holds exactly this (same model, weights, transform, taps, "
+            f"dtype, precision and inputs): reusing it, and {out} is not written. Train from "
+            f"{twin}, or pass --no-reuse to extract anyway.")
         result.path, result.status, result.complete = twin, "reused", True
         return result
     if not existed:
@@ -217,9 +222,12 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         return calibrate(forward_taps(backbone.model, collate(readable)[1].to(device), taps,
                                       cfg.precision))
 
+    told = store is not None  # (a store another part lays out meanwhile has notes untold)
     with StoreLock(out, cfg.shard):
         with meta_lock(out):  # the parts of a sharded run create the store once
-            store = open_or_create(out, settings, ds, backbone, plan, cfg.shard_size, calibration)
+            store, notes = open_or_create(out, settings, ds, backbone, plan, cfg.shard_size, calibration)
+        for text in [] if told else notes:
+            note(text)
         batches = shard_batches(store, names, cfg.batch_size, cfg.shard)
         if batches:
             result.status = "resumed" if existed else "written"
@@ -237,9 +245,14 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                     result.status = "already complete"
             elif cfg.shard:
                 result.status = result.status if batches else "part done"
-                console.print(f"part {cfg.shard[0]}/{cfg.shard[1]} of {out} is done; "
-                              "the store completes when every part has run.")
+                say(f"part {cfg.shard[0]}/{cfg.shard[1]} of {out} is done; "
+                    "the store completes when every part has run.")
     refuse_unreadable(store, names)
+    for split, bad in result.skipped.items():
+        examples = "; ".join(f"{key}: {why}" for key, why in list(bad.items())[:10])
+        note(f"skipped {len(bad)} unreadable input(s) in {split}: {examples}"
+             + (f"; ... and {len(bad) - 10} more (ExtractResult.skipped, or `featcache info "
+                f"--json {out}`, has them all)" if len(bad) > 10 else ""))
     return result
 
 
@@ -263,7 +276,7 @@ def _run(cfg: ExtractConfig, backbone: Backbone, store: Store, images: Images, d
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
     with Progress(*columns, console=console) as bar:
-        task = bar.add_task(f"extract -> {result.path}", total=sum(map(len, batches)), rate="")
+        task = bar.add_task(f"extract -> {escape(str(result.path))}", total=sum(map(len, batches)), rate="")
         done = 0
         for items, batch, ok, reasons in loader:
             sid, first = items[0]

@@ -18,6 +18,6 @@ def store_info(store: Store) -> dict:
             "layout": m["layout"], "dtype": m["dtype"], "precision": store.precision,
             "transform": m["transform"],
             "dataset": m["dataset"], "classes": m["classes"], "shard_size": m["shard_size"],
-            "batch_size": m["batch_size"],
+            "batch_size": m.get("batch_size"),  # (absent in the earliest stores)
             "splits": splits, "complete": store.complete, "bytes_on_disk": disk_usage(store.path),
             "created": m["created"], "versions": m["versions"]}

@@ -38,7 +38,11 @@ class StoreLock:
         self.files: list = []
 
     def _take(self, name: str, mode: int) -> None:
-        f = open(self.dir / name, "a+")
+        try:
+            f = _open(self.dir / name)
+        except UserError:
+            self.release()
+            raise
         try:
             fcntl.flock(f, mode | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -58,7 +62,6 @@ class StoreLock:
     def __enter__(self) -> "StoreLock":
         if self.remote:
             return self
-        self.dir.mkdir(parents=True, exist_ok=True)
         if self.part is None or self.part[1] == 1:
             self._take(LOCK_NAME, fcntl.LOCK_EX)
         else:
@@ -76,6 +79,18 @@ class StoreLock:
         self.release()
 
 
+def _open(lock_file: Path):
+    """A lock file, opened to be locked (and made, with its store's folder, if need be)."""
+    try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        return open(lock_file, "a+")
+    except OSError as e:  # permissions, a read-only mount
+        raise UserError(
+            f"cannot write to {lock_file.parent} ({e.strerror}): only who may write a store's "
+            "folder can extract into it. In a lab, make the cache group-writable (a setgid "
+            "group folder, `chmod -R g+w`, and umask 002 for whoever extracts).") from None
+
+
 @contextmanager
 def meta_lock(store_dir: Location):
     """Serialise attribute updates between the parts of a sharded extraction (local stores:
@@ -83,8 +98,7 @@ def meta_lock(store_dir: Location):
     if is_url(store_dir):
         yield
         return
-    Path(store_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(store_dir) / META_LOCK, "a+") as f:
+    with _open(Path(store_dir) / META_LOCK) as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

@@ -75,15 +75,23 @@ def stored_batch_size(out: Location) -> int | None:
     (batch composition changes a forward's low bits, so a resume must batch alike)."""
     if not exists(join(out, "zarr.json")) or is_partial_layout(out):
         return None
-    return open_store(out).meta["batch_size"]
+    return open_store(out).meta.get("batch_size")  # (absent in the earliest stores)
 
 
 def existing_store(out: Location, settings: dict, ds: Dataset, shard_size: int | None, mode: str = "r"
                    ) -> tuple[Store | None, list[str]]:
     """The store at `out` when this run may continue it (None when there is none, or only a
     layout of ours interrupted half-way), with notes for the user on what the resume keeps
-    of the store rather than of this run; refused when it was made otherwise."""
-    if not exists(join(out, "zarr.json")) or is_partial_layout(out):
+    of the store rather than of this run; refused when it was made otherwise, or when `out`
+    holds something else."""
+    if not exists(join(out, "zarr.json")):
+        # laying out a store replaces whatever lies under its split names: never over other
+        # data (a layout of ours interrupted half-way, with its zarr.json, is simply redone)
+        if any(not name.startswith(".featcache.") for name in listing(out)):  # our lock files
+            raise UserError(f"{out} exists, is not empty and is not a featcache store; choose "
+                            "another --out.")
+        return None, []
+    if is_partial_layout(out):
         return None, []
     store = open_store(out, mode=mode)
     diffs = differences(store, settings, ds)
@@ -102,18 +110,13 @@ def existing_store(out: Location, settings: dict, ds: Dataset, shard_size: int |
 
 
 def open_or_create(out: Location, settings: dict, ds: Dataset, backbone: Backbone, plan: StorePlan,
-                   shard_size: int | None, calibration: Callable[[], np.ndarray | None]) -> Store:
+                   shard_size: int | None, calibration: Callable[[], np.ndarray | None]
+                   ) -> tuple[Store, list[str]]:
     """The existing store at `out`, opened for writing, when this run may continue it (see
-    existing_store), else a new one."""
-    store, _ = existing_store(out, settings, ds, shard_size, mode="r+")
+    existing_store, and its notes), else a new one."""
+    store, notes = existing_store(out, settings, ds, shard_size, mode="r+")
     if store is not None:
-        return store
-    # laying out a store replaces whatever lies under its split names: never over other
-    # data (a layout of ours interrupted half-way, with its zarr.json, is simply redone)
-    if not exists(join(out, "zarr.json")) and any(
-            not name.startswith(".featcache.") for name in listing(out)):  # our lock files
-        raise UserError(f"{out} exists, is not empty and is not a featcache store; choose "
-                        "another --out.")
+        return store, notes
     splits = {name: (len(s), s.fingerprint()) for name, s in ds.splits.items()}
     shard = shard_size or shard_size_for(plan.bytes_per_sample, max(n for n, _ in splits.values()))
-    return create_store(out, settings, splits, backbone.final_norms(), shard, calibration())
+    return create_store(out, settings, splits, backbone.final_norms(), shard, calibration()), []

@@ -75,7 +75,8 @@ class Shard:
 
     @property
     def stored(self) -> int:
-        return len(self.labels) - len(self.skipped)
+        """Samples stored (not `skipped`'s length: the views of an image share its key)."""
+        return int((self.labels >= 0).sum())
 
 
 BUGS = (TypeError, AttributeError, NameError, KeyError, IndexError, AssertionError,

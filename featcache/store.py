@@ -71,6 +71,10 @@ class SplitArrays:
     def complete(self) -> bool:
         return bool(self.attrs.get("complete")) and bool(self.done.all())
 
+    def __repr__(self) -> str:  # (not the dataclass's: it would print every key and label)
+        return (f"SplitArrays({self.name!r}: {self.n} samples, tokens {tuple(self.tokens.shape)} "
+                f"{self.tokens.dtype}, {'complete' if self.complete else 'incomplete'})")
+
 
 class Store:
     """A format-1 store opened for reading (and, by the extractor, for appending shards)."""
@@ -78,6 +82,10 @@ class Store:
     def __init__(self, group: zarr.Group, path: str):
         self.group, self.path = group, path
         self.meta: dict = dict(group.attrs[ATTR])
+
+    def __repr__(self) -> str:
+        return (f"Store({str(self.path)!r}: {self.meta['model']['name']}, {len(self.taps)} taps, "
+                f"{self.dtype}, {len(self.classes)} classes, splits {', '.join(self.splits)})")
 
     @property
     def layout(self) -> TokenLayout:

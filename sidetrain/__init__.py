@@ -4,6 +4,8 @@
     result = fit(FitConfig(cache="cache/demo", method="losa", rank=16))
 """
 
+from featcache.errors import UserError
+
 from .classifier import Classifier, ModelSpec, build_classifier
 from .endtoend import EndToEnd
 from .loader import ShardLoader
@@ -14,4 +16,4 @@ from .train import FitConfig, FitResult, fit, train_many
 
 __all__ = ["Classifier", "EndToEnd", "FitConfig", "FitResult", "LoSA", "LowRankMixer",
            "ModelSpec", "ShardLoader", "build_classifier", "evaluate_run", "fit", "predict",
-           "sweep", "train_many"]
+           "UserError", "sweep", "train_many"]

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from featcache.codec import decode
+from featcache.errors import UserError
 from featcache.fastread import make_reader
 from featcache.location import is_url
 from featcache.store import Store
@@ -45,12 +46,25 @@ MIN_STRIPES = 16  # ... but a buffer fill draws from at least this many places o
 
 @dataclass
 class Batch:
+    """One batch: tokens (as the store holds them when 16-bit: `.float()` them for a head
+    of your own), labels, and which samples of the split they are."""
+
     tokens: torch.Tensor  # (B, L, T, D) float16 / bfloat16 (16-bit stores) or float32, on the device
     labels: torch.Tensor  # (B,) int64, on the device
     index: np.ndarray  # sample indices in the split
 
 
 class ShardLoader:
+    """Shuffled (or in-order) batches of a split, epoch by epoch:
+
+        loader = ShardLoader(open_store("cache/demo"), "train", batch_size=64, shuffle=True)
+        for epoch in range(10):
+            for batch in loader.epoch(epoch):  # the order is a function of (seed, epoch)
+                logits = head(batch.tokens.float()[:, -1, 0])  # last tap, first token
+
+    `len(loader)` is the number of batches an epoch gives. Unreadable inputs (label -1)
+    are left out."""
+
     def __init__(self, store: Store, split: str, batch_size: int, shuffle: bool, seed: int = 0,
                  buffer_bytes: int = BUFFER_BYTES, layers: list[int] | None = None,
                  device: str | torch.device = "cpu", reader: str = "auto", recycle: bool = False):
@@ -63,7 +77,11 @@ class ShardLoader:
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.dtype, self.device = store.dtype, torch.device(device)
         self.out_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.dtype, torch.float32)
-        picked = np.arange(self.split.tokens.shape[1])[slice(None) if layers is None else layers]
+        taps = self.split.tokens.shape[1]
+        if layers is not None and not all(-taps <= p < taps for p in layers):
+            raise UserError(f"layers={layers}: positions among the store's {taps} taps (blocks "
+                            f"{store.taps}) are 0 to {taps - 1}, or -1 (the last) to -{taps}")
+        picked = np.arange(taps)[slice(None) if layers is None else layers]
         # a run of consecutive layers (all of them, the last few) is a slice: rows read as views
         run = len(picked) == 1 or bool((np.diff(picked) == 1).all())
         self.layers = slice(int(picked[0]), int(picked[-1]) + 1) if run else picked
@@ -210,6 +228,7 @@ class ShardLoader:
         return blocks
 
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
+        """The batches of epoch `epoch` (each epoch its own order when shuffling)."""
         if self.fits:
             if self._resident is None:  # memmap: views into one mapping per shard file
                 self._resident = self._read(self.stripes)

@@ -15,9 +15,9 @@ from pathlib import Path
 import timm.data
 import torch
 from PIL import Image
-from rich.console import Console
 from safetensors.torch import load_file
 
+from featcache.console import note
 from featcache.errors import UserError
 from featcache.models import TokenLayout, load_backbone
 from featcache.precision import autocast
@@ -30,7 +30,6 @@ from .endtoend import EndToEnd
 from .loader import ShardLoader
 from .train import side_precision
 
-console = Console(stderr=True)
 
 
 def load_run(run: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -69,9 +68,9 @@ def check_store(config: dict, store: Store) -> list[int]:
         raise UserError(f"{store.path} does not match the run's features: " + "; ".join(diffs))
     trained = s.get("precision", "fp32")
     if store.precision != trained:  # close features, not the same: worth a word, not a refusal
-        console.print(f"[yellow]note:[/] the run was trained on tokens computed in {trained}, and "
-                      f"{store.path} holds tokens computed in {store.precision}: scores may "
-                      "differ slightly from those on the training store.")
+        note(f"the run was trained on tokens computed in {trained}, and "
+             f"{store.path} holds tokens computed in {store.precision}: scores may "
+             "differ slightly from those on the training store.")
     return [store.taps.index(b) for b in config["blocks"]]
 
 
@@ -161,11 +160,13 @@ def _reader(transform_config: dict) -> Callable[[Path], torch.Tensor]:
 
 
 @torch.no_grad()
-def predict(run: Path, images: list[Path], weights: Path | None = None, device: str = "cpu",
-            batch_size: int = 32) -> list[dict]:
+def predict(run: Path | str, images: list[Path | str] | Path | str, weights: Path | None = None,
+            device: str = "cpu", batch_size: int = 32) -> list[dict]:
     """Class and probability for each image (or video, for a video run), backbone and
     adapter run live. A file that cannot be read gets {"path", "error"} in its place, so
     that one bad file does not cost the others their answers."""
+    if isinstance(images, (str, Path)):
+        images = [images]
     config, state = load_run(run)
     bb = _backbone_for(config, weights)
     model = _model(config, state, bb.final_norms())

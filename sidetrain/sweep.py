@@ -4,24 +4,41 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 from featcache import location
+from featcache.errors import UserError
 
 from .classifier import ModelSpec
 from .plots import plot_pareto
 from .train import FitConfig, FitResult, train_many
 
 LOSA_ONLY = ("rank", "variant", "order", "zero_init", "temporal", "prefix_mixing")
+SHARED = ("cache", "taps", "epochs", "batch_size", "device", "precision", "out")  # one data pass
 
 
-def expand(base: FitConfig, grid: dict[str, list], out_root: Path) -> list[FitConfig]:
+def _check_grid(grid: dict) -> None:
+    names = {f.name for f in fields(FitConfig)}
+    for key, values in grid.items():
+        if key not in names:
+            raise UserError(f"the grid's '{key}' is not a FitConfig field; it may vary "
+                            f"{', '.join(sorted(names - set(SHARED)))}")
+        if key in SHARED:
+            raise UserError(f"the grid's '{key}' cannot vary within a sweep (every configuration "
+                            "shares one pass over the data): run one sweep per value")
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+            raise UserError(f"the grid's '{key}' takes a list of values, like [{values!r}]")
+
+
+def expand(base: FitConfig, grid: dict[str, list], out_root: Path | str) -> list[FitConfig]:
     """Every combination of the grid's values, each with its own run folder under out_root.
 
     Options that only LoSA has are dropped for the probes, so `--method losa,linear
     --rank 4,8` trains one linear probe per remaining combination, not two.
     """
+    _check_grid(grid)
+    out_root = Path(out_root)
     varying = [k for k, v in grid.items() if len(v) > 1]
     configs, seen = [], set()
     for values in itertools.product(*grid.values()):
@@ -40,9 +57,15 @@ def expand(base: FitConfig, grid: dict[str, list], out_root: Path) -> list[FitCo
     return configs
 
 
-def sweep(base: FitConfig, grid: dict[str, list], out_root: Path) -> list[FitResult]:
-    """Train the grid (one shared data pass per seed); write sweep.json and pareto.png."""
+def sweep(base: FitConfig, grid: dict[str, list], out_root: Path | str) -> list[FitResult]:
+    """Train every combination of the grid's values on top of `base` (one shared data pass
+    per seed), each in its own folder under `out_root`; write sweep.json and pareto.png.
+
+    `grid` maps FitConfig fields to lists of values, e.g. {"method": ["losa", "linear"],
+    "rank": [4, 16], "lr": [1e-3, 3e-3]}; what one data pass shares (cache, taps, epochs,
+    batch_size, device, precision) cannot vary."""
     configs = expand(base, grid, out_root)
+    out_root = Path(out_root)
     results: list[FitResult] = []
     for seed in sorted({c.seed for c in configs}):
         results += train_many([c for c in configs if c.seed == seed])

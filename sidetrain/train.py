@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from safetensors.torch import save_file
 
 from featcache import location
+from featcache.console import console, note, say
 from featcache.errors import UserError
 from featcache.location import Location
 from featcache.precision import PRECISIONS, autocast
@@ -37,7 +38,6 @@ from .clock import Clock, mark
 from .loader import DATA_ORDER, ShardLoader
 from .plots import plot_curves
 
-console = Console(stderr=True)
 BAR = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("batches"),
        TimeElapsedColumn(), TimeRemainingColumn())
 CHECK_EVERY = 100  # steps between reads of the running loss: each read waits for the GPU
@@ -45,6 +45,10 @@ CHECK_EVERY = 100  # steps between reads of the running loss: each read waits fo
 
 @dataclass(frozen=True)
 class FitConfig:
+    """One configuration to train: the options of `sidetrain fit` (the same names, with
+    dashes for underscores; `sidetrain fit --help` explains each). Only `cache` is
+    required; the run folder is `out`, by default runs/<store>-<method>[-r<rank>]-s<seed>."""
+
     cache: Location  # a store folder or URL
     method: str = "losa"
     rank: int = 16
@@ -85,6 +89,10 @@ class FitConfig:
 
 @dataclass
 class FitResult:
+    """A trained configuration: its run folder, trainable parameters, the best val epoch
+    and its accuracies (test: None without a complete test split), its own training time,
+    one metrics row per epoch (`history`), and why it stopped early if it did."""
+
     run: Path
     config: FitConfig
     params: int
@@ -140,11 +148,11 @@ def _check_store(cfg: FitConfig, store: Store) -> None:
         if not (split.labels >= 0).any():
             raise UserError(f"split '{name}' of {store.path} has no labelled samples.")
     if store.meta["weights"]["source"].startswith("random-init"):
-        console.print(f"[yellow]note:[/] {store.path} was extracted with RANDOM backbone weights "
-                      "(--random-init): what trains on it only shows that the pipeline runs.")
+        note(f"{store.path} was extracted with RANDOM backbone weights "
+             "(--random-init): what trains on it only shows that the pipeline runs.")
     if cfg.precision != "fp32" and not cfg.device.startswith("cuda"):
-        console.print(f"[yellow]note:[/] --precision {cfg.precision} applies on CUDA; on "
-                      f"{cfg.device} training runs in fp32.")
+        note(f"--precision {cfg.precision} applies on CUDA; on "
+             f"{cfg.device} training runs in fp32.")
     labels = store.split("train").labels
     counts = np.bincount(labels[labels >= 0], minlength=len(store.classes))
     if (counts > 0).sum() < 2:
@@ -154,14 +162,14 @@ def _check_store(cfg: FitConfig, store: Store) -> None:
     val = store.split("val").labels
     val = val[val >= 0]
     if len(val) < 10 or len(np.unique(val)) < 2:
-        console.print(f"[yellow]note:[/] val holds {len(val)} sample(s) of {len(np.unique(val))} "
-                      "class(es): the best epoch is picked on it, so that pick is mostly chance "
-                      "(extract with a larger --val-fraction, or a val/ folder).")
+        note(f"val holds {len(val)} sample(s) of {len(np.unique(val))} "
+             "class(es): the best epoch is picked on it, so that pick is mostly chance "
+             "(extract with a larger --val-fraction, or a val/ folder).")
     absent = [store.classes[c] for c in np.flatnonzero(counts == 0)]
     if absent:
-        console.print(f"[yellow]note:[/] {len(absent)} class(es) have no training sample, so the "
-                      f"head cannot learn them: {', '.join(absent[:10])}"
-                      f"{' ...' if len(absent) > 10 else ''}.")
+        note(f"{len(absent)} class(es) have no training sample, so the "
+             f"head cannot learn them: {', '.join(absent[:10])}"
+             f"{' ...' if len(absent) > 10 else ''}.")
 
 
 class Trainer:
@@ -227,9 +235,9 @@ class Trainer:
         for k in ("step", "epoch", "seconds", "history", "best", "best_state", "rng", "failed"):
             setattr(self, k, state[k])
         self.rng = [t.cpu() for t in self.rng]  # map_location moved them; torch takes them on the CPU
-        console.print(f"{self.run} is complete ({self.epoch} epochs): scoring its best epoch again; "
-                      "use another --out to train anew." if self.epoch >= self.cfg.epochs else
-                      f"resuming {self.run} after epoch {self.epoch - 1}")
+        say(f"{self.run} is complete ({self.epoch} epochs): scoring its best epoch again; "
+            "use another --out to train anew." if self.epoch >= self.cfg.epochs else
+            f"resuming {self.run} after epoch {self.epoch - 1}")
 
     def _checkpoint(self) -> None:
         state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
@@ -315,7 +323,7 @@ class Trainer:
                "seconds": self.seconds}
         self.train_loss.zero_()
         self.history.append(row)
-        if val_acc > self.best["val_acc"]:
+        if val_acc > self.best["val_acc"]:  # on a tie the earlier epoch stays: less fit to val
             self.best = row
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.epoch += 1
@@ -396,7 +404,12 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
         if str(location.normalize(c.cache)) != str(location.normalize(first.cache)):
             diff.append("cache")
         if diff:
-            raise ValueError(f"configurations to train together must share {diff}")
+            raise UserError(f"configurations trained together must share {', '.join(diff)}")
+    runs = [c.run_dir().resolve() for c in configs]
+    same = sorted({str(r) for r in runs if runs.count(r) > 1})
+    if same:
+        raise UserError(f"several configurations would write the run folder {same[0]}: give "
+                        "each its own `out` (sweep names them by what differs).")
     # Denormal floats (GELU tails, LayerNorm gradients) made CPU steps 10x slower here
     # (measured: 5.4 s against 0.55 s per LoSA step); they carry no signal, so flush them.
     torch.set_flush_denormal(True)
@@ -424,17 +437,17 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
         for t, seconds in zip(active, own):
             t.end_epoch(steps_done, seconds + shared)
             if t.failed:
-                console.print(f"[red]{t.run.name}: {t.failed}[/]")
+                console.print(f"[red]{escape(f'{t.run.name}: {t.failed}')}[/]")
                 continue
             row = t.history[-1]
-            console.print(f"{t.run.name}  epoch {epoch:3d}  train loss {row['train_loss']:.4f}  "
-                          f"val loss {row['val_loss']:.4f}  val acc {100 * row['val_acc']:.1f}%")
+            say(f"{t.run.name}  epoch {epoch:3d}  train loss {row['train_loss']:.4f}  "
+                f"val loss {row['val_loss']:.4f}  val acc {100 * row['val_acc']:.1f}%")
     results_test: list[float | None] = [None] * len(trainers)
     for t in trainers:
         if t.best_state:
             t.model.load_state_dict(t.best_state)
     if "test" in store.splits and not store.split("test").complete:
-        console.print(f"[yellow]note:[/] the test split of {store.path} is incomplete: not scored.")
+        note(f"the test split of {store.path} is incomplete: not scored.")
     elif "test" in store.splits:
         ok = [t for t in trainers if t.best_state]
         _pass(ShardLoader(store, "test", shuffle=False, **load), 0, ok, union, train=False)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -155,24 +157,28 @@ def test_ls_and_info_describe_stores(fp32_store, tmp_path):
     assert "fp32 (the backbone's forward), batch 4" in r.stdout and "10: t-shirt/top, trouser" in r.stdout
 
 
-def test_a_read_only_store_serves_info_verify_ls_fit_sweep_and_eval(fp32_store, tmp_path):
-    """A lab's shared cache is often read-only for its readers: a read-only bind mount of a
-    store (skipped where this process may not mount) must serve every reading command."""
-    import subprocess
-
-    from featcache.catalog import find_stores
-    from featcache.info import store_info
-    from sidetrain import FitConfig, evaluate_run, fit, sweep
-
-    ro = tmp_path / "ro" / "demo32"
-    ro.mkdir(parents=True)
-    mount = subprocess.run(["mount", "--bind", str(fp32_store), str(ro)], capture_output=True)
+@contextmanager
+def read_only(store: Path, at: Path):
+    """`store` bind-mounted read-only at `at`, as a lab's readers see its shared cache
+    (skipped where this process may not mount)."""
+    at.mkdir(parents=True)
+    mount = subprocess.run(["mount", "--bind", str(store), str(at)], capture_output=True)
     if mount.returncode != 0:
         pytest.skip("cannot bind-mount here (needs root): " + mount.stderr.decode().strip())
     try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True, capture_output=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(at)], check=True, capture_output=True)
         with pytest.raises(OSError):
-            (ro / "probe").write_text("x")
+            (at / "probe").write_text("x")
+        yield at
+    finally:
+        subprocess.run(["umount", str(at)], capture_output=True)
+
+
+def test_a_read_only_store_serves_info_verify_ls_fit_sweep_and_eval(fp32_store, tmp_path):
+    from featcache.info import store_info
+    from sidetrain import evaluate_run, sweep
+
+    with read_only(fp32_store, tmp_path / "ro" / "demo32") as ro:
         store = open_store(ro)
         assert store_info(store)["complete"] and verify(store).ok
         unbatched = {k: v for k, v in TINY.items() if k != "batch_size"}  # (the store's is taken)
@@ -183,5 +189,11 @@ def test_a_read_only_store_serves_info_verify_ls_fit_sweep_and_eval(fp32_store, 
         assert evaluate_run(r.run, ro)["val"] == pytest.approx(r.val_acc)
         assert len(sweep(FitConfig(cache=ro, rank=2, epochs=1, batch_size=8), {"method": ["linear", "losa"]},
                          tmp_path / "sweep")) == 2
-    finally:
-        subprocess.run(["umount", str(ro)], capture_output=True)
+
+
+def test_finishing_a_store_one_may_not_write_says_so(fp32_store, tmp_path):
+    shutil.copytree(fp32_store, tmp_path / "incomplete")
+    zarr.open_group(tmp_path / "incomplete", mode="r+")["train"]["done"][0] = False
+    with read_only(tmp_path / "incomplete", tmp_path / "ro" / "demo32") as ro:
+        with pytest.raises(UserError, match=r"cannot write to .*ro/demo32 \(Read-only file system\)"):
+            extract(ExtractConfig(dataset="demo", out=ro, dtype="fp32", limit=24, shard_size=5, **TINY))

@@ -184,6 +184,11 @@ def test_a_sweep_with_a_bad_configuration_leaves_no_run_folder(fp32_store, tmp_p
     good, bad = (FitConfig(cache=fp32_store, rank=r, epochs=1, out=tmp_path / f"r{r}") for r in (4, 99))
     with pytest.raises(UserError, match="--rank 99"):
         train_many([good, bad])
+    twins = [FitConfig(cache=fp32_store, method="linear", epochs=1, lr=lr) for lr in (1e-3, 1e-2)]
+    with pytest.raises(UserError, match="several configurations would write the run folder"):
+        train_many(twins)  # the default folder does not name the lr: one would overwrite the other
+    with pytest.raises(UserError, match="must share epochs"):
+        train_many([good, FitConfig(**{**vars(good), "epochs": 2, "out": tmp_path / "e2"})])
     assert not any(tmp_path.iterdir())
 
 
@@ -216,3 +221,11 @@ def test_a_class_without_training_samples_and_an_unused_precision_are_pointed_ou
     note = " ".join(capsys.readouterr().err.split())
     assert f"1 class(es) have no training sample, so the head cannot learn them: {open_store(store).classes[0]}." in note
     assert "--precision bf16 applies on CUDA; on cpu training runs in fp32" in note
+
+
+def test_loader_layers_are_positions_among_the_taps(fp32_store):
+    store = open_store(fp32_store)
+    (batch,) = ShardLoader(store, "val", batch_size=24, shuffle=False, layers=[0, 11]).epoch(0)
+    np.testing.assert_array_equal(batch.tokens.numpy(), store.split("val").tokens[:][:, [0, 11]])
+    with pytest.raises(UserError, match=r"layers=\[12\]: positions among the store's 12 taps"):
+        ShardLoader(store, "val", batch_size=24, shuffle=False, layers=[12])

@@ -113,7 +113,8 @@ def test_missing_shard_is_recomputed_bit_for_bit(tmp_path):
     g = zarr.open_group(str(out), mode="r+")
     g["val/done"][0] = False  # as if killed before the shard was durable
     g["val/tokens"][:] = 0
-    r = extract(cfg)
+    unbatched = {k: v for k, v in TINY.items() if k != "batch_size"}  # the store's batch size, 4
+    r = extract(ExtractConfig(dataset="demo", out=out, limit=24, **unbatched))
     assert r.status == "resumed" and r.written == {"val": 24}
     np.testing.assert_array_equal(open_store(out).split("val").tokens[:], before)
 
@@ -127,15 +128,22 @@ def test_dry_run_writes_nothing_and_size_is_checked(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="--force"):
         extract(ExtractConfig(dataset="demo", out=out, limit=24, **TINY))
     assert not out.exists()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "x.txt").write_text("mine")
+    for dry_run in (True, False):  # a dry run is refused as the run would be
+        with pytest.raises(UserError, match="is not empty and is not a featcache store"):
+            extract(ExtractConfig(dataset="demo", out=tmp_path / "notes", limit=24, dry_run=dry_run, **TINY))
 
 
-def test_unreadable_images_are_skipped_and_recorded(image_folder, tmp_path):
+def test_unreadable_images_are_skipped_and_recorded(image_folder, tmp_path, capsys):
     (image_folder / "class0" / "broken.png").write_bytes(b"not an image")
     (image_folder / "class1" / "empty.jpg").write_bytes(b"")
     out = tmp_path / "bad"  # shards of 3: skipped rows in several shards
     r = extract(ExtractConfig(dataset=str(image_folder), out=out, shard_size=3, **TINY))
     skipped = {k for split in r.skipped.values() for k in split}
     assert skipped == {"class0/broken.png", "class1/empty.jpg"}
+    told = " ".join(capsys.readouterr().err.split())  # (rich wraps lines)
+    assert all(f"{key}: UnidentifiedImageError" in told for key in skipped)  # said, not only returned
     store = open_store(out)
     recorded = {k for s in store.splits for k in store.split(s).attrs["skipped"]}
     assert recorded == skipped

@@ -151,6 +151,11 @@ def test_a_sweep_trains_each_configuration_as_fit_would(fp32_store, tmp_path):
         "linear-lr0.001", "linear-lr0.01", "losa-rank2-lr0.001", "losa-rank2-lr0.01",
         "losa-rank4-lr0.001", "losa-rank4-lr0.01", "mlp-lr0.001", "mlp-lr0.01"]
     assert (tmp_path / "sw" / "pareto.png").is_file() and (tmp_path / "sw" / "sweep.json").is_file()
+    for bad, why in (({"ranks": [2]}, "'ranks' is not a FitConfig field"),
+                     ({"epochs": [1, 2]}, "'epochs' cannot vary within a sweep"),
+                     ({"rank": 4}, "'rank' takes a list of values, like \\[4\\]")):
+        with pytest.raises(UserError, match=why):
+            sweep(base, bad, str(tmp_path / "bad"))
     for r in results:
         alone = fit(r.config.__class__(**{**vars(r.config), "out": tmp_path / "alone" / r.run.name}))
         assert alone.val_acc == r.val_acc and alone.history[-1]["train_loss"] == pytest.approx(
@@ -250,6 +255,8 @@ def test_predict_on_raw_images_equals_the_cached_path(image_folder, tmp_path):
     bad, good = predict(r.run, files)  # the bad file does not cost the good one its answer
     assert "as an image (the run was trained on images)" in bad["error"]
     assert good["class"] in open_store(store_path).classes
+    (one,) = predict(str(r.run), str(image_folder / keys[0]))  # one path, as a str
+    assert one["class"] == good["class"]
     (folder,) = predict(r.run, [image_folder])
     assert "is a folder: pass the files in it" in folder["error"]
     cli = subprocess.run([sys.executable, "-m", "cli.sidetrain", "predict", "--run", str(r.run), *files],

@@ -63,7 +63,7 @@ def _fetch_idx(name: str, data_root: Path | None) -> Path:
     return root
 
 
-def open_dataset(spec: str, seed: int = 0, val_fraction: float = 0.2, limit: int | None = None,
+def open_dataset(spec: str | Path, seed: int = 0, val_fraction: float = 0.2, limit: int | None = None,
                  per_class: int | None = None, split: list[str] | None = None,
                  data_root: Path | None = None, download: bool = False,
                  video: FrameSampling = FrameSampling()) -> Dataset:
@@ -75,7 +75,7 @@ def open_dataset(spec: str, seed: int = 0, val_fraction: float = 0.2, limit: int
     `split` keeps only the named splits. `video` says how a video dataset's clips become
     frames (ignored for images).
     """
-    ds = _source(spec, Path(data_root) if data_root else None, download, seed, val_fraction, video)
+    ds = _source(str(spec), Path(data_root) if data_root else None, download, seed, val_fraction, video)
     if "train" in ds.splits and "val" not in ds.splits:
         train, val = stratified_split(ds.splits["train"].labels, val_fraction, np.random.default_rng(seed))
         whole = ds.splits.pop("train")
