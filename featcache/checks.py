@@ -8,8 +8,13 @@ import difflib
 import numpy as np
 
 from .errors import UserError
+from .images import Images
 from .sources import Dataset
 from .store import Store
+
+PROBE = 8  # inputs of each split read before a run: none readable means wrong paths
+WHERE = ("Check that the files are where the dataset says (a manifest's relative paths are "
+         "read from its folder, or from --data-root)")
 
 
 def rare_classes_note(ds: Dataset) -> str | None:
@@ -48,6 +53,19 @@ def one_class_note(ds: Dataset) -> str | None:
             "folder as --dataset.")
 
 
+def refuse_unreadable_inputs(images: Images, names: list[str]) -> None:
+    """Before a run, read the first PROBE inputs of each split: when none of them can be
+    read, the paths are wrong, which the pass would otherwise find out only at its end."""
+    for sid, name in enumerate(names):
+        split = images.splits[sid]
+        n = min(PROBE, len(split))
+        reasons = [images[(sid, i)][2] for i in range(n)]
+        if n and all(reasons):
+            which = f"none of the {n}" if n == len(split) else f"the first {n} of the {len(split)}"
+            raise UserError(f"{which} inputs of split '{name}' could be read (the first: "
+                            f"{split.keys[0]}: {reasons[0]}). {WHERE}.")
+
+
 def refuse_unreadable(store: Store, names: list[str]) -> None:
     """A finished split none of whose inputs could be read is a wrong path, not bad luck:
     say so now rather than let `sidetrain fit` find an empty split later."""
@@ -57,6 +75,5 @@ def refuse_unreadable(store: Store, names: list[str]) -> None:
             key, why = next(iter(split.attrs["skipped"].items()))
             raise UserError(
                 f"none of the {split.n} inputs of split '{name}' could be read (the first: {key}: "
-                f"{why}), so {store.path} holds no sample of it. Check that the files are where "
-                "the dataset says (a manifest's relative paths are read from its folder, or from "
-                f"--data-root), then delete {store.path} and extract again.")
+                f"{why}), so {store.path} holds no sample of it. {WHERE}, then delete "
+                f"{store.path} and extract again.")

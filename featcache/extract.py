@@ -19,7 +19,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from .checks import one_class_note, rare_classes_note, refuse_unreadable
+from .checks import one_class_note, rare_classes_note, refuse_unreadable, refuse_unreadable_inputs
 from .codec import DTYPES, calibrate, encode
 from .console import console, escape, note, say
 from .errors import UserError
@@ -179,6 +179,9 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         refuse_unreadable(store, list(ds.splits))  # (no lock taken: a reader may rerun it)
         result.status, result.complete = "already complete", True
         return result
+    names = list(ds.splits)
+    images = make_images(ds.splits, backbone.data_config, "train" if cfg.views > 1 else None, cfg.seed)
+    refuse_unreadable_inputs(images, names)  # (a dry run too: wrong paths are found at once)
     try:
         twin = None if existed or not cfg.reuse else identical_store(out, settings["content_key"])
     except UserError:  # a bucket that cannot be listed: a dry run needs no credentials
@@ -203,8 +206,6 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         plan.check_fits(cfg.force)
     device = torch.device(cfg.device)
     backbone.model.to(device)
-    names = list(ds.splits)
-    images = make_images(ds.splits, backbone.data_config, "train" if cfg.views > 1 else None, cfg.seed)
 
     def calibration() -> np.ndarray | None:
         """int8 only: channel scales from the first batch of the first split (deterministic)."""

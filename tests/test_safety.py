@@ -106,8 +106,15 @@ def test_a_split_of_inputs_none_readable_is_refused_with_its_cause(tmp_path):
     """A manifest moved away from its images: every path is wrong, which is not a success."""
     (tmp_path / "labels.csv").write_text("path,label,split\n" + "".join(
         f"img{i}.png,{'ab'[i % 2]},{'train' if i < 4 else 'val'}\n" for i in range(6)))
-    with pytest.raises(UserError, match=r"none of the 4 inputs of split 'train'.*img0.png.*--data-root"):
-        extract(ExtractConfig(dataset=str(tmp_path / "labels.csv"), out=tmp_path / "s", **TINY))
+    for dry_run in (True, False):  # found before the run (or by a dry run), not at its end
+        with pytest.raises(UserError, match=r"none of the 4 inputs of split 'train'.*img0.png.*--data-root"):
+            extract(ExtractConfig(dataset=str(tmp_path / "labels.csv"), out=tmp_path / "s",
+                                  dry_run=dry_run, **TINY))
+        assert not (tmp_path / "s").exists()
+    (tmp_path / "more.csv").write_text("path,label,split\n" + "".join(
+        f"img{i}.png,{'ab'[i % 2]},{'train' if i < 20 else 'val'}\n" for i in range(24)))
+    with pytest.raises(UserError, match=r"the first 8 of the 20 inputs of split 'train'"):
+        extract(ExtractConfig(dataset=str(tmp_path / "more.csv"), out=tmp_path / "s", **TINY))
 
 
 def test_a_folder_one_level_too_high_is_pointed_out_and_not_trained(tmp_path, capsys):
