@@ -229,7 +229,8 @@ def ls_cmd(root: str = typer.Argument("cache", metavar="ROOT", help="Folder or U
     for s in stores:  # plain lines, never wrapped: easy to grep
         splits = " ".join(f"{k}={v}" for k, v in s["splits"].items())
         dtype = s["dtype"] + ("" if s["precision"] == "fp32" else f" ({s['precision']} forward)")
-        weights = "RANDOM weights" if s["weights"].startswith("random-init") else s["weights"]
+        weights = ("RANDOM weights" if s["weights"].startswith("random-init") else  # file:NAME
+                   "pretrained" if s["weights"].startswith("timm:") else s["weights"])
         frames = f" x {s['frames']} frames" if s["frames"] else ""
         print(f"{s['path']}  {s['model']} ({weights})  {s['img_size']} px{frames}  {s['dataset']} "
               f"({s['classes']} classes)  {splits}  {dtype}  {s['taps']} taps  "

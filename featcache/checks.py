@@ -1,5 +1,5 @@
 """Checks of a dataset and its store that name the likely mistake behind what they find:
-a mistyped label before the extraction, a wrong path after it."""
+a mistyped label, a folder one level too high, wrong paths."""
 
 from __future__ import annotations
 
