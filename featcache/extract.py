@@ -37,6 +37,7 @@ from .sources.video import decoder_name
 from .store import Store, mark_complete, open_store
 from .taps import forward_taps, parse_taps
 
+
 @dataclass
 class ExtractConfig:
     """What to extract, and how: the options of `featcache extract` (the same names, with

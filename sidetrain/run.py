@@ -31,7 +31,6 @@ from .loader import ShardLoader
 from .train import side_precision
 
 
-
 def load_run(run: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json of the run, adapter weights)."""
     run = Path(run)
@@ -109,7 +108,6 @@ def evaluate_run(run: Path, cache: Path, device: str = "cpu") -> dict[str, float
                 n += len(b.labels)
         accs[name] = correct.item() / max(n, 1)
     return accs
-
 
 
 def _backbone_for(config: dict, weights: Path | None):
