@@ -181,19 +181,22 @@ def predict_cmd(images: list[Path] = typer.Argument(..., metavar="FILES", help="
                 weights: Optional[Path] = typer.Option(None, help="The backbone weights file the "
                                                        "store was extracted with, if it came from one."),
                 device: str = typer.Option("cpu", help=HELP["device"]),
+                top: int = typer.Option(1, help="How many classes to give per file, likeliest "
+                                        "first (each with its probability)."),
                 as_json: bool = typer.Option(False, "--json", help=HELP["json"])) -> None:
     """Classify raw images or videos with the frozen backbone and a run's adapter (no cache needed).
 
-    A file that cannot be read is reported (an "error" entry with --json) and the others are
-    still classified; the exit status is then 1."""
-    preds = predict(run_dir, images, weights, device)
+    Prints one line per file: its path, then class and probability (tab-separated), `--top`
+    pairs of them. A file that cannot be read is reported (an "error" entry with --json) and
+    the others are still classified; the exit status is then 1."""
+    preds = predict(run_dir, images, weights, device, top=top)
     if as_json:
         emit_json(preds)
     for p in preds:
         if "error" in p:
             print(f"error: {p['error']}", file=sys.stderr)
         elif not as_json:
-            print(f"{p['path']}\t{p['class']}\t{p['prob']:.3f}")
+            print("\t".join([p["path"]] + [f"{c['class']}\t{c['prob']:.3f}" for c in p.get("top", [p])]))
     if any("error" in p for p in preds):
         raise typer.Exit(1)
 

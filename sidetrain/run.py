@@ -159,12 +159,16 @@ def _reader(transform_config: dict) -> Callable[[Path], torch.Tensor]:
 
 @torch.no_grad()
 def predict(run: Path | str, images: list[Path | str] | Path | str, weights: Path | None = None,
-            device: str = "cpu", batch_size: int = 32) -> list[dict]:
+            device: str = "cpu", batch_size: int = 32, top: int = 1) -> list[dict]:
     """Class and probability for each image (or video, for a video run), backbone and
-    adapter run live. A file that cannot be read gets {"path", "error"} in its place, so
-    that one bad file does not cost the others their answers."""
+    adapter run live: {"path", "label", "class", "prob"} for the likeliest class, and with
+    `top` > 1 also "top", the `top` likeliest as [{"label", "class", "prob"}, ...]. A file
+    that cannot be read gets {"path", "error"} in its place, so that one bad file does not
+    cost the others their answers."""
     if isinstance(images, (str, Path)):
         images = [images]
+    if top < 1:
+        raise UserError(f"--top must be at least 1, not {top}")
     config, state = load_run(run)
     bb = _backbone_for(config, weights)
     model = _model(config, state, bb.final_norms())
@@ -187,6 +191,8 @@ def predict(run: Path | str, images: list[Path | str] | Path | str, weights: Pat
         with autocast(torch.device(device).type, precision):
             probs = live(torch.stack(inputs).to(device)).float().softmax(1).cpu()
         for i, pr in zip(slots, probs):
-            k = int(pr.argmax())
-            out[i] |= {"label": k, "class": s["classes"][k], "prob": float(pr[k])}
+            values, labels = pr.topk(min(top, len(pr)))
+            ranked = [{"label": int(k), "class": s["classes"][k], "prob": float(v)}
+                      for v, k in zip(values, labels)]
+            out[i] |= ranked[0] | ({"top": ranked} if top > 1 else {})
     return out

@@ -44,7 +44,8 @@ def fp32_store(tmp_path_factory) -> Path:
 def assert_predict_equals_cached(run: Path, store_path: Path, files: list[Path], device: str = "cpu",
                                  atol: float = 1e-4) -> None:
     """`sidetrain predict` on the raw files of the store's val split (in its order) gives
-    the classes and probabilities that the run's adapter gives on the stored tokens."""
+    the classes and probabilities that the run's adapter gives on the stored tokens (the
+    two likeliest, in order)."""
     import json
 
     import torch
@@ -54,12 +55,15 @@ def assert_predict_equals_cached(run: Path, store_path: Path, files: list[Path],
     from sidetrain import ModelSpec, build_classifier, predict
 
     store = open_store(store_path)
-    preds = predict(run, files, device=device)
+    preds = predict(run, files, device=device, top=2)
     config = json.loads((run / "config.json").read_text())
     model = build_classifier(ModelSpec(**{k: v for k, v in config.items()
                                           if k in ModelSpec.__dataclass_fields__}), store, seed=0)
     model.load_state_dict(load_file(str(run / "adapter.safetensors")))
     with torch.no_grad():
         cached = model.eval()(torch.from_numpy(store.split("val").tokens[:])).softmax(1)
-    assert [p["label"] for p in preds] == cached.argmax(1).tolist()
-    np.testing.assert_allclose([p["prob"] for p in preds], cached.max(1).values.numpy(), atol=atol)
+    probs, labels = cached.topk(2)
+    assert [p["label"] for p in preds] == labels[:, 0].tolist()
+    assert [[c["label"] for c in p["top"]] for p in preds] == labels.tolist()
+    np.testing.assert_allclose([p["prob"] for p in preds], probs[:, 0].numpy(), atol=atol)
+    np.testing.assert_allclose([[c["prob"] for c in p["top"]] for p in preds], probs.numpy(), atol=atol)
