@@ -33,6 +33,7 @@ HELP = {
                   "backbone's own feature), cls+mean (class and mean patch token) or all "
                   "(cls+mean of every tap, Head2Toe-style).",
     "dropout": "Dropout on LoSA's updates (and in the MLP head).",
+    "mlp_hidden": "Hidden width of the mlp head.",
     "lr": "Peak AdamW learning rate (linear warm-up, cosine decay to zero).",
     "weight_decay": "AdamW weight decay.",
     "seed": "Seed for initialisation and data order.",
@@ -71,7 +72,7 @@ def fit_cmd(
     zero_init: bool = typer.Option(True, help=HELP["zero_init"]),
     temporal: bool = typer.Option(True, help=HELP["temporal"]),
     prefix_mixing: str = typer.Option("join", help=HELP["prefix_mixing"]),
-    mlp_hidden: int = typer.Option(512, help="Hidden width of the mlp head."),
+    mlp_hidden: int = typer.Option(512, help=HELP["mlp_hidden"]),
     taps: str = typer.Option("all", help=HELP["taps"]),
     epochs: int = typer.Option(10, help=HELP["epochs"]),
     lr: float = typer.Option(1e-3, help=HELP["lr"]),
@@ -107,7 +108,8 @@ def fit_cmd(
 
 
 def _grid(**lists: str) -> dict[str, list]:
-    casts = {"rank": int, "seed": int, "lr": float, "dropout": float, "weight_decay": float}
+    casts = {"rank": int, "seed": int, "mlp_hidden": int, "lr": float, "dropout": float,
+             "weight_decay": float, "warmup": float, "label_smoothing": float, "grad_clip": float}
     grid = {}
     for key, text in lists.items():
         try:
@@ -127,11 +129,19 @@ def sweep_cmd(
     order: str = typer.Option("channel-token", help="Comma list. " + HELP["order"]),
     head_input: str = typer.Option("last4", help="Comma list. " + HELP["head_input"]),
     dropout: str = typer.Option("0", help="Comma list. " + HELP["dropout"]),
+    prefix_mixing: str = typer.Option("join", help="Comma list. " + HELP["prefix_mixing"]),
+    mlp_hidden: str = typer.Option("512", help="Comma list. " + HELP["mlp_hidden"]),
     weight_decay: str = typer.Option("1e-4", help="Comma list. " + HELP["weight_decay"]),
+    warmup: str = typer.Option("0.05", help="Comma list. " + HELP["warmup"]),
+    label_smoothing: str = typer.Option("0", help="Comma list. " + HELP["label_smoothing"]),
+    grad_clip: str = typer.Option("1", help="Comma list. " + HELP["grad_clip"]),
     seed: str = typer.Option("0", help="Comma list. " + HELP["seed"]),
+    zero_init: bool = typer.Option(True, help=HELP["zero_init"]),
+    temporal: bool = typer.Option(True, help=HELP["temporal"]),
     taps: str = typer.Option("all", help=HELP["taps"]),
     epochs: int = typer.Option(10, help=HELP["epochs"]),
     batch_size: int = typer.Option(64, help=HELP["batch_size"]),
+    precision: str = typer.Option("fp32", help=HELP["precision"]),
     device: str = typer.Option("cpu", help=HELP["device"]),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the runs, sweep.json "
                                            "and pareto.png. Default: runs/<store>-sweep."),
@@ -144,9 +154,12 @@ def sweep_cmd(
     Prints the table (best val first) and writes pareto.png (accuracy against parameters).
     """
     grid = _grid(method=method, rank=rank, lr=lr, variant=variant, order=order,
-                 head_input=head_input, dropout=dropout, weight_decay=weight_decay, seed=seed)
+                 head_input=head_input, dropout=dropout, prefix_mixing=prefix_mixing,
+                 mlp_hidden=mlp_hidden, weight_decay=weight_decay, warmup=warmup,
+                 label_smoothing=label_smoothing, grad_clip=grad_clip, seed=seed)
     out_dir = out_dir or Path("runs") / f"{location.name(cache)}-sweep"
-    results = sweep(FitConfig(cache=cache, taps=taps, epochs=epochs, batch_size=batch_size,
+    results = sweep(FitConfig(cache=cache, zero_init=zero_init, temporal=temporal, taps=taps,
+                              epochs=epochs, batch_size=batch_size, precision=precision,
                               device=device), grid, out_dir)
     results.sort(key=lambda r: -r.val_acc)
     if as_json:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from featcache.console import note
 from featcache.errors import UserError
+from featcache.location import Location
 from featcache.models import TokenLayout, load_backbone
 from featcache.precision import autocast
 from featcache.sources.base import to_rgb
@@ -88,7 +89,7 @@ def _short(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def evaluate_run(run: Path, cache: Path, device: str = "cpu") -> dict[str, float]:
+def evaluate_run(run: Path | str, cache: Location, device: str = "cpu") -> dict[str, float]:
     """Accuracy of a run's adapter on every complete split of a store."""
     config, state = load_run(run)
     store = open_store(cache)

@@ -12,10 +12,14 @@ from featcache.errors import UserError
 
 from .classifier import ModelSpec
 from .plots import plot_pareto
-from .train import FitConfig, FitResult, train_many
+from .train import ONE_PASS, FitConfig, FitResult, train_many
 
-LOSA_ONLY = ("rank", "variant", "order", "zero_init", "temporal", "prefix_mixing")
-SHARED = ("cache", "taps", "epochs", "batch_size", "device", "precision", "out")  # one data pass
+# options that only some methods have: the others get the default (and no name part), so a
+# grid over them does not train the same probe once per value
+ONLY_FOR = {**dict.fromkeys(("rank", "variant", "order", "zero_init", "temporal", "prefix_mixing"),
+                            ("losa",)),
+            "dropout": ("losa", "mlp"), "mlp_hidden": ("mlp",)}
+FIXED = ONE_PASS + ("out",)  # a sweep runs one pass per seed and names each run's folder
 
 
 def _check_grid(grid: dict) -> None:
@@ -23,8 +27,8 @@ def _check_grid(grid: dict) -> None:
     for key, values in grid.items():
         if key not in names:
             raise UserError(f"the grid's '{key}' is not a FitConfig field; it may vary "
-                            f"{', '.join(sorted(names - set(SHARED)))}")
-        if key in SHARED:
+                            f"{', '.join(sorted(names - set(FIXED)))}")
+        if key in FIXED:
             raise UserError(f"the grid's '{key}' cannot vary within a sweep (every configuration "
                             "shares one pass over the data): run one sweep per value")
         if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
@@ -34,7 +38,7 @@ def _check_grid(grid: dict) -> None:
 def expand(base: FitConfig, grid: dict[str, list], out_root: Path | str) -> list[FitConfig]:
     """Every combination of the grid's values, each with its own run folder under out_root.
 
-    Options that only LoSA has are dropped for the probes, so `--method losa,linear
+    Options a method does not have are dropped for it (ONLY_FOR), so `--method losa,linear
     --rank 4,8` trains one linear probe per remaining combination, not two.
     """
     _check_grid(grid)
@@ -43,11 +47,8 @@ def expand(base: FitConfig, grid: dict[str, list], out_root: Path | str) -> list
     configs, seen = [], set()
     for values in itertools.product(*grid.values()):
         cfg = replace(base, **dict(zip(grid, values)))
-        if cfg.method != "losa":
-            cfg = replace(cfg, **{k: getattr(ModelSpec, k) for k in LOSA_ONLY})
-        if cfg.method == "linear":
-            cfg = replace(cfg, dropout=0.0)  # a linear head has nothing to drop
-        ignored = (LOSA_ONLY if cfg.method != "losa" else ()) + (("dropout",) if cfg.method == "linear" else ())
+        ignored = [k for k, methods in ONLY_FOR.items() if cfg.method not in methods]
+        cfg = replace(cfg, **{k: getattr(ModelSpec, k) for k in ignored})
         name = "-".join([cfg.method] + [f"{k}{getattr(cfg, k)}" for k in varying
                                         if k != "method" and k not in ignored])
         if name in seen:
@@ -62,8 +63,8 @@ def sweep(base: FitConfig, grid: dict[str, list], out_root: Path | str) -> list[
     per seed), each in its own folder under `out_root`; write sweep.json and pareto.png.
 
     `grid` maps FitConfig fields to lists of values, e.g. {"method": ["losa", "linear"],
-    "rank": [4, 16], "lr": [1e-3, 3e-3]}; what one data pass shares (cache, taps, epochs,
-    batch_size, device, precision) cannot vary."""
+    "rank": [4, 16], "lr": [1e-3, 3e-3]}; what one data pass shares (ONE_PASS: cache,
+    batch_size, epochs, device, precision) cannot vary."""
     configs = expand(base, grid, out_root)
     out_root = Path(out_root)
     results: list[FitResult] = []

@@ -41,6 +41,9 @@ from .plots import plot_curves
 BAR = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("batches"),
        TimeElapsedColumn(), TimeRemainingColumn())
 CHECK_EVERY = 100  # steps between reads of the running loss: each read waits for the GPU
+# what configurations trained in one pass share (every other option may differ; the layers
+# read are the union of their taps)
+ONE_PASS = ("cache", "batch_size", "epochs", "device", "precision")
 
 
 @dataclass(frozen=True)
@@ -395,12 +398,11 @@ def _pass(loader: ShardLoader, epoch: int, trainers: list[Trainer], union: list[
 
 
 def train_many(configs: list[FitConfig]) -> list[FitResult]:
-    """Train configurations that share a store, seed, batch size, epochs, device and
-    precision in one pass over the data per epoch. Returns one FitResult per configuration, in order."""
+    """Train configurations that share ONE_PASS and the seed (which orders the batches) in
+    one pass over the data per epoch. Returns one FitResult per configuration, in order."""
     first = configs[0]
-    shared = ("cache", "seed", "batch_size", "epochs", "device", "precision")
     for c in configs[1:]:
-        diff = [k for k in shared if k != "cache" and getattr(c, k) != getattr(first, k)]
+        diff = [k for k in ONE_PASS + ("seed",) if k != "cache" and getattr(c, k) != getattr(first, k)]
         if str(location.normalize(c.cache)) != str(location.normalize(first.cache)):
             diff.append("cache")
         if diff:
@@ -433,9 +435,9 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
             steps_done, wall_train = _pass(train, epoch, active, union, True, lambda: bar.advance(task))
             _, wall_val = _pass(val, 0, active, union, False, lambda: bar.advance(task))
         own = [t.clock.take() for t in active]
-        shared = max(0.0, wall_train + wall_val - sum(own)) / len(active)  # reading: split evenly
+        reading = max(0.0, wall_train + wall_val - sum(own)) / len(active)  # split evenly
         for t, seconds in zip(active, own):
-            t.end_epoch(steps_done, seconds + shared)
+            t.end_epoch(steps_done, seconds + reading)
             if t.failed:
                 console.print(f"[red]{escape(f'{t.run.name}: {t.failed}')}[/]")
                 continue

@@ -63,3 +63,28 @@ def test_ctrl_c_says_what_was_kept(capsys, monkeypatch):
     with pytest.raises(SystemExit) as stop:
         run(app)
     assert stop.value.code == 130 and "the same command continues from there" in capsys.readouterr().err
+
+
+def test_the_cli_defaults_are_the_python_defaults():
+    """fit's and sweep's options default to FitConfig's (but sweep's methods), and
+    FitConfig's model options to ModelSpec's: the places a default is written must agree."""
+    from dataclasses import MISSING, fields
+
+    import typer.main
+
+    from cli.sidetrain import app
+    from sidetrain import FitConfig, ModelSpec
+
+    python = {f.name: f.default for f in fields(FitConfig) if f.default is not MISSING}
+    assert {f.name: f.default for f in fields(ModelSpec)}.items() <= python.items()
+    group = typer.main.get_command(app)
+    for command in ("fit", "sweep"):
+        options = {p.name: p.default for p in group.commands[command].params}
+        options = {k: v for k, v in options.items() if k in python}
+        if command == "sweep":
+            assert options.pop("method") == "losa,linear"  # a sweep compares LoSA with a probe
+        assert len(options) >= (20 if command == "fit" else 15)
+        for name, default in options.items():  # sweep's lists are strings like "1e-3"
+            if isinstance(default, str) and not isinstance(python[name], str):
+                default = type(python[name])(default)
+            assert default == python[name], (command, name)

@@ -61,6 +61,23 @@ def test_jsonl_manifest_without_splits_gets_a_stratified_split(image_folder):
     assert ds.classes == ["0", "1", "2"]
 
 
+def test_a_manifest_names_splits_on_every_row_or_none(tmp_path):
+    """Splits come out train, val, test, then extra ones (int8 calibrates on the first); a
+    split column filled on some rows only, or 'validation' for val, is refused, not dropped."""
+    def manifest(splits: list[str], name: str = "m.csv") -> str:
+        (tmp_path / name).write_text("path,label,split\n" + "".join(
+            f"img{i}.png,{i % 2},{s}\n" for i, s in enumerate(splits)))
+        return str(tmp_path / name)
+
+    ds = open_dataset(manifest(["test", "ood", "train", "train", "val", "test", "val", "train"], "M.CSV"))
+    assert {k: len(v) for k, v in ds.splits.items()} == {"train": 3, "val": 2, "test": 2, "ood": 1}
+    assert list(ds.splits) == ["train", "val", "test", "ood"]
+    with pytest.raises(UserError, match="row 3: no split, while other rows name one"):
+        open_dataset(manifest(["train", "", "test", "train"]))
+    with pytest.raises(UserError, match="split 'validation': call it 'val'"):
+        open_dataset(manifest(["train", "validation", "test", "train"]))
+
+
 def test_vtab1k_layout(tmp_path):
     task = tmp_path / "vtab-1k" / "dtd"
     make_image_folder(task / "images", classes=2, per_class=4)

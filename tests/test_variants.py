@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from featcache import ExtractConfig, UserError, extract, open_store
 from featcache.models import TokenLayout
 from sidetrain import FitConfig, ModelSpec, build_classifier, evaluate_run, fit, predict, sweep
+from sidetrain.sweep import expand
 from sidetrain import train as train_module
 from sidetrain.losa import LoSA, TokenMixer, norm_linear
 from sidetrain.readout import HEAD_INPUTS, Readout, head_layers
@@ -163,6 +164,19 @@ def test_a_sweep_trains_each_configuration_as_fit_would(fp32_store, tmp_path):
         a, b = load_file(str(r.run / "adapter.safetensors")), load_file(str(alone.run / "adapter.safetensors"))
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_a_sweep_varies_taps_and_drops_options_a_method_lacks(fp32_store, tmp_path):
+    base = FitConfig(cache=fp32_store, rank=2, epochs=1, batch_size=8)
+    names = [c.out.name for c in expand(base, {"method": ["losa", "linear", "mlp"], "mlp_hidden": [8, 16]},
+                                        tmp_path)]
+    assert names == ["losa", "linear", "mlp-mlp_hidden8", "mlp-mlp_hidden16"]  # one losa, one linear
+    # LoSA on all taps and on the last two, from one pass that reads their union
+    results = sweep(base, {"taps": ["all", "last:2"]}, tmp_path / "taps")
+    assert [r.run.name for r in results] == ["losa-tapsall", "losa-tapslast:2"]
+    alone = fit(FitConfig(**{**vars(results[1].config), "out": tmp_path / "alone"}))
+    assert alone.params < results[0].params and alone.params == results[1].params
+    assert alone.history[-1]["val_loss"] == pytest.approx(results[1].history[-1]["val_loss"], abs=1e-6)
 
 
 def test_killed_fit_resumes_to_the_uninterrupted_result(fp32_store, tmp_path, monkeypatch):

@@ -23,8 +23,7 @@ __all__ = ["Dataset", "FrameSampling", "Split", "open_dataset", "KNOWN"]
 KNOWN = sorted(set(IDX_SETS) | set(TORCHVISION_SETS))
 
 
-def _source(spec: str, data_root: Path | None, download: bool, seed: int, val_fraction: float,
-            video: FrameSampling) -> Dataset:
+def _source(spec: str, data_root: Path | None, download: bool, video: FrameSampling) -> Dataset:
     if spec == "demo":
         return open_demo()
     if spec.startswith("vtab1k:"):
@@ -34,16 +33,10 @@ def _source(spec: str, data_root: Path | None, download: bool, seed: int, val_fr
     if spec in TORCHVISION_SETS:
         return open_torchvision(spec, data_root, download)
     path = Path(spec).expanduser()
-    if path.is_file() and path.suffix in (".csv", ".jsonl"):
-        ds, has_splits = open_manifest(path, data_root, video)
-        if has_splits:
-            return ds
-        whole = ds.splits.pop("")
-        train, val = stratified_split(whole.labels, val_fraction, np.random.default_rng(seed))
-        ds.splits = {"train": whole.subset(train), "val": whole.subset(val)}
-        return ds
+    if path.is_file() and path.suffix.lower() in (".csv", ".jsonl"):
+        return open_manifest(path, data_root, video)
     if path.is_dir():
-        return open_imagefolder(path, seed, val_fraction, video)
+        return open_imagefolder(path, video)
     raise UserError(f"dataset not found: '{spec}' is not 'demo', a folder (ImageFolder layout: "
                     "<root>/<class>/<image or video>), a .csv/.jsonl manifest, vtab1k:<task>, or one of: "
                     f"{', '.join(KNOWN)}.")
@@ -75,7 +68,7 @@ def open_dataset(spec: str | Path, seed: int = 0, val_fraction: float = 0.2, lim
     `split` keeps only the named splits. `video` says how a video dataset's clips become
     frames (ignored for images).
     """
-    ds = _source(str(spec), Path(data_root) if data_root else None, download, seed, val_fraction, video)
+    ds = _source(str(spec), Path(data_root) if data_root else None, download, video)
     if "train" in ds.splits and "val" not in ds.splits:
         train, val = stratified_split(ds.splits["train"].labels, val_fraction, np.random.default_rng(seed))
         whole = ds.splits.pop("train")

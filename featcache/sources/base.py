@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -44,6 +45,19 @@ class Split:
         return h.hexdigest()
 
 
+class FileSplit(Split):
+    """Images stored as files: keys are paths relative to `root`."""
+
+    def __init__(self, root: Path, keys: list[str], labels: np.ndarray):
+        super().__init__(keys, labels)
+        self.root = root
+
+    def open(self, i: int) -> Image.Image:
+        with Image.open(self.root / self.keys[i]) as img:
+            img.load()
+            return img
+
+
 class _Subset(Split):
     def __init__(self, parent: Split, index: np.ndarray):
         super().__init__([parent.keys[i] for i in index], parent.labels[index])
@@ -55,10 +69,16 @@ class _Subset(Split):
 
 @dataclass
 class Dataset:
-    name: str  # short name, used for the default store path
-    source: str  # where it came from, for provenance
+    """What a reader (sources/*.py) returns; `open_dataset` then adds a held-out val split
+    when there is none (so a reader without splits returns only "train") and applies
+    --limit, --per-class and --split. Labels are 0 or more (the store's -1 is "unreadable")."""
+
+    name: str  # short name: the default store folder, cache/<name>
+    # where the inputs lie (absolute paths, and --data-root when it changes what is read):
+    # part of the store's content key, so two datasets must never share one
+    source: str
     classes: list[str]
-    splits: dict[str, Split] = field(default_factory=dict)
+    splits: dict[str, Split] = field(default_factory=dict)  # train, val, test, then others
     video: FrameSampling | None = None  # how clips become frames; None: an image dataset
 
 

@@ -8,25 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ..errors import UserError
-from .base import Dataset, Split, stratified_split
+from .base import Dataset, FileSplit
 from .video import VIDEO_SUFFIXES, FrameSampling, VideoSplit
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 SPLIT_NAMES = ("train", "val", "test")
-
-
-class FileSplit(Split):
-    def __init__(self, root: Path, keys: list[str], labels: np.ndarray):
-        super().__init__(keys, labels)
-        self.root = root
-
-    def open(self, i: int) -> Image.Image:
-        with Image.open(self.root / self.keys[i]) as img:
-            img.load()
-            return img
 
 
 def _class_dirs(folder: Path) -> list[str]:
@@ -47,11 +35,9 @@ def _scan(root: Path, folder: Path, classes: list[str], suffixes: set[str]
     return keys, np.array(labels, dtype=np.int64)
 
 
-def open_imagefolder(root: Path, seed: int, val_fraction: float,
-                     video: FrameSampling = FrameSampling()) -> Dataset:
-    """Read a class-per-folder tree of images (or of videos, sampled by `video`); use its
-    train/val/test level if it has one, else make a seeded stratified train/val split so the
-    held-out split never depends on file order."""
+def open_imagefolder(root: Path, video: FrameSampling = FrameSampling()) -> Dataset:
+    """Read a class-per-folder tree of images (or of videos, sampled by `video`) with its
+    train/val/test level if it has one; without one, every file is in train."""
     root = root.resolve()
     present = [s for s in SPLIT_NAMES if (root / s).is_dir()]
     if "train" in present:
@@ -59,7 +45,7 @@ def open_imagefolder(root: Path, seed: int, val_fraction: float,
         folders = {s: root / s for s in present}
     else:
         classes = _class_dirs(root)
-        folders = {"": root}
+        folders = {"train": root}
     if not classes:
         raise UserError(f"{root} has no class folders: expected ImageFolder layout "
                         "(root/<class>/<image>, optionally root/train/<class>/<image>).")
@@ -83,8 +69,4 @@ def open_imagefolder(root: Path, seed: int, val_fraction: float,
     for split, (keys, labels) in found.items():
         ds.splits[split] = (VideoSplit(root, keys, labels, video) if videos
                             else FileSplit(root, keys, labels))
-    if "" in ds.splits:
-        whole = ds.splits.pop("")
-        train, val = stratified_split(whole.labels, val_fraction, np.random.default_rng(seed))
-        ds.splits = {"train": whole.subset(train), "val": whole.subset(val)}
     return ds

@@ -4,7 +4,9 @@ Rows of video files make a video dataset; they may also give `start` and `end` (
 take one segment of a longer video, as Kinetics and Something-Something ship them.
 
 Paths are relative to --data-root (default: the manifest's folder). Labels are class
-names or integers. A missing file is not an error here: like any unreadable input it is
+names or integers. `split` is train, val or test (or another name: a split that only
+`sidetrain eval` reads) on every row or on none; without val, open_dataset holds one out
+of train. A missing file is not an error here: like any unreadable input it is
 skipped and recorded by the extractor. A row without a usable label is an error.
 """
 
@@ -17,13 +19,15 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .base import Dataset
-from .imagefolder import FileSplit
+from .base import Dataset, FileSplit
+from .imagefolder import SPLIT_NAMES
 from .video import VIDEO_SUFFIXES, FrameSampling, VideoSplit
+
+ALIASES = {"validation", "valid", "dev"}  # what other tools call val
 
 
 def _rows(path: Path) -> list[dict]:
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         rows = []
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if line.strip():
@@ -36,6 +40,25 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def _splits(path: Path, rows: list[dict], first: int) -> dict[str, list[int]]:
+    """Row indices per split: train, val, test, then other (evaluation-only) splits in the
+    order they first appear; all rows are train when the manifest names no splits."""
+    names = [str(r.get("split") or "").strip() for r in rows]
+    if not any(names):
+        return {"train": list(range(len(rows)))}
+    if not all(names):
+        n = names.index("")
+        raise UserError(f"{path} row {n + first}: no split, while other rows name one; give "
+                        f"every row a split ({', '.join(SPLIT_NAMES)}) or none (then "
+                        "--val-fraction of train is held out as val).")
+    alias = sorted(ALIASES & set(names))
+    if alias:
+        raise UserError(f"{path}: split '{alias[0]}': call it 'val' (featcache's splits are "
+                        f"{', '.join(SPLIT_NAMES)}; fit chooses its epoch on 'val').")
+    order = [s for s in SPLIT_NAMES if s in names] + [s for s in dict.fromkeys(names) if s not in SPLIT_NAMES]
+    return {s: [i for i, name in enumerate(names) if name == s] for s in order}
+
+
 def _seconds(path: Path, n: int, value) -> float | None:
     if value in (None, ""):
         return None
@@ -45,16 +68,16 @@ def _seconds(path: Path, n: int, value) -> float | None:
         raise UserError(f"{path} row {n}: start/end must be seconds, not {value!r}") from None
 
 
-def open_manifest(path: Path, data_root: Path | None,
-                  video: FrameSampling = FrameSampling()) -> tuple[Dataset, bool]:
-    """The manifest as a Dataset; the flag says whether it named the splits itself."""
+def open_manifest(path: Path, data_root: Path | None, video: FrameSampling = FrameSampling()) -> Dataset:
+    """The manifest as a Dataset, split as its `split` column says (all train without one)."""
     rows = _rows(path)
     if not rows:
         raise UserError(f"{path} has no rows")
     if "path" not in rows[0] or "label" not in rows[0]:
         raise UserError(f"{path} must have the columns path and label (and optionally split); "
                         f"it has {sorted(rows[0])}")
-    for n, r in enumerate(rows, 2 if path.suffix == ".csv" else 1):
+    first = 2 if path.suffix.lower() == ".csv" else 1  # the file's line of rows[0]
+    for n, r in enumerate(rows, first):
         if r.get("label") in (None, "") or not r.get("path"):
             raise UserError(f"{path} row {n}: missing path or label: {r}")
     names = [str(r["label"]).strip() for r in rows]
@@ -70,21 +93,16 @@ def open_manifest(path: Path, data_root: Path | None,
     root = (data_root or path.parent).resolve()
     is_video = [Path(str(r["path"])).suffix.lower() in VIDEO_SUFFIXES for r in rows]
     if any(is_video) and not all(is_video):
-        n = is_video.index(not is_video[0]) + (2 if path.suffix == ".csv" else 1)
+        n = is_video.index(not is_video[0]) + first
         raise UserError(f"{path} mixes images and videos (row {n}); one manifest holds one kind.")
-    first = 2 if path.suffix == ".csv" else 1
     spans = [(_seconds(path, n, r.get("start")), _seconds(path, n, r.get("end")))
              for n, r in enumerate(rows, first)]
     # the root too when named: the same manifest then reads other files
     source = f"manifest:{path.resolve()}" + (f" under {root}" if data_root else "")
     ds = Dataset(name=path.stem, source=source, classes=classes,
                  video=video if all(is_video) else None)
-    split_of = [str(r.get("split") or "") for r in rows]
-    has_splits = all(split_of)
-    groups = sorted(set(split_of)) if has_splits else [""]
-    for g in groups:
-        idx = [i for i, s in enumerate(split_of) if s == g]
+    for split, idx in _splits(path, rows, first).items():
         paths = [str(rows[i]["path"]) for i in idx]
-        ds.splits[g] = (VideoSplit(root, paths, labels[idx], video, [spans[i] for i in idx])
-                        if ds.video else FileSplit(root, paths, labels[idx]))
-    return ds, has_splits
+        ds.splits[split] = (VideoSplit(root, paths, labels[idx], video, [spans[i] for i in idx])
+                            if ds.video else FileSplit(root, paths, labels[idx]))
+    return ds

@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .base import Dataset
-from .imagefolder import FileSplit
+from .base import Dataset, FileSplit
 
 LISTS = {"train": "train800.txt", "val": "val200.txt", "test": "test.txt"}
 
