@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,10 @@ def cli(tool: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
     (["featcache", "extract", "--model", "vit_tinny", "--dataset", "demo", "--random-init"],
      "unknown model"),
     (["sidetrain", "fit", "--cache", "."], "is not a featcache store"),
+    (["sidetrain", "fit", "--cache", "/no/such/store"], "no store at /no/such/store"),
+    (["sidetrain", "eval", "--run", ".", "--cache", "."], "is not a finished sidetrain run"),
+    (["featcache", "info", "/no/such"], "no store at /no/such"),
+    (["sidetrain", "sweep", "--cache", ".", "--rank", "4,eight"], "--rank takes a comma-separated list"),
 ])
 def test_bad_input_is_one_clear_line(args, expected, tmp_path):
     r = cli(*args, cwd=tmp_path)
@@ -39,11 +44,21 @@ def test_extract_info_fit_from_the_command_line(tmp_path):
     r = cli("featcache", "extract", "--model", "vit_tiny", "--random-init", "--img-size", "32",
             "--dataset", "demo", "--limit", "10", "--out", "t", "--dry-run", "--json", cwd=tmp_path)
     assert json.loads(r.stdout)["twin"] == "s"  # the store a real run would reuse
-    assert json.loads(cli("featcache", "verify", "s", "--json", cwd=tmp_path).stdout)["samples"] == 30
+    verify = json.loads(cli("featcache", "verify", "s", "--json", cwd=tmp_path).stdout)
+    assert verify["ok"] and verify["samples"] == 30 and not verify["problems"]
+    (listed,) = json.loads(cli("featcache", "ls", ".", "--json", cwd=tmp_path).stdout)
+    assert listed["path"] == "s" and listed["complete"] and listed["splits"]["val"] == 10
     r = cli("sidetrain", "fit", "--cache", "s", "--epochs", "1", "--rank", "4", "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["config"]["method"] == "losa"
     assert (tmp_path / "runs" / "s-losa-r4-s0" / "adapter.safetensors").is_file()
+    # the comma lists become a grid; the mlp's width does not multiply the linear probe
+    r = cli("sidetrain", "sweep", "--cache", "s", "--method", "linear,mlp", "--mlp-hidden", "8,16",
+            "--epochs", "1", "--batch-size", "8", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    runs = sorted(Path(x["run"]).name for x in json.loads(r.stdout))
+    assert runs == ["linear", "mlp-mlp_hidden16", "mlp-mlp_hidden8"]
+    assert (tmp_path / "runs" / "s-sweep" / "sweep.json").is_file()
 
 
 def test_ctrl_c_says_what_was_kept(capsys, monkeypatch):

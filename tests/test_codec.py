@@ -54,7 +54,7 @@ def test_bf16_roundtrip():
 
 def test_int8_and_bf16_stores_load_close_to_fp32(fp32_store, tmp_path):
     exact = open_store(fp32_store).split("train").tokens[:]
-    for dtype, bound in (("int8", 0.02), ("bf16", 0.005)):
+    for dtype, bound in (("int8", 0.01), ("bf16", 0.005)):  # int8: 0.0077 here, 0.015 truncating
         out = tmp_path / dtype
         extract(ExtractConfig(dataset="demo", out=out, dtype=dtype, limit=24, shard_size=5, **TINY))
         loader = ShardLoader(open_store(out), "train", batch_size=24, shuffle=False)

@@ -148,6 +148,13 @@ def test_verify_finds_corruption_and_missing_shards(tmp_path):
     problems = verify(open_store(out)).problems
     assert any(p.startswith("train: 1 shard(s) never finished") for p in problems), problems
     assert not any("skipped" in p for p in problems), problems  # not a second, false problem
+    val = zarr.open_group(str(out / "val"), mode="r+")  # written through zarr: checksums hold
+    sample = val["tokens"][2]
+    sample[0, 0, 0] = np.nan
+    val["tokens"][2] = sample
+    val["labels"][3] = 99
+    problems = verify(open_store(out)).problems
+    assert "val: samples [2] hold NaN or Inf" in problems and "val: 1 label(s) outside -1..9" in problems, problems
 
 
 def test_ls_and_info_describe_stores(fp32_store, tmp_path):

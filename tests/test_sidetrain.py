@@ -11,8 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from featcache import UserError, load_backbone, open_dataset, open_store
-from sidetrain import EndToEnd, FitConfig, ModelSpec, ShardLoader, build_classifier, fit, train_many
+from sidetrain import (EndToEnd, FitConfig, ModelSpec, ShardLoader, build_classifier, evaluate_run, fit,
+                       train_many)
 from sidetrain import loader as loader_module
+from sidetrain import train as train_module
 
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, z: torch.Tensor, y: torch.Tensor) -> None:
@@ -98,7 +100,34 @@ def test_fit_writes_a_complete_run(fp32_store, tmp_path):
     adapter = load_file(str(tmp_path / "run" / "adapter.safetensors"))
     assert sum(v.numel() for v in adapter.values()) == r.params  # trainable weights only
     assert not any(k.startswith("readout") for k in adapter)
-    assert 0 <= r.val_acc <= 1 and r.test_acc is not None
+    assert r.val_acc == max(h["val_acc"] for h in r.history) and r.test_acc is not None
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["val_acc"], summary["test_acc"], summary["best_epoch"]) == (r.val_acc, r.test_acc, r.best_epoch)
+
+
+def test_the_best_val_epoch_is_kept_not_the_last(fp32_store, tmp_path, monkeypatch):
+    """Val accuracies of 50, 90, 90, 70 %: epoch 1 is kept (a tie keeps the earlier one),
+    its weights are the adapter, and the test split is scored with them."""
+    scripted, states = [0.5, 0.9, 0.9, 0.7], []
+    take_eval, end_epoch = train_module.Trainer.take_eval, train_module.Trainer.end_epoch
+
+    def scripted_eval(self):
+        loss, acc = take_eval(self)
+        return (loss, scripted[self.epoch]) if self.epoch < len(scripted) else (loss, acc)
+
+    def recording_end(self, *args):
+        end_epoch(self, *args)
+        states.append({k: v.clone() for k, v in self.model.state_dict().items()})
+
+    monkeypatch.setattr(train_module.Trainer, "take_eval", scripted_eval)
+    monkeypatch.setattr(train_module.Trainer, "end_epoch", recording_end)
+    r = fit(FitConfig(cache=fp32_store, rank=2, epochs=4, batch_size=8, out=tmp_path / "run"))
+    assert (r.best_epoch, r.val_acc) == (1, 0.9) and [h["val_acc"] for h in r.history] == scripted
+    adapter = load_file(str(r.run / "adapter.safetensors"))
+    assert all(torch.equal(adapter[k], states[1][k]) for k in adapter)
+    assert not all(torch.equal(adapter[k], states[3][k]) for k in adapter)
+    monkeypatch.undo()
+    assert evaluate_run(r.run, fp32_store)["test"] == r.test_acc  # scored with epoch 1's weights
 
 
 def test_training_on_a_subset_of_the_taps(fp32_store, tmp_path):

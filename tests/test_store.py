@@ -12,6 +12,7 @@ from featcache import ExtractConfig, UserError, extract, load_backbone, open_dat
 from featcache.fastread import MemmapReader
 from featcache.fastwrite import write_samples
 from featcache.store import FORMAT_VERSION
+from sidetrain import ShardLoader
 
 from .conftest import TINY
 
@@ -61,6 +62,23 @@ def test_shards_written_directly_are_the_bytes_zarr_writes(tmp_path, dtype, tail
     np.testing.assert_array_equal(arrays["direct"][4], x[0])
 
 
+def test_the_memmap_reader_reads_shards_with_gaps_as_zarr_does(tmp_path):
+    """Shards zarr wrote sample by sample, some samples never written: not one strided view
+    (the fast path), yet the same arrays as zarr's, for every range inside a shard."""
+    x = (np.random.default_rng(1).random((7, 2, 3)) * 100 + 1).astype("float16")
+    a = zarr.open_group(str(tmp_path), mode="w").create_array(
+        "t", shape=(7, 2, 3), dtype="float16", chunks=(1, 2, 3), shards=(3, 2, 3),
+        compressors=[zarr.codecs.Crc32cCodec()], fill_value=0)
+    for i in (5, 2, 0, 4, 3):  # shard 0 lacks sample 1, shard 2 sample 6
+        a[i] = x[i]
+    reader = MemmapReader(a, tmp_path / "t")
+    assert MemmapReader.supports(a, tmp_path / "t")
+    for lo in range(7):
+        for hi in range(lo + 1, (lo // 3 + 1) * 3 + 1):
+            np.testing.assert_array_equal(reader.read(lo, min(hi, 7)), a[lo:min(hi, 7)])
+    assert (reader.read(0, 3)[1] == 0).all() and (reader.read(6, 7) == 0).all()
+
+
 def test_tokens_equal_timm_blocks_computed_independently(fp32_store):
     store = open_store(fp32_store)
     split = store.split("val")
@@ -103,20 +121,28 @@ def test_rerun_is_a_noop_and_other_settings_are_refused(fp32_store):
     with pytest.raises(UserError, match="weights"):
         extract(ExtractConfig(dataset="demo", out=fp32_store, dtype="fp32", limit=24,
                               **{**TINY, "seed": 1}))
+    with pytest.raises(UserError, match="split train: different inputs"):  # other images
+        extract(ExtractConfig(dataset="demo", out=fp32_store, dtype="fp32", limit=12, **TINY))
+    with pytest.raises(UserError, match=r"splits: store has \['train', 'val', 'test'\], this run \['train'\]"):
+        extract(ExtractConfig(dataset="demo", out=fp32_store, dtype="fp32", limit=24, split=["train"], **TINY))
 
 
-def test_missing_shard_is_recomputed_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+def test_missing_shard_is_recomputed_bit_for_bit(tmp_path, dtype):
+    """int8: the tokens and their per-token scales alike."""
     out = tmp_path / "s"
-    cfg = ExtractConfig(dataset="demo", out=out, limit=24, **TINY)
-    extract(cfg)
-    before = open_store(out).split("val").tokens[:]
+    extract(ExtractConfig(dataset="demo", out=out, limit=24, dtype=dtype, **TINY))
     g = zarr.open_group(str(out), mode="r+")
+    arrays = [a for a in ("tokens", "scales") if a in g["val"]]
+    before = {a: g[f"val/{a}"][:] for a in arrays}
     g["val/done"][0] = False  # as if killed before the shard was durable
-    g["val/tokens"][:] = 0
+    for a in arrays:
+        g[f"val/{a}"][:] = 0
     unbatched = {k: v for k, v in TINY.items() if k != "batch_size"}  # the store's batch size, 4
-    r = extract(ExtractConfig(dataset="demo", out=out, limit=24, **unbatched))
-    assert r.status == "resumed" and r.written == {"val": 24}
-    np.testing.assert_array_equal(open_store(out).split("val").tokens[:], before)
+    r = extract(ExtractConfig(dataset="demo", out=out, limit=24, dtype=dtype, **unbatched))
+    assert r.status == "resumed" and r.written == {"val": 24} and len(arrays) == 1 + (dtype == "int8")
+    for a in arrays:
+        np.testing.assert_array_equal(g[f"val/{a}"][:], before[a])
 
 
 def test_dry_run_writes_nothing_and_size_is_checked(tmp_path, monkeypatch):
@@ -153,6 +179,10 @@ def test_unreadable_images_are_skipped_and_recorded(image_folder, tmp_path, caps
         assert (arr.labels[bad] == -1).all() and (arr.labels[~bad] >= 0).all()
         tokens = arr.tokens[:]  # a skipped row holds zeros, every other row tokens
         assert (tokens[bad] == 0).all() and (tokens[~bad] != 0).any(axis=(1, 2, 3)).all()
+        # training reads every readable row once an epoch, and never a skipped one
+        loader = ShardLoader(store, s, batch_size=2, shuffle=True, buffer_bytes=tokens[0].nbytes * 4)
+        seen = np.concatenate([b.index for b in loader.epoch(0)])
+        assert sorted(seen.tolist()) == np.flatnonzero(~bad).tolist()
 
 
 def test_a_store_from_before_precision_was_recorded_resumes_and_is_reused(tmp_path):

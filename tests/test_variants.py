@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -40,6 +41,12 @@ def test_every_variant_starts_at_its_probe_and_learns(fp32_store, variant, order
         loss.backward()
         opt.step()
     assert not torch.allclose(losa(z), probe(z))  # the side network moved the logits
+    # every layer's mixer gets a gradient, not only those the head reads (from random up-
+    # projections: zero ones pass none back to the layers before them at the first step)
+    warm = build_classifier(replace(spec, zero_init=False), store, seed=1)
+    torch.nn.functional.cross_entropy(warm(z), y).backward()
+    ups = [p.grad for n, p in warm.side.named_parameters() if n.endswith("_up.weight")]
+    assert len(ups) >= len(warm.side.mixers) and all(g.abs().sum() > 0 for g in ups)
 
 
 @pytest.mark.parametrize("variant", ["A", "B", "C"])
@@ -208,6 +215,30 @@ def test_killed_fit_resumes_to_the_uninterrupted_result(fp32_store, tmp_path, mo
         fit(FitConfig(**{**vars(cfg), "out": whole.run}))
 
 
+def test_a_sweep_killed_between_two_checkpoints_resumes_to_the_uninterrupted_result(
+        fp32_store, tmp_path, monkeypatch):
+    """Killed after the first configuration saved epoch 1 and before the second did: the
+    rerun trains the second alone through epoch 1, then both together, as if never killed."""
+    base, grid = FitConfig(cache=fp32_store, rank=2, epochs=3, batch_size=8, dropout=0.1), {"method": ["losa", "mlp"]}
+    whole = sweep(base, grid, tmp_path / "whole")
+    original = train_module.Trainer.end_epoch
+
+    def crash_between(self, *args):
+        original(self, *args)
+        if self.epoch == 2 and self.cfg.method == "losa":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module.Trainer, "end_epoch", crash_between)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(base, grid, tmp_path / "resumed")
+    monkeypatch.setattr(train_module.Trainer, "end_epoch", original)
+    resumed = sweep(base, grid, tmp_path / "resumed")
+    for a, b in zip(whole, resumed):
+        assert [h["val_loss"] for h in a.history] == [h["val_loss"] for h in b.history]
+        wa, wb = load_file(str(a.run / "adapter.safetensors")), load_file(str(b.run / "adapter.safetensors"))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fp32_store, tmp_path, monkeypatch):
     original = train_module.Trainer.train_batch
 
@@ -253,6 +284,13 @@ def test_eval_matches_training_and_refuses_foreign_stores(fp32_store, tmp_path):
     extract(ExtractConfig(dataset="demo", out=other, limit=8, **{**TINY, "seed": 7}))
     with pytest.raises(UserError, match="weights"):
         evaluate_run(r.run, other)
+    few = tmp_path / "few"  # the same backbone, fewer taps, larger images: each difference named
+    extract(ExtractConfig(dataset="demo", out=few, limit=8, taps="last:2", **{**TINY, "img_size": 48}))
+    with pytest.raises(UserError) as refused:
+        evaluate_run(r.run, few)
+    assert all(why in str(refused.value) for why in (
+        "taps: the run uses blocks [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]", "layout.grid: run has [2, 2], store has [3, 3]",
+        "transform.input_size"))
 
 
 def test_predict_on_raw_images_equals_the_cached_path(image_folder, tmp_path):
