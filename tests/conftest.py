@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,27 @@ from PIL import Image
 from featcache import ExtractConfig, extract
 
 TINY = dict(model="vit_tiny", random_init=True, img_size=32, workers=0, batch_size=4)
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """Run a command as its entry point does, in this process (a subprocess spends 5 s
+    importing torch): run_cli("sidetrain", "eval", ...) -> CompletedProcess with the exit
+    status and what went to stdout and stderr. Any exception but an exit fails the test."""
+    from cli import featcache, sidetrain
+    from cli.common import run
+
+    def call(*argv: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()  # what came before is not this command's
+        monkeypatch.setattr(sys, "argv", list(argv))
+        try:
+            run({"featcache": featcache.app, "sidetrain": sidetrain.app}[argv[0]])
+            code = 0
+        except SystemExit as e:
+            code = e.code or 0
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(list(argv), code, out.out, out.err)
+    return call
 
 
 def make_image_folder(root: Path, classes: int = 3, per_class: int = 6, size: int = 40,

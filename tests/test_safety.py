@@ -128,7 +128,7 @@ def test_a_folder_one_level_too_high_is_pointed_out_and_not_trained(tmp_path, ca
     assert not (tmp_path / "run").exists()
 
 
-def test_verify_finds_corruption_and_missing_shards(tmp_path):
+def test_verify_finds_corruption_and_missing_shards(tmp_path, run_cli):
     out = tmp_path / "v"
     extract(ExtractConfig(dataset="demo", out=out, limit=12, shard_size=4, **TINY))
     assert verify(open_store(out)).ok
@@ -140,7 +140,7 @@ def test_verify_finds_corruption_and_missing_shards(tmp_path):
     problems = verify(open_store(out)).problems
     assert any("val: shard 1" in p for p in problems), problems
     assert any(p.startswith("test: samples [8, 9, 10, 11] are all zeros") for p in problems), problems
-    r = subprocess.run([sys.executable, "-m", "cli.featcache", "verify", str(out)], capture_output=True, text=True)
+    r = run_cli("featcache", "verify", str(out))
     assert r.returncode == 1 and "FAILED" in r.stdout
     train = zarr.open_group(str(out / "train"), mode="r+")
     train["done"][0] = False  # as if interrupted before shard 0 was written: its labels unset
@@ -157,16 +157,14 @@ def test_verify_finds_corruption_and_missing_shards(tmp_path):
     assert "val: samples [2] hold NaN or Inf" in problems and "val: 1 label(s) outside -1..9" in problems, problems
 
 
-def test_ls_and_info_describe_stores(fp32_store, tmp_path):
+def test_ls_and_info_describe_stores(fp32_store, tmp_path, run_cli):
     (stores,) = [s for s in find_stores(fp32_store.parent) if s["path"] == str(fp32_store)]
     assert stores["splits"] == {"train": 24, "val": 24, "test": 24} and stores["complete"]
-    r = subprocess.run([sys.executable, "-m", "cli.featcache", "ls", str(fp32_store.parent)],
-                       capture_output=True, text=True)
+    r = run_cli("featcache", "ls", str(fp32_store.parent))
     line = next(l for l in r.stdout.splitlines() if l.startswith(str(fp32_store) + " "))
     assert "train=24 val=24 test=24" in line and "fp32" in line and line.endswith("complete")
     assert "(RANDOM weights)  32 px  demo (10 classes)" in line
-    r = subprocess.run([sys.executable, "-m", "cli.featcache", "info", str(fp32_store)],
-                       capture_output=True, text=True)
+    r = run_cli("featcache", "info", str(fp32_store))
     assert "vit_tiny_patch16_224" in r.stdout and "5 = 1 prefix + 1 x 2 x 2" in r.stdout
     assert "fp32 (the backbone's forward), batch 4" in r.stdout and "10: t-shirt/top, trouser" in r.stdout
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from dataclasses import replace
 
@@ -270,15 +268,13 @@ def test_a_nan_loss_stops_training_within_check_every_steps(fp32_store, tmp_path
     assert torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=False)["epoch"] == 1
 
 
-def test_eval_matches_training_and_refuses_foreign_stores(fp32_store, tmp_path):
+def test_eval_matches_training_and_refuses_foreign_stores(fp32_store, tmp_path, run_cli):
     r = fit(FitConfig(cache=fp32_store, rank=4, epochs=2, batch_size=8, out=tmp_path / "run"))
     accs = evaluate_run(r.run, fp32_store)
     assert accs["val"] == r.val_acc and accs["test"] == r.test_acc
-    cli = subprocess.run([sys.executable, "-m", "cli.sidetrain", "eval", "--run", str(r.run), "--cache",
-                          str(fp32_store)], capture_output=True, text=True)
+    cli = run_cli("sidetrain", "eval", "--run", str(r.run), "--cache", str(fp32_store))
     assert f"val: {100 * r.val_acc:.2f}% of 24 samples" in cli.stdout
-    cli = subprocess.run([sys.executable, "-m", "cli.sidetrain", "eval", "--run", str(r.run), "--cache",
-                          str(fp32_store), "--json"], capture_output=True, text=True)
+    cli = run_cli("sidetrain", "eval", "--run", str(r.run), "--cache", str(fp32_store), "--json")
     assert json.loads(cli.stdout)["val"] == {"accuracy": r.val_acc, "samples": 24}
     other = tmp_path / "other"
     extract(ExtractConfig(dataset="demo", out=other, limit=8, **{**TINY, "seed": 7}))
@@ -293,7 +289,7 @@ def test_eval_matches_training_and_refuses_foreign_stores(fp32_store, tmp_path):
         "transform.input_size"))
 
 
-def test_predict_on_raw_images_equals_the_cached_path(image_folder, tmp_path):
+def test_predict_on_raw_images_equals_the_cached_path(image_folder, tmp_path, run_cli):
     store_path = tmp_path / "store"
     extract(ExtractConfig(dataset=str(image_folder), out=store_path, dtype="fp32", **TINY))
     r = fit(FitConfig(cache=store_path, rank=2, epochs=3, batch_size=4, head_input="last4",
@@ -311,8 +307,7 @@ def test_predict_on_raw_images_equals_the_cached_path(image_folder, tmp_path):
     assert one["class"] == good["class"]
     (folder,) = predict(r.run, [image_folder])
     assert "is a folder: pass the files in it" in folder["error"]
-    cli = subprocess.run([sys.executable, "-m", "cli.sidetrain", "predict", "--run", str(r.run), "--top", "2",
-                          *files], capture_output=True, text=True)
+    cli = run_cli("sidetrain", "predict", "--run", str(r.run), "--top", "2", *files)
     assert cli.returncode == 1 and "empty.png" in cli.stderr and cli.stdout.startswith(files[1])
     path, first, p1, second, p2 = cli.stdout.strip().split("\t")  # the two likeliest, in order
     assert first == good["class"] and first != second and float(p1) >= float(p2)
