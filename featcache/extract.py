@@ -13,6 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -83,6 +84,9 @@ def transform_overrides(cfg: ExtractConfig) -> dict:
                               ("mean", cfg.mean), ("std", cfg.std)) if v is not None}
 
 
+Status = Literal["written", "resumed", "reused", "already complete", "part done", "dry run"]
+
+
 @dataclass
 class ExtractResult:
     """What a run did: the store to train from (`path`; a reused twin's when `status` is
@@ -94,7 +98,7 @@ class ExtractResult:
     written: dict[str, int] = field(default_factory=dict)  # samples stored this run (not skipped), per split
     skipped: dict[str, dict[str, str]] = field(default_factory=dict)  # split -> key -> reason
     seconds: float = 0.0
-    status: str = "written"  # written | resumed | reused | already complete | part done | dry run
+    status: Status = "written"
     complete: bool = False  # whether the store is complete now (a --shard part may leave it not)
     twin: Location | None = None  # an identical complete store that a run returns instead
 
