@@ -47,7 +47,8 @@ class ModelSpec:
 class Classifier(nn.Module):
     """Readout (frozen norms) -> head, with LoSA's side network before the readout for
     "losa". A method without a side network is a probe: fit trains its head alone on the
-    readout's output, which a sweep computes once for the probes that read the same taps."""
+    readout's output, which a sweep computes once for the probes with the same taps and
+    head input."""
 
     def __init__(self, readout: Readout, layers: int, width: int, num_classes: int,
                  spec: ModelSpec):

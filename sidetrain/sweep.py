@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def expand(base: FitConfig, grid: dict[str, list], out_root: Path | str) -> list
         if name in seen:
             continue
         seen.add(name)
-        configs.append(replace(cfg, out=out_root / name.replace("/", "_")))
+        configs.append(replace(cfg, out=out_root / re.sub(r"[^\w.+=-]", "_", name)))  # taps last:2
     return configs
 
 

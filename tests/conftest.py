@@ -20,8 +20,13 @@ def run_cli(monkeypatch, capsys):
     """Run a command as its entry point does, in this process (a subprocess spends 5 s
     importing torch): run_cli("sidetrain", "eval", ...) -> CompletedProcess with the exit
     status and what went to stdout and stderr. Any exception but an exit fails the test."""
+    from rich.console import Console
+
     from cli import featcache, sidetrain
     from cli.common import run
+
+    for module in (featcache, sidetrain):  # plain text, whatever the terminal was at import
+        monkeypatch.setattr(module, "out", Console(color_system=None, highlight=False))
 
     def call(*argv: str) -> subprocess.CompletedProcess:
         capsys.readouterr()  # what came before is not this command's
@@ -87,6 +92,7 @@ def assert_predict_equals_cached(run: Path, store_path: Path, files: list[Path],
         cached = model.eval()(torch.from_numpy(store.split("val").tokens[:])).softmax(1)
     probs, labels = cached.topk(2)
     assert [p["label"] for p in preds] == labels[:, 0].tolist()
-    assert [[c["label"] for c in p["top"]] for p in preds] == labels.tolist()
     np.testing.assert_allclose([p["prob"] for p in preds], probs[:, 0].numpy(), atol=atol)
-    np.testing.assert_allclose([[c["prob"] for c in p["top"]] for p in preds], probs.numpy(), atol=atol)
+    for p, cached_p, best in zip(preds, cached, probs):  # (a near-tie for second may go either way)
+        np.testing.assert_allclose([c["prob"] for c in p["top"]], best.numpy(), atol=atol)
+        np.testing.assert_allclose([cached_p[c["label"]] for c in p["top"]], best.numpy(), atol=atol)

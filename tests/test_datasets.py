@@ -66,7 +66,7 @@ def test_a_manifest_names_splits_on_every_row_or_none(tmp_path):
     split column filled on some rows only, or 'validation' for val, is refused, not dropped."""
     def manifest(splits: list[str], name: str = "m.csv") -> str:
         (tmp_path / name).write_text("path,label,split\n" + "".join(
-            f"img{i}.png,{i % 2},{s}\n" for i, s in enumerate(splits)))
+            f"img{i}.png,{i % 3},{s}\n" for i, s in enumerate(splits)))
         return str(tmp_path / name)
 
     ds = open_dataset(manifest(["test", "ood", "train", "train", "val", "test", "val", "train"], "M.CSV"))
@@ -74,8 +74,17 @@ def test_a_manifest_names_splits_on_every_row_or_none(tmp_path):
     assert list(ds.splits) == ["train", "val", "test", "ood"]
     with pytest.raises(UserError, match="row 3: no split, while other rows name one"):
         open_dataset(manifest(["train", "", "test", "train"]))
-    with pytest.raises(UserError, match="split 'validation': call it 'val'"):
-        open_dataset(manifest(["train", "validation", "test", "train"]))
+    for name, meant in (("validation", "val"), ("Train", "train")):
+        with pytest.raises(UserError, match=f"split '{name}': call it '{meant}'"):
+            open_dataset(manifest(["train", name, "test", "train"]))
+    # --limit draws what it drew before splits were put in this order (stores stay resumable)
+    names = ["test", "ood", "train", "val"]
+    drawn = open_dataset(manifest([names[i % 4] if i % 5 else "train" for i in range(40)]), limit=4)
+    assert {k: s.keys for k, s in drawn.splits.items()} == {  # as version 3339fb5 drew them
+        "train": ["img0.png", "img15.png", "img25.png", "img35.png"],
+        "val": ["img3.png", "img7.png", "img23.png", "img27.png"],
+        "test": ["img8.png", "img12.png", "img16.png", "img24.png"],
+        "ood": ["img9.png", "img17.png", "img33.png", "img37.png"]}
 
 
 def test_vtab1k_layout(tmp_path):

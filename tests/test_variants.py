@@ -178,7 +178,7 @@ def test_a_sweep_varies_taps_and_drops_options_a_method_lacks(fp32_store, tmp_pa
     assert names == ["losa", "linear", "mlp-mlp_hidden8", "mlp-mlp_hidden16"]  # one losa, one linear
     # LoSA on all taps and on the last two, from one pass that reads their union
     results = sweep(base, {"taps": ["all", "last:2"]}, tmp_path / "taps")
-    assert [r.run.name for r in results] == ["losa-tapsall", "losa-tapslast:2"]
+    assert [r.run.name for r in results] == ["losa-tapsall", "losa-tapslast_2"]
     alone = fit(FitConfig(**{**vars(results[1].config), "out": tmp_path / "alone"}))
     assert alone.params < results[0].params and alone.params == results[1].params
     assert alone.history[-1]["val_loss"] == pytest.approx(results[1].history[-1]["val_loss"], abs=1e-6)

@@ -11,7 +11,7 @@ from .base import Dataset, Split, stratified_pick, stratified_split
 from .demo import open_demo
 from .idx import CLASSES as IDX_SETS
 from .idx import open_idx
-from .imagefolder import open_imagefolder
+from .imagefolder import SPLIT_NAMES, open_imagefolder
 from .manifest import open_manifest
 from .torchvision_sets import REGISTRY as TORCHVISION_SETS
 from .torchvision_sets import open_torchvision
@@ -91,6 +91,10 @@ def open_dataset(spec: str | Path, seed: int = 0, val_fraction: float = 0.2, lim
     if limit is not None:
         ds.splits = {k: s.subset(stratified_pick(s.labels, limit, rng)) if len(s) > limit else s
                      for k, s in ds.splits.items()}
+    # train, val, test, then others (int8 calibrates on the first); after the draws above,
+    # which follow the order a reader gave
+    ds.splits = {k: ds.splits[k] for k in sorted(ds.splits, key=lambda k: (
+        SPLIT_NAMES.index(k) if k in SPLIT_NAMES else len(SPLIT_NAMES), k))}
     return ds
 
 

@@ -41,8 +41,9 @@ def _rows(path: Path) -> list[dict]:
 
 
 def _splits(path: Path, rows: list[dict], first: int) -> dict[str, list[int]]:
-    """Row indices per split: train, val, test, then other (evaluation-only) splits in the
-    order they first appear; all rows are train when the manifest names no splits."""
+    """Row indices per split, in sorted order (--limit and --per-class draw from one seeded
+    generator split after split: this order fixes what stores made before hold); all rows
+    are train when the manifest names no splits."""
     names = [str(r.get("split") or "").strip() for r in rows]
     if not any(names):
         return {"train": list(range(len(rows)))}
@@ -51,12 +52,13 @@ def _splits(path: Path, rows: list[dict], first: int) -> dict[str, list[int]]:
         raise UserError(f"{path} row {n + first}: no split, while other rows name one; give "
                         f"every row a split ({', '.join(SPLIT_NAMES)}) or none (then "
                         "--val-fraction of train is held out as val).")
-    alias = sorted(ALIASES & set(names))
-    if alias:
-        raise UserError(f"{path}: split '{alias[0]}': call it 'val' (featcache's splits are "
-                        f"{', '.join(SPLIT_NAMES)}; fit chooses its epoch on 'val').")
-    order = [s for s in SPLIT_NAMES if s in names] + [s for s in dict.fromkeys(names) if s not in SPLIT_NAMES]
-    return {s: [i for i, name in enumerate(names) if name == s] for s in order}
+    for name in sorted(set(names)):
+        meant = "val" if name.lower() in ALIASES else name.lower()
+        if meant in SPLIT_NAMES and name != meant:
+            raise UserError(f"{path}: split '{name}': call it '{meant}' (featcache's splits are "
+                            f"{', '.join(SPLIT_NAMES)}; fit trains on 'train' and chooses its "
+                            "epoch on 'val'; other names make splits only `sidetrain eval` reads).")
+    return {s: [i for i, name in enumerate(names) if name == s] for s in sorted(set(names))}
 
 
 def _seconds(path: Path, n: int, value) -> float | None:
