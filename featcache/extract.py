@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -130,8 +131,8 @@ def _settings(backbone: Backbone, ds: Dataset, taps: list[int], cfg: ExtractConf
                 {"decoder": decoder_name()} if ds.video else {})}}  # source: in the content key, only noted on resume
 
 
-def extract(cfg: ExtractConfig) -> ExtractResult:
-    """Run stage one as configured; see ExtractConfig and `featcache extract --help`."""
+def _check(cfg: ExtractConfig) -> None:
+    """Refuse settings that cannot work before anything is read or loaded."""
     if cfg.dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not '{cfg.dtype}'")
     if cfg.precision not in PRECISIONS:
@@ -144,6 +145,29 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         raise UserError("--views must be at least 1")
     if cfg.shard is not None and not 0 <= cfg.shard[0] < cfg.shard[1]:
         raise UserError(f"--shard K/N needs 0 <= K < N, not {cfg.shard[0]}/{cfg.shard[1]}")
+
+
+def _calibration(cfg: ExtractConfig, backbone: Backbone, images: Images, first: str, taps: list[int],
+                 device: torch.device) -> np.ndarray | None:
+    """int8 only: channel scales from the first batch of the first split, `first`
+    (deterministic)."""
+    if cfg.dtype != "int8":
+        return None
+    readable = []
+    for i in range(len(images.splits[0])):  # the first batch_size readable images
+        item = images[(0, i)]
+        if item[1] is not None:
+            readable.append(item)
+        if len(readable) == cfg.batch_size:
+            break
+    if not readable:
+        raise UserError(f"int8 calibration found no readable image in split '{first}'.")
+    return calibrate(forward_taps(backbone.model, collate(readable)[1].to(device), taps, cfg.precision))
+
+
+def extract(cfg: ExtractConfig) -> ExtractResult:
+    """Run stage one as configured; see ExtractConfig and `featcache extract --help`."""
+    _check(cfg)
     ds = open_dataset(cfg.dataset, cfg.seed, cfg.val_fraction, cfg.limit, cfg.per_class,
                       cfg.split, cfg.data_root, cfg.download,
                       FrameSampling(cfg.frames, cfg.sampling, cfg.fps))
@@ -211,23 +235,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         plan.check_fits(cfg.force)
     device = torch.device(cfg.device)
     backbone.model.to(device)
-
-    def calibration() -> np.ndarray | None:
-        """int8 only: channel scales from the first batch of the first split (deterministic)."""
-        if cfg.dtype != "int8":
-            return None
-        readable = []
-        for i in range(len(images.splits[0])):  # the first batch_size readable images
-            item = images[(0, i)]
-            if item[1] is not None:
-                readable.append(item)
-            if len(readable) == cfg.batch_size:
-                break
-        if not readable:
-            raise UserError(f"int8 calibration found no readable image in split '{names[0]}'.")
-        return calibrate(forward_taps(backbone.model, collate(readable)[1].to(device), taps,
-                                      cfg.precision))
-
+    calibration = partial(_calibration, cfg, backbone, images, names[0], taps, device)  # if a store is made
     told = store is not None  # (a store another part lays out meanwhile has notes untold)
     with StoreLock(out, cfg.shard):
         with meta_lock(out):  # the parts of a sharded run create the store once

@@ -102,7 +102,7 @@ def test_fit_writes_a_complete_run(fp32_store, tmp_path):
     assert not any(k.startswith("readout") for k in adapter)
     assert r.val_acc == max(h["val_acc"] for h in r.history) and r.test_acc is not None
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert (summary["val_acc"], summary["test_acc"], summary["best_epoch"]) == (r.val_acc, r.test_acc, r.best_epoch)
+    assert [summary[k] for k in ("val_acc", "test_acc", "best_epoch")] == [r.val_acc, r.test_acc, r.best_epoch]
 
 
 def test_the_best_val_epoch_is_kept_not_the_last(fp32_store, tmp_path, monkeypatch):

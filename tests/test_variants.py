@@ -217,7 +217,8 @@ def test_a_sweep_killed_between_two_checkpoints_resumes_to_the_uninterrupted_res
         fp32_store, tmp_path, monkeypatch):
     """Killed after the first configuration saved epoch 1 and before the second did: the
     rerun trains the second alone through epoch 1, then both together, as if never killed."""
-    base, grid = FitConfig(cache=fp32_store, rank=2, epochs=3, batch_size=8, dropout=0.1), {"method": ["losa", "mlp"]}
+    base = FitConfig(cache=fp32_store, rank=2, epochs=3, batch_size=8, dropout=0.1)
+    grid = {"method": ["losa", "mlp"]}
     whole = sweep(base, grid, tmp_path / "whole")
     original = train_module.Trainer.end_epoch
 
