@@ -62,6 +62,26 @@ def test_a_part_alone_leaves_the_store_incomplete(tmp_path):
     assert open_store(tmp_path / "p").complete
 
 
+def test_parts_that_skip_inputs_record_them_all(tmp_path):
+    """Unreadable inputs in shards of both parts (train shards 0 and 1, val's one): the
+    store records every one, as one process would."""
+    folder = make_image_folder(tmp_path / "images")
+    for key in ("class0/img00.png", "class0/img04.png", "class1/img04.png"):  # (val holds the last)
+        (folder / key).write_bytes(b"broken")
+    cfg = dict(dataset=str(folder), shard_size=3, reuse=False, **TINY)
+    parts = [extract(ExtractConfig(out=tmp_path / "parts", shard=(k, 2), **cfg)) for k in range(2)]
+    assert [sorted(k for s in r.skipped.values() for k in s) for r in parts] == [
+        ["class0/img00.png"], ["class0/img04.png", "class1/img04.png"]]  # each part skipped some
+    whole = open_store(extract(ExtractConfig(out=tmp_path / "whole", **cfg)).path)
+    store = open_store(tmp_path / "parts")
+    assert store.complete and verify(store).ok
+    for name in ("train", "val"):
+        a, b = store.split(name), whole.split(name)
+        assert sorted(a.attrs["skipped"]) == sorted(b.attrs["skipped"]) and len(a.attrs["skipped"])
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_array_equal(a.tokens[:], b.tokens[:])
+
+
 def test_locks_between_parts(tmp_path):
     cfg = dict(dataset="demo", out=tmp_path / "l", limit=4, **TINY)
     with StoreLock(tmp_path / "l", (0, 2)):
