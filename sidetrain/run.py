@@ -2,20 +2,21 @@
 
 `predict` needs no cache: it runs the frozen backbone and the adapter on the files, with
 the transform (and, for video, the frame sampling) the store recorded, and gives the same
-predictions as the cached path.
+predictions as the cached path. `load_predictor` is that model, for inputs of one's own.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import timm.data
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from torchvision.transforms import Compose
 
 from featcache.console import note
 from featcache.errors import UserError
@@ -133,32 +134,65 @@ def _backbone_for(config: dict, weights: Path | None):
     return bb
 
 
-def _reader(transform_config: dict) -> Callable[[Path], torch.Tensor]:
-    """Reads one file as the store's extraction did: an image (C, H, W) or a clip (F, C, H, W)."""
+def _transforms(transform_config: dict) -> tuple[Callable, Callable[[Path | str], torch.Tensor]]:
+    """The store's extraction transform, for a PIL image in memory (any mode), and a reader
+    of one file as the extraction read it: an image (C, H, W) or a clip (F, C, H, W)."""
     plain = {k: v for k, v in transform_config.items()
              if k not in ("views", "view_policy", "view_seed", "video")}
-    transform = timm.data.create_transform(**{**plain, "input_size": tuple(plain["input_size"])},
-                                           is_training=False)
+    transform = Compose([to_rgb, timm.data.create_transform(
+        **{**plain, "input_size": tuple(plain["input_size"])}, is_training=False)])
     video = transform_config.get("video")
     sampling = video and FrameSampling(video["frames"], video["sampling"], video["fps"])
 
     kind = f"a video clip (the run was trained on clips of {video['frames']} frames)" if video \
         else "an image (the run was trained on images)"
 
-    def read(path: Path) -> torch.Tensor:
+    def read(path: Path | str) -> torch.Tensor:
         if Path(path).is_dir():
             raise UserError(f"{path} is a folder: pass the files in it (e.g. {path}/*)")
         try:
             if sampling:
-                return torch.stack([transform(to_rgb(f)) for f in read_clip(path, sampling)])
+                return torch.stack([transform(f) for f in read_clip(path, sampling)])
             with Image.open(path) as img:
-                return transform(to_rgb(img))
+                return transform(img)
         except Exception as e:
             raise UserError(f"cannot read {path} as {kind}: {e}") from None
-    return read
+    return transform, read
 
 
-@torch.no_grad()
+@dataclass
+class Predictor:
+    """A finished run as one model over raw inputs, backbone and adapter live (what
+    `predict` runs). `read(path)` turns a file into what the store's extraction made of it,
+    and `transform(pil_image)` an image in memory; calling the predictor on a batch of
+    those, (B, C, H, W) or clips (B, F, C, H, W), gives class probabilities (B, classes)."""
+
+    model: EndToEnd
+    classes: list[str]
+    transform: Callable
+    read: Callable[[Path | str], torch.Tensor]
+    device: torch.device
+    precision: str  # the side network's autocast (CUDA only), as the run was trained
+
+    @torch.no_grad()
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device.type, self.precision):
+            return self.model(inputs.to(self.device)).float().softmax(1).cpu()
+
+
+def load_predictor(run: Path | str, weights: Path | None = None, device: str = "cpu") -> Predictor:
+    """The run's adapter on the backbone its store was extracted with (rebuilt and checked
+    by its hash: `weights` is the file it came from, if it came from one)."""
+    config, state = load_run(run)
+    bb = _backbone_for(config, weights)
+    model = _model(config, state, bb.final_norms())
+    s = config["store"]  # the backbone in the store's precision, the side network in the run's
+    live = EndToEnd(bb.model, config["blocks"], model, s.get("precision", "fp32")).to(device).eval()
+    transform, read = _transforms(s["transform"])
+    return Predictor(live, s["classes"], transform, read, torch.device(device),
+                     side_precision(config.get("precision", "fp32"), device))
+
+
 def predict(run: Path | str, images: list[Path | str] | Path | str, weights: Path | None = None,
             device: str = "cpu", batch_size: int = 32, top: int = 1) -> list[dict]:
     """Class and probability for each image (or video, for a video run), backbone and
@@ -170,30 +204,22 @@ def predict(run: Path | str, images: list[Path | str] | Path | str, weights: Pat
         images = [images]
     if top < 1:
         raise UserError(f"--top must be at least 1, not {top}")
-    config, state = load_run(run)
-    bb = _backbone_for(config, weights)
-    model = _model(config, state, bb.final_norms())
-    s = config["store"]  # the backbone in the store's precision, the side network in the run's
-    live = EndToEnd(bb.model, config["blocks"], model, s.get("precision", "fp32")).to(device).eval()
-    read = _reader(s["transform"])
-    precision = side_precision(config.get("precision", "fp32"), device)
+    predictor = load_predictor(run, weights, device)
     out: list[dict] = []
     for start in range(0, len(images), batch_size):
         slots, inputs = [], []  # where each readable file's answer goes in `out`
         for p in images[start:start + batch_size]:
             try:
-                inputs.append(read(p))
+                inputs.append(predictor.read(p))
                 slots.append(len(out))
                 out.append({"path": str(p)})
             except UserError as e:
                 out.append({"path": str(p), "error": str(e)})
         if not inputs:
             continue
-        with autocast(torch.device(device).type, precision):
-            probs = live(torch.stack(inputs).to(device)).float().softmax(1).cpu()
-        for i, pr in zip(slots, probs):
+        for i, pr in zip(slots, predictor(torch.stack(inputs))):
             values, labels = pr.topk(min(top, len(pr)))
-            ranked = [{"label": int(k), "class": s["classes"][k], "prob": float(v)}
+            ranked = [{"label": int(k), "class": predictor.classes[k], "prob": float(v)}
                       for v, k in zip(values, labels)]
             out[i] |= ranked[0] | ({"top": ranked} if top > 1 else {})
     return out

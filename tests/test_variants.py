@@ -8,11 +8,12 @@ from dataclasses import replace
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from featcache import ExtractConfig, UserError, extract, open_store
 from featcache.models import TokenLayout
-from sidetrain import FitConfig, ModelSpec, build_classifier, evaluate_run, fit, predict, sweep
+from sidetrain import FitConfig, ModelSpec, build_classifier, evaluate_run, fit, load_predictor, predict, sweep
 from sidetrain.sweep import expand
 from sidetrain import train as train_module
 from sidetrain.losa import LoSA, TokenMixer, norm_linear
@@ -306,6 +307,11 @@ def test_predict_on_raw_images_equals_the_cached_path(image_folder, tmp_path, ru
     assert good["class"] in open_store(store_path).classes
     (one,) = predict(str(r.run), str(image_folder / keys[0]))  # one path, as a str
     assert one["class"] == good["class"]
+    predictor = load_predictor(r.run)  # the same model on an image in memory
+    with Image.open(image_folder / keys[0]) as img:
+        probs = predictor(predictor.transform(img)[None])
+    assert predictor.classes[int(probs.argmax())] == good["class"]
+    assert float(probs.max()) == pytest.approx(good["prob"], abs=1e-6)
     (folder,) = predict(r.run, [image_folder])
     assert "is a folder: pass the files in it" in folder["error"]
     cli = run_cli("sidetrain", "predict", "--run", str(r.run), "--top", "2", *files)
