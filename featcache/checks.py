@@ -43,6 +43,15 @@ def rare_classes_note(ds: Dataset) -> str | None:
             f"class: {'; '.join(lines[:5])}{' ...' if len(lines) > 5 else ''}. A mistyped label?")
 
 
+def no_train_note(ds: Dataset) -> str | None:
+    """A store without a train split can be scored on but not trained from: worth saying
+    before it is written, not at `sidetrain fit`."""
+    if "train" in ds.splits:
+        return None
+    return (f"{ds.name} has no train split (it has {', '.join(ds.splits)}): its store can be "
+            "scored with `sidetrain eval`, but `sidetrain fit` needs train (and val).")
+
+
 def one_class_note(ds: Dataset) -> str | None:
     """A single class is most often a folder one level above the class folders (whose
     images are then found recursively under one "class"): nothing can be learned from it."""
@@ -61,8 +70,8 @@ def refuse_unreadable_inputs(images: Images, names: list[str]) -> None:
         n = min(PROBE, len(split))
         reasons = [images[(sid, i)][2] for i in range(n)]
         if n and all(reasons):
-            which = f"none of the {n}" if n == len(split) else f"the first {n} of the {len(split)}"
-            raise UserError(f"{which} inputs of split '{name}' could be read (the first: "
+            which = f"of the {n}" if n == len(split) else f"of the first {n} of the {len(split)}"
+            raise UserError(f"none {which} inputs of split '{name}' could be read (the first: "
                             f"{split.keys[0]}: {reasons[0]}). {WHERE}.")
 
 

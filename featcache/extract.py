@@ -21,7 +21,8 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from .checks import one_class_note, rare_classes_note, refuse_unreadable, refuse_unreadable_inputs
+from .checks import (no_train_note, one_class_note, rare_classes_note, refuse_unreadable,
+                     refuse_unreadable_inputs)
 from .codec import DTYPES, calibrate, encode
 from .console import console, escape, note, say
 from .errors import UserError
@@ -171,7 +172,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     ds = open_dataset(cfg.dataset, cfg.seed, cfg.val_fraction, cfg.limit, cfg.per_class,
                       cfg.split, cfg.data_root, cfg.download,
                       FrameSampling(cfg.frames, cfg.sampling, cfg.fps))
-    for text in (one_class_note(ds), rare_classes_note(ds)):
+    for text in (no_train_note(ds), one_class_note(ds), rare_classes_note(ds)):
         if text:
             note(text)
     if cfg.views > 1 and ds.video:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from featcache import ExtractConfig, UserError, extract, load_backbone, open_dataset, open_store
+from featcache.checks import no_train_note
 
 from .conftest import TINY, make_image_folder
 
@@ -61,9 +62,10 @@ def test_jsonl_manifest_without_splits_gets_a_stratified_split(image_folder):
     assert ds.classes == ["0", "1", "2"]
 
 
-def test_a_manifest_names_splits_on_every_row_or_none(tmp_path):
-    """Splits come out train, val, test, then extra ones (int8 calibrates on the first); a
-    split column filled on some rows only, or 'validation' for val, is refused, not dropped."""
+def test_a_manifest_names_splits_on_every_row_or_none(tmp_path, capsys):
+    """Splits come out train, val, test, then extra ones (int8 calibrates on the first);
+    other tools' names are read as ours; a split column filled on some rows only is
+    refused, not dropped."""
     def manifest(splits: list[str], name: str = "m.csv") -> str:
         (tmp_path / name).write_text("path,label,split\n" + "".join(
             f"img{i}.png,{i % 3},{s}\n" for i, s in enumerate(splits)))
@@ -74,9 +76,14 @@ def test_a_manifest_names_splits_on_every_row_or_none(tmp_path):
     assert list(ds.splits) == ["train", "val", "test", "ood"]
     with pytest.raises(UserError, match="row 3: no split, while other rows name one"):
         open_dataset(manifest(["train", "", "test", "train"]))
-    for name, meant in (("validation", "val"), ("Train", "train")):
-        with pytest.raises(UserError, match=f"split '{name}': call it '{meant}'"):
-            open_dataset(manifest(["train", name, "test", "train"]))
+    renamed = open_dataset(manifest(["Training", "validation", "TEST", "Training", "dev2"]))
+    assert {k: len(v) for k, v in renamed.splits.items()} == {"train": 2, "val": 1, "test": 1, "dev2": 1}
+    said = " ".join(capsys.readouterr().err.split())
+    assert "split 'TEST' as 'test', 'Training' as 'train', 'validation' as 'val'" in said
+    with pytest.raises(UserError, match="splits 'val' and 'validation', which both mean 'val'"):
+        open_dataset(manifest(["train", "val", "validation", "test"]))
+    assert no_train_note(renamed) is None  # said at extraction, not first at fit
+    assert "has no train split (it has val, test)" in no_train_note(open_dataset(manifest(["val", "test"])))
     # --limit draws what it drew before splits were put in this order (stores stay resumable)
     names = ["test", "ood", "train", "val"]
     drawn = open_dataset(manifest([names[i % 4] if i % 5 else "train" for i in range(40)]), limit=4)

@@ -113,7 +113,7 @@ def test_a_split_of_inputs_none_readable_is_refused_with_its_cause(tmp_path):
         assert not (tmp_path / "s").exists()
     (tmp_path / "more.csv").write_text("path,label,split\n" + "".join(
         f"img{i}.png,{'ab'[i % 2]},{'train' if i < 20 else 'val'}\n" for i in range(24)))
-    with pytest.raises(UserError, match=r"the first 8 of the 20 inputs of split 'train'"):
+    with pytest.raises(UserError, match=r"none of the first 8 of the 20 inputs of split 'train' could be read"):
         extract(ExtractConfig(dataset=str(tmp_path / "more.csv"), out=tmp_path / "s", **TINY))
 
 

@@ -5,8 +5,8 @@ take one segment of a longer video, as Kinetics and Something-Something ship the
 
 Paths are relative to --data-root (default: the manifest's folder). Labels are class
 names or integers. `split` is train, val or test (or another name: a split that only
-`sidetrain eval` reads) on every row or on none; without val, open_dataset holds one out
-of train. A missing file is not an error here: like any unreadable input it is
+`sidetrain eval` reads; validation, Train, ... are read as ours) on every row or on none;
+without val, open_dataset holds one out of train. A missing file is not an error here: like any unreadable input it is
 skipped and recorded by the extractor. A row without a usable label is an error.
 """
 
@@ -18,12 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..console import note
 from ..errors import UserError
 from .base import Dataset, FileSplit
 from .imagefolder import SPLIT_NAMES
 from .video import VIDEO_SUFFIXES, FrameSampling, VideoSplit
 
-ALIASES = {"validation", "valid", "dev"}  # what other tools call val
+# what other tools call our splits (matched whatever the case, like train, val and test)
+ALIASES = {"validation": "val", "valid": "val", "dev": "val", "training": "train", "testing": "test"}
 
 
 def _rows(path: Path) -> list[dict]:
@@ -43,7 +45,8 @@ def _rows(path: Path) -> list[dict]:
 def _splits(path: Path, rows: list[dict], first: int) -> dict[str, list[int]]:
     """Row indices per split, in sorted order (--limit and --per-class draw from one seeded
     generator split after split: this order fixes what stores made before hold); all rows
-    are train when the manifest names no splits."""
+    are train when the manifest names no splits. Other tools' names for train, val and test
+    (validation, Train, ...) are read as ours, and said so."""
     names = [str(r.get("split") or "").strip() for r in rows]
     if not any(names):
         return {"train": list(range(len(rows)))}
@@ -52,12 +55,17 @@ def _splits(path: Path, rows: list[dict], first: int) -> dict[str, list[int]]:
         raise UserError(f"{path} row {n + first}: no split, while other rows name one; give "
                         f"every row a split ({', '.join(SPLIT_NAMES)}) or none (then "
                         "--val-fraction of train is held out as val).")
-    for name in sorted(set(names)):
-        meant = "val" if name.lower() in ALIASES else name.lower()
-        if meant in SPLIT_NAMES and name != meant:
-            raise UserError(f"{path}: split '{name}': call it '{meant}' (featcache's splits are "
-                            f"{', '.join(SPLIT_NAMES)}; fit trains on 'train' and chooses its "
-                            "epoch on 'val'; other names make splits only `sidetrain eval` reads).")
+    ours = {name: ALIASES.get(name.lower(), name.lower() if name.lower() in SPLIT_NAMES else name)
+            for name in set(names)}
+    renamed = sorted(f"'{a}' as '{b}'" for a, b in ours.items() if a != b)
+    if renamed:
+        clash = [b for b in set(ours.values()) if list(ours.values()).count(b) > 1]
+        if clash:
+            both = sorted(a for a, b in ours.items() if b == clash[0])
+            raise UserError(f"{path} has splits {' and '.join(map(repr, both))}, which both mean "
+                            f"'{clash[0]}': merge or rename them.")
+        note(f"{path}: split {', '.join(renamed)}.")
+    names = [ours[name] for name in names]
     return {s: [i for i, name in enumerate(names) if name == s] for s in sorted(set(names))}
 
 
