@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from featcache.errors import UserError
+from featcache.store import Store
 from sidetrain.loader import DATA_ORDER
 
 
@@ -37,9 +38,12 @@ def emit_json(obj: object) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
-def clear_stale_demo_runs(folder: Path) -> None:
+def clear_stale_demo_runs(folder: Path, store: Store) -> None:
     """A demo owns its run folders: those an earlier sidetrain trained under another batch
-    order would refuse to resume, so they are trained again."""
+    order, or on an earlier extraction of the store, would refuse to resume, so they are
+    trained again."""
     for config in folder.glob("*/config.json"):
-        if json.loads(config.read_text()).get("data_order") != DATA_ORDER:
+        saved = json.loads(config.read_text())
+        if saved.get("data_order") != DATA_ORDER or \
+                saved["store"].get("created", store.meta["created"]) != store.meta["created"]:
             shutil.rmtree(config.parent)

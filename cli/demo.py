@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from featcache import ExtractConfig, UserError, extract, load_backbone
+from featcache import ExtractConfig, UserError, extract, load_backbone, open_store
 from sidetrain import FitConfig, fit
 
 from .common import clear_stale_demo_runs, make_app, run
@@ -54,7 +54,7 @@ def demo(
     tag = f"demo-{model}-{img_size}px" + ("-random" if random_init else "")
     r = extract(ExtractConfig(model=model, dataset="demo", out=cache_root / tag, weights=weights,
                               random_init=random_init, img_size=img_size))
-    clear_stale_demo_runs(runs_root / tag)
+    clear_stale_demo_runs(runs_root / tag, open_store(r.path))
     results = [fit(FitConfig(cache=r.path, method="linear", epochs=epochs, lr=1e-2,
                              out=runs_root / tag / "linear")),
                fit(FitConfig(cache=r.path, method="losa", rank=rank, epochs=epochs, lr=1e-3,

@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from featcache import ExtractConfig, extract
+from featcache import ExtractConfig, extract, open_store
 from featcache.sources.moving_clips import write_moving_clips
 from sidetrain import FitConfig, train_many
 
@@ -53,7 +53,7 @@ def demo_video(
     tag = f"moving-{model}-{img_size}px-{frames}f" + ("-random" if random_init else "")
     r = extract(ExtractConfig(model=model, dataset=str(data), out=cache_root / tag, weights=weights,
                               random_init=random_init, img_size=img_size, frames=frames, taps=taps))
-    clear_stale_demo_runs(runs_root / f"{tag}-{head_input}")
+    clear_stale_demo_runs(runs_root / f"{tag}-{head_input}", open_store(r.path))
     results = train_many(video_configs(r.path, runs_root / f"{tag}-{head_input}", epochs,
                                        head_input=head_input))
     out.print(results_table(results, names=True, title=f"moving direction, 4 classes (chance 25 %), "

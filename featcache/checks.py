@@ -4,6 +4,7 @@ a mistyped label, a folder one level too high, wrong paths."""
 from __future__ import annotations
 
 import difflib
+from datetime import datetime
 
 import numpy as np
 
@@ -60,6 +61,31 @@ def one_class_note(ds: Dataset) -> str | None:
     return (f"the dataset has one class, '{ds.classes[0]}', so a classifier can learn nothing "
             f"from it. If '{ds.classes[0]}' is the folder holding the class folders, pass that "
             "folder as --dataset.")
+
+
+def changed_inputs_note(store: Store, ds: Dataset, then: str) -> str | None:
+    """Inputs modified after the store was laid out (PROBE files per split, spread over it,
+    by modification time), and `then`, what follows: a store of the same paths and labels
+    is resumed, kept or reused, so images regenerated in place would otherwise go unnoticed."""
+    if "created" not in store.meta:
+        return None
+    since = datetime.fromisoformat(store.meta["created"]).timestamp() + 2  # (whole seconds)
+    sampled, changed = 0, []
+    for split in ds.splits.values():
+        for i in np.unique(np.linspace(0, len(split) - 1, min(PROBE, len(split))).astype(int)):
+            path = split.file(int(i))
+            try:
+                if path is None:
+                    continue
+                sampled += 1
+                if path.stat().st_mtime > since:
+                    changed.append(split.keys[i])
+            except OSError:  # unreadable inputs are the extractor's to report
+                continue
+    if not changed:
+        return None
+    return (f"{len(changed)} of {sampled} inputs sampled were modified after {store.path} was "
+            f"laid out ({store.meta['created']}), e.g. {changed[0]}: {then}")
 
 
 def refuse_unreadable_inputs(images: Images, names: list[str]) -> None:

@@ -21,8 +21,8 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from .checks import (no_train_note, one_class_note, rare_classes_note, refuse_unreadable,
-                     refuse_unreadable_inputs)
+from .checks import (changed_inputs_note, no_train_note, one_class_note, rare_classes_note,
+                     refuse_unreadable, refuse_unreadable_inputs)
 from .codec import DTYPES, calibrate, encode
 from .console import console, escape, note, say
 from .errors import UserError
@@ -203,7 +203,11 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     settings["content_key"] = content_key(settings, ds)
     existed = exists(join(out, "zarr.json"))
     store, notes = existing_store(out, settings, ds, cfg.shard_size)  # refused if made otherwise
-    for text in notes:
+    if store is not None:
+        notes.append(changed_inputs_note(store, ds, "if their pixels changed, the store holds "
+                                         "them as they were. Delete it, or extract to another "
+                                         "--out, to extract them again."))
+    for text in filter(None, notes):
         note(text)
     if store is not None and store.complete and store.meta["complete"] and not cfg.dry_run:
         refuse_unreadable(store, list(ds.splits))  # (no lock taken: a reader may rerun it)
@@ -217,6 +221,10 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     except UserError:  # a bucket that cannot be listed: a dry run needs no credentials
         if not cfg.dry_run:
             raise
+        twin = None
+    stale = twin and changed_inputs_note(open_store(twin), ds, "not reused, extracted again.")
+    if stale:
+        note(stale)
         twin = None
     result.twin = twin
     if cfg.dry_run:

@@ -213,8 +213,10 @@ class Trainer:
         self.clock = Clock()
         self.config_json = {**cfg.to_json(), "blocks": [store.taps[p] for p in self.positions],
                             "trainable_params": self.params, "data_order": DATA_ORDER,
+                            # created: which extraction of the store (it may be made again)
                             "store": {k: store.meta[k] for k in ("model", "weights", "transform", "taps",
-                                                                 "layout", "dtype", "precision", "classes")
+                                                                 "layout", "dtype", "precision", "classes",
+                                                                 "created")
                                       if k in store.meta}}  # (precision: not in older stores)
 
     # -- checkpoints -----------------------------------------------------------------
@@ -226,8 +228,15 @@ class Trainer:
             (self.run / "config.json").write_text(json.dumps(self.config_json, indent=2))
             return
         saved = json.loads((self.run / "config.json").read_text())
-        differ = sorted(k for k in saved.keys() | self.config_json.keys()
-                        if k != "out" and saved.get(k) != self.config_json.get(k))
+        was, now = saved.get("store", {}).get("created"), self.config_json["store"].get("created")
+        if was and now and was != now:
+            raise UserError(f"{self.run} was trained on {self.cfg.cache} as extracted on {was}; "
+                            f"it was extracted again on {now}. Use another --out to train on the "
+                            "new extraction (or delete that folder).")
+        store = {k: v for k, v in self.config_json["store"].items() if k != "created"}
+        config = {**self.config_json, "store": store | ({"created": was} if was else {})}  # (older runs lack it)
+        differ = sorted(k for k in saved.keys() | config.keys()
+                        if k != "out" and saved.get(k) != config.get(k))
         if differ:
             raise UserError(f"{self.run} holds a run with another configuration (it differs in "
                             f"{', '.join(differ)}); use another --out or delete that folder.")

@@ -138,6 +138,28 @@ def test_a_copy_with_the_same_names_elsewhere_is_not_taken_for_the_original(tmp_
     assert list(a.keys) == list(c.keys) and not np.array_equal(a.tokens[:], c.tokens[:])
 
 
+def test_images_regenerated_in_place_are_pointed_out_and_not_reused(tmp_path, capsys):
+    """Same paths and labels, new pixels (their files modified after the store): the store
+    at --out is kept but said to be older than its inputs; a twin elsewhere is not reused."""
+    folder = make_image_folder(tmp_path / "images")
+    first = extract(ExtractConfig(dataset=str(folder), out=tmp_path / "cache" / "a", **TINY))
+    extract(ExtractConfig(dataset=str(folder), out=first.path, **TINY))
+    assert "modified after" not in capsys.readouterr().err  # (unchanged inputs: not a word)
+    make_image_folder(tmp_path / "images", seed=1)  # regenerated, then dated after the store
+    later = os.stat(folder / "class0" / "img00.png").st_mtime + 60
+    for path in folder.rglob("*.png"):
+        os.utime(path, (later, later))
+    capsys.readouterr()
+    again = extract(ExtractConfig(dataset=str(folder), out=first.path, **TINY))
+    said = " ".join(capsys.readouterr().err.split())
+    assert again.status == "already complete"
+    assert f"were modified after {first.path} was laid out" in said and "Delete it" in said
+    other = extract(ExtractConfig(dataset=str(folder), out=tmp_path / "cache" / "b", **TINY))
+    assert other.status == "written" and "not reused, extracted again" in " ".join(capsys.readouterr().err.split())
+    a, b = open_store(first.path).split("train"), open_store(other.path).split("train")
+    assert not np.array_equal(a.tokens[:], b.tokens[:])  # the new pixels
+
+
 def test_a_dask_worker_killed_mid_extraction_has_its_part_redone(tmp_path):
     """SIGKILL one of two worker processes once the store has some durable shards: the
     scheduler reruns its part elsewhere, which resumes, and the store ends as one process

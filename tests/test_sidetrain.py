@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import timm.data
 import torch
+import zarr
 from safetensors.torch import load_file
 
 from featcache import UserError, load_backbone, open_dataset, open_store
@@ -128,6 +129,24 @@ def test_the_best_val_epoch_is_kept_not_the_last(fp32_store, tmp_path, monkeypat
     assert not all(torch.equal(adapter[k], states[3][k]) for k in adapter)
     monkeypatch.undo()
     assert evaluate_run(r.run, fp32_store)["test"] == r.test_acc  # scored with epoch 1's weights
+
+
+def test_a_run_is_not_continued_on_a_store_extracted_again(tmp_path):
+    from featcache import ExtractConfig, extract
+    from featcache.store import ATTR
+
+    from .conftest import TINY
+    store = extract(ExtractConfig(dataset="demo", out=tmp_path / "s", limit=8, **TINY)).path
+    cfg = FitConfig(cache=store, method="linear", epochs=1, batch_size=8, out=tmp_path / "run")
+    fit(cfg)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    root = zarr.open_group(str(store), mode="r+")  # as if deleted and extracted again, later
+    root.attrs[ATTR] = {**root.attrs[ATTR], "created": "2099-01-01T00:00:00+00:00"}
+    with pytest.raises(UserError, match="as extracted on .* it was extracted again on 2099-01-01"):
+        fit(cfg)
+    del saved["store"]["created"]  # a run from before stores were told apart: continued
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    assert fit(cfg).best_epoch == 0
 
 
 def test_training_on_a_subset_of_the_taps(fp32_store, tmp_path):

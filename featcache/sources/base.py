@@ -33,6 +33,11 @@ class Split:
         """Sample i: an image, or a video split's sampled frames."""
         raise NotImplementedError
 
+    def file(self, i: int) -> Path | None:
+        """The file sample i is read from, if it comes from one (its modification time tells
+        whether a store still holds what the file holds)."""
+        return None
+
     def subset(self, index: np.ndarray) -> "Split":
         """The same split restricted to `index` (in that order)."""
         return _Subset(self, np.asarray(index, dtype=np.int64))
@@ -57,6 +62,9 @@ class FileSplit(Split):
             img.load()
             return img
 
+    def file(self, i: int) -> Path:
+        return self.root / self.keys[i]
+
 
 class _Subset(Split):
     def __init__(self, parent: Split, index: np.ndarray):
@@ -65,6 +73,9 @@ class _Subset(Split):
 
     def open(self, i: int) -> Image.Image | list[Image.Image]:
         return self.parent.open(int(self.index[i]))
+
+    def file(self, i: int) -> Path | None:
+        return self.parent.file(int(self.index[i]))
 
 
 @dataclass

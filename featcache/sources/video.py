@@ -162,3 +162,6 @@ class VideoSplit(Split):
 
     def open(self, i: int) -> list[Image.Image]:
         return read_clip(self.root / self.paths[i], self.sampling, *self.spans[i])
+
+    def file(self, i: int) -> Path:
+        return self.root / self.paths[i]
