@@ -201,7 +201,7 @@ class Trainer:
         self.warmup = max(1, int(cfg.warmup * self.total))
         self.step, self.epoch, self.seconds = 0, 0, 0.0
         self.history: list[dict] = []
-        self.best: dict = {"val_acc": -1.0, "epoch": -1}
+        self.best: dict = {"val_acc": -1.0, "val_loss": math.inf, "epoch": -1}
         self.best_state: dict[str, torch.Tensor] = {}
         self.failed: str | None = None
         self.rng = _get_rng(self.device)  # own dropout stream: a sweep trains as `fit` would
@@ -335,7 +335,9 @@ class Trainer:
                "seconds": self.seconds}
         self.train_loss.zero_()
         self.history.append(row)
-        if val_acc > self.best["val_acc"]:  # on a tie the earlier epoch stays: less fit to val
+        # on a tie in accuracy (common on a small val split) the lower val loss wins, then the
+        # earlier epoch
+        if (val_acc, -val_loss) > (self.best["val_acc"], -self.best.get("val_loss", math.inf)):
             self.best = row
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.epoch += 1

@@ -107,14 +107,15 @@ def test_fit_writes_a_complete_run(fp32_store, tmp_path):
 
 
 def test_the_best_val_epoch_is_kept_not_the_last(fp32_store, tmp_path, monkeypatch):
-    """Val accuracies of 50, 90, 90, 70 %: epoch 1 is kept (a tie keeps the earlier one),
-    its weights are the adapter, and the test split is scored with them."""
-    scripted, states = [0.5, 0.9, 0.9, 0.7], []
+    """Val (loss, accuracy) of (1.0, 50 %), (0.8, 90 %), (0.6, 90 %), (0.3, 70 %): epoch 2 is
+    kept (a tie in accuracy goes to the lower loss; a lower loss alone does not win), its
+    weights are the adapter, and the test split is scored with them."""
+    scripted, states = [(1.0, 0.5), (0.8, 0.9), (0.6, 0.9), (0.3, 0.7)], []
     take_eval, end_epoch = train_module.Trainer.take_eval, train_module.Trainer.end_epoch
 
     def scripted_eval(self):
-        loss, acc = take_eval(self)
-        return (loss, scripted[self.epoch]) if self.epoch < len(scripted) else (loss, acc)
+        real = take_eval(self)  # (which also resets the sums)
+        return scripted[self.epoch] if self.epoch < len(scripted) else real
 
     def recording_end(self, *args):
         end_epoch(self, *args)
@@ -123,12 +124,13 @@ def test_the_best_val_epoch_is_kept_not_the_last(fp32_store, tmp_path, monkeypat
     monkeypatch.setattr(train_module.Trainer, "take_eval", scripted_eval)
     monkeypatch.setattr(train_module.Trainer, "end_epoch", recording_end)
     r = fit(FitConfig(cache=fp32_store, rank=2, epochs=4, batch_size=8, out=tmp_path / "run"))
-    assert (r.best_epoch, r.val_acc) == (1, 0.9) and [h["val_acc"] for h in r.history] == scripted
+    assert (r.best_epoch, r.val_acc) == (2, 0.9)
+    assert [(h["val_loss"], h["val_acc"]) for h in r.history] == scripted
     adapter = load_file(str(r.run / "adapter.safetensors"))
-    assert all(torch.equal(adapter[k], states[1][k]) for k in adapter)
+    assert all(torch.equal(adapter[k], states[2][k]) for k in adapter)
     assert not all(torch.equal(adapter[k], states[3][k]) for k in adapter)
     monkeypatch.undo()
-    assert evaluate_run(r.run, fp32_store)["test"] == r.test_acc  # scored with epoch 1's weights
+    assert evaluate_run(r.run, fp32_store)["test"] == r.test_acc  # scored with epoch 2's weights
 
 
 def test_a_run_is_not_continued_on_a_store_extracted_again(tmp_path):
