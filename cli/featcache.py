@@ -90,7 +90,8 @@ def extract_cmd(
     val_fraction: float = typer.Option(0.2, help="Share of each class held out for val when the "
                                        "dataset has no val/ folder."),
     workers: int = typer.Option(ExtractConfig.workers, help="DataLoader processes decoding images (0: in the "
-                                "main process). Default: one less than the CPU cores, at most 4."),
+                                "main process). The default is one less than this machine's CPU "
+                                "cores, at most 4."),
     shard_size: Optional[int] = typer.Option(None, help="Samples per shard file. Default: about "
                                              "128 MiB per shard (at most 1024 samples)."),
     shard: Optional[str] = typer.Option(None, help="K/N: this process writes part K (0-based) of N "
@@ -183,9 +184,9 @@ def info_cmd(path: str = typer.Argument(..., metavar="STORE", help="A store fold
               "(a resume batches alike)")
     for name, s in info["splits"].items():
         state = "complete" if s["complete"] else f"{s['shards_done']}/{s['shards']} shards"
-        unread = (f" ({s['n'] - s['read']:,} of them unreadable, skipped)"
-                  if s["complete"] and s["read"] < s["n"] else "")
-        t.add_row(f"split {name}", f"{s['n']:,} samples{unread}, {state}")
+        count = (f"{s['n']:,} inputs: {s['read']:,} stored, {s['n'] - s['read']:,} unreadable (skipped)"
+                 if s["complete"] and s["read"] < s["n"] else f"{s['n']:,} samples")
+        t.add_row(f"split {name}", f"{count}, {state}")
     t.add_row("size", human_bytes(info["bytes_on_disk"]))
     t.add_row("complete", "yes" if info["complete"] else "no (rerun the extract command to finish)")
     out.print(t)

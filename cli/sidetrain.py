@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -172,12 +173,13 @@ def sweep_cmd(
 
 @app.command("eval")
 def eval_cmd(run_dir: Path = typer.Option(..., "--run", help="A run folder from fit or sweep."),
-             cache: str = typer.Option(..., help="A store (folder or URL) with the same backbone, taps and classes."),
+             cache: Optional[str] = typer.Option(None, help="A store (folder or URL) with the same backbone, "
+                                                 "taps and classes. Default: the one the run was trained on."),
              device: str = typer.Option("cpu", help=HELP["device"]),
              as_json: bool = typer.Option(False, "--json", help=HELP["json"])) -> None:
     """Accuracy of a trained adapter on every split of a store."""
     accs = evaluate_run(run_dir, cache, device)
-    store = open_store(cache)
+    store = open_store(cache or json.loads((run_dir / "config.json").read_text())["cache"])
     counts = {split: int((store.split(split).labels >= 0).sum()) for split in accs}
     if as_json:
         emit_json({split: {"accuracy": acc, "samples": counts[split]} for split, acc in accs.items()})

@@ -28,5 +28,6 @@ class EndToEnd(nn.Module):
 
     def train(self, mode: bool = True) -> "EndToEnd":
         """Only the classifier trains; the backbone stays in eval mode (no dropout)."""
+        self.training = mode
         self.classifier.train(mode)
         return self

@@ -33,9 +33,15 @@ from .loader import ShardLoader
 from .train import side_precision
 
 
-def load_run(run: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def load_run(run: Path | str) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json of the run, adapter weights)."""
     run = Path(run)
+    if not run.exists():
+        raise UserError(f"no run at {run}: the path does not exist.")
+    inside = sorted(p.parent.name for p in run.glob("*/adapter.safetensors"))
+    if inside:
+        raise UserError(f"{run} holds runs (a sweep's?): pass one of them, e.g. --run {run / inside[0]} "
+                        f"({len(inside)}: {', '.join(inside[:5])}{' ...' if len(inside) > 5 else ''}).")
     if not (run / "config.json").is_file() or not (run / "adapter.safetensors").is_file():
         raise UserError(f"{run} is not a finished sidetrain run (needs config.json and "
                         "adapter.safetensors); train one with `sidetrain fit`.")
@@ -90,10 +96,16 @@ def _short(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def evaluate_run(run: Path | str, cache: Location, device: str = "cpu") -> dict[str, float]:
-    """Accuracy of a run's adapter on every complete split of a store."""
+def evaluate_run(run: Path | str, cache: Location | None = None, device: str = "cpu") -> dict[str, float]:
+    """Accuracy of a run's adapter on every complete split of a store (by default the one it
+    was trained on, as the run recorded its path)."""
     config, state = load_run(run)
-    store = open_store(cache)
+    try:
+        store = open_store(cache or config["cache"])
+    except UserError as e:
+        if cache:
+            raise
+        raise UserError(f"{e} (the store {run} was trained on; name another with --cache)") from None
     positions = check_store(config, store)
     model = _model(config, state, store.norms()).to(device)
     layers = input_layers(model, positions)
@@ -176,6 +188,13 @@ class Predictor:
 
     @torch.no_grad()
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        dims = 5 if self.model.classifier.readout.layout.frames > 1 else 4
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() != dims:
+            what = getattr(inputs, "shape", type(inputs).__name__)
+            raise UserError(f"the predictor takes a batch of transformed "
+                            f"{'clips (B, F, C, H, W)' if dims == 5 else 'images (B, C, H, W)'}, "
+                            f"not {what}: e.g. predictor(torch.stack([predictor.transform(img), "
+                            "...])), or predictor(predictor.read(path)[None]) for a file.")
         with autocast(self.device.type, self.precision):
             return self.model(inputs.to(self.device)).float().softmax(1).cpu()
 

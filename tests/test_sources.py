@@ -36,9 +36,12 @@ def test_limit_is_class_balanced_and_demo_is_real():
     assert img.shape == (28, 28) and img.std() > 20  # a real photo of clothing, not a constant
 
 
-@pytest.mark.parametrize("spec", ["/definitely/not/here", "demo2"])
-def test_missing_dataset_is_a_clear_error(spec):
-    with pytest.raises(UserError, match="dataset not found"):
+@pytest.mark.parametrize("spec,why", [("/definitely/not/here", "is not 'demo', a folder"),
+                                      ("demo2", "is not 'demo', a folder"),
+                                      ("/no/meta/labels.CSV", "no manifest file /no/meta/labels.CSV "
+                                                              r"\(no folder /no/meta either\)")])
+def test_missing_dataset_is_a_clear_error(spec, why):
+    with pytest.raises(UserError, match=f"dataset not found: .*{why}"):
         open_dataset(spec)
 
 

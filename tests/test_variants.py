@@ -274,7 +274,8 @@ def test_eval_matches_training_and_refuses_foreign_stores(fp32_store, tmp_path, 
     r = fit(FitConfig(cache=fp32_store, rank=4, epochs=2, batch_size=8, out=tmp_path / "run"))
     accs = evaluate_run(r.run, fp32_store)
     assert accs["val"] == r.val_acc and accs["test"] == r.test_acc
-    cli = run_cli("sidetrain", "eval", "--run", str(r.run), "--cache", str(fp32_store))
+    assert evaluate_run(r.run) == accs  # by default on the store it was trained on
+    cli = run_cli("sidetrain", "eval", "--run", str(r.run))
     assert f"val: {100 * r.val_acc:.2f}% of 24 samples" in cli.stdout
     cli = run_cli("sidetrain", "eval", "--run", str(r.run), "--cache", str(fp32_store), "--json")
     assert json.loads(cli.stdout)["val"] == {"accuracy": r.val_acc, "samples": 24}
@@ -310,8 +311,15 @@ def test_predict_on_raw_images_equals_the_cached_path(image_folder, tmp_path, ru
     predictor = load_predictor(r.run)  # the same model on an image in memory
     with Image.open(image_folder / keys[0]) as img:
         probs = predictor(predictor.transform(img)[None])
-    assert predictor.classes[int(probs.argmax())] == good["class"]
+        with pytest.raises(UserError, match=r"takes a batch of transformed images \(B, C, H, W\), not "
+                                            r"torch.Size\(\[3, 32, 32\]\)"):
+            predictor(predictor.transform(img))
+    assert predictor.classes[int(probs.argmax())] == good["class"] and not predictor.model.training
     assert float(probs.max()) == pytest.approx(good["prob"], abs=1e-6)
+    with pytest.raises(UserError, match="no run at .*: the path does not exist"):
+        load_predictor(tmp_path / "nope")
+    with pytest.raises(UserError, match=r"holds runs \(a sweep's\?\): pass one of them, e.g. --run .*run"):
+        predict(tmp_path, [image_folder / keys[0]])
     (folder,) = predict(r.run, [image_folder])
     assert "is a folder: pass the files in it" in folder["error"]
     cli = run_cli("sidetrain", "predict", "--run", str(r.run), "--top", "2", *files)

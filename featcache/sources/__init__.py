@@ -33,6 +33,9 @@ def _source(spec: str, data_root: Path | None, download: bool, video: FrameSampl
     if spec in TORCHVISION_SETS:
         return open_torchvision(spec, data_root, download)
     path = Path(spec).expanduser()
+    if path.suffix.lower() in (".csv", ".jsonl") and not path.is_file():
+        raise UserError(f"dataset not found: no manifest file {path}"
+                        f"{'' if path.parent.is_dir() else f' (no folder {path.parent} either)'}.")
     if path.is_file() and path.suffix.lower() in (".csv", ".jsonl"):
         return open_manifest(path, data_root, video)
     if path.is_dir():
