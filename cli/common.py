@@ -44,6 +44,5 @@ def clear_stale_demo_runs(folder: Path, store: Store) -> None:
     trained again."""
     for config in folder.glob("*/config.json"):
         saved = json.loads(config.read_text())
-        if saved.get("data_order") != DATA_ORDER or \
-                saved["store"].get("created", store.meta["created"]) != store.meta["created"]:
+        if saved.get("data_order") != DATA_ORDER or saved["store"].get("id") != store.meta.get("id"):
             shutil.rmtree(config.parent)

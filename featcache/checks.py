@@ -4,7 +4,9 @@ a mistyped label, a folder one level too high, wrong paths."""
 from __future__ import annotations
 
 import difflib
-from datetime import datetime
+import hashlib
+import os
+from pathlib import Path
 
 import numpy as np
 
@@ -63,29 +65,50 @@ def one_class_note(ds: Dataset) -> str | None:
             "folder as --dataset.")
 
 
-def changed_inputs_note(store: Store, ds: Dataset, then: str) -> str | None:
-    """Inputs modified after the store was laid out (PROBE files per split, spread over it,
-    by modification time), and `then`, what follows: a store of the same paths and labels
-    is resumed, kept or reused, so images regenerated in place would otherwise go unnoticed."""
-    if "created" not in store.meta:
-        return None
-    since = datetime.fromisoformat(store.meta["created"]).timestamp() + 2  # (whole seconds)
-    sampled, changed = 0, []
-    for split in ds.splits.values():
-        for i in np.unique(np.linspace(0, len(split) - 1, min(PROBE, len(split))).astype(int)):
+def _probed(n: int) -> np.ndarray:
+    """PROBE sample indices spread over a split of n (the same for the same inputs)."""
+    return np.unique(np.linspace(0, n - 1, min(PROBE, n)).astype(int))
+
+
+def _digest(path: Path) -> str:
+    """A file's size and first MiB, hashed: what regenerating it changes, read cheaply even
+    for a long video (its date is no witness: a copy with `cp -r` is dated anew)."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(str(os.fstat(f.fileno()).st_size).encode() + f.read(1 << 20)).hexdigest()[:16]
+
+
+def input_digests(ds: Dataset) -> dict[str, dict[str, str]]:
+    """A few inputs of each split (files only), hashed: recorded in a new store so that a
+    rerun can tell images regenerated in place under the same paths and labels."""
+    out = {}
+    for name, split in ds.splits.items():
+        digests = {}
+        for i in _probed(len(split)):
             path = split.file(int(i))
             try:
-                if path is None:
-                    continue
-                sampled += 1
-                if path.stat().st_mtime > since:
-                    changed.append(split.keys[i])
+                if path is not None:
+                    digests[split.keys[i]] = _digest(path)
             except OSError:  # unreadable inputs are the extractor's to report
                 continue
+        if digests:
+            out[name] = digests
+    return out
+
+
+def changed_inputs_note(store: Store, ds: Dataset, then: str) -> str | None:
+    """Recorded inputs (input_digests) whose files now hold something else, and `then`, what
+    follows: a store of the same paths and labels is resumed, kept or reused, so images
+    regenerated in place would otherwise go unnoticed. (Stores from before the record: not
+    checked.)"""
+    recorded = store.meta.get("input_digests", {})
+    now = input_digests(ds)
+    pairs = [(key, digest, now.get(name, {}).get(key)) for name, digests in recorded.items()
+             for key, digest in digests.items()]
+    changed = [key for key, was, is_ in pairs if is_ is not None and is_ != was]
     if not changed:
         return None
-    return (f"{len(changed)} of {sampled} inputs sampled were modified after {store.path} was "
-            f"laid out ({store.meta['created']}), e.g. {changed[0]}: {then}")
+    return (f"{len(changed)} of the {len(pairs)} inputs {store.path} recorded hold other bytes now "
+            f"(e.g. {changed[0]}): {then}")
 
 
 def refuse_unreadable_inputs(images: Images, names: list[str]) -> None:

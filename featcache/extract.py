@@ -172,7 +172,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     ds = open_dataset(cfg.dataset, cfg.seed, cfg.val_fraction, cfg.limit, cfg.per_class,
                       cfg.split, cfg.data_root, cfg.download,
                       FrameSampling(cfg.frames, cfg.sampling, cfg.fps))
-    for text in (no_train_note(ds), one_class_note(ds), rare_classes_note(ds)):
+    for text in (None if cfg.split else no_train_note(ds), one_class_note(ds), rare_classes_note(ds)):
         if text:
             note(text)
     if cfg.views > 1 and ds.video:
@@ -204,9 +204,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     existed = exists(join(out, "zarr.json"))
     store, notes = existing_store(out, settings, ds, cfg.shard_size)  # refused if made otherwise
     if store is not None:
-        notes.append(changed_inputs_note(store, ds, "if their pixels changed, the store holds "
-                                         "them as they were. Delete it, or extract to another "
-                                         "--out, to extract them again."))
+        notes.append(changed_inputs_note(store, ds, "the store holds them as they were. Delete "
+                                         "it, or extract to another --out, to extract them again."))
     for text in filter(None, notes):
         note(text)
     if store is not None and store.complete and store.meta["complete"] and not cfg.dry_run:
@@ -216,15 +215,17 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     names = list(ds.splits)
     images = make_images(ds.splits, backbone.data_config, "train" if cfg.views > 1 else None, cfg.seed)
     refuse_unreadable_inputs(images, names)  # (a dry run too: wrong paths are found at once)
+    def current(there: Location) -> bool:  # a twin of inputs regenerated since is passed over
+        stale = changed_inputs_note(open_store(there), ds, "not reused.")
+        if stale:
+            note(stale)
+        return not stale
+
     try:
-        twin = None if existed or not cfg.reuse else identical_store(out, settings["content_key"])
+        twin = None if existed or not cfg.reuse else identical_store(out, settings["content_key"], current)
     except UserError:  # a bucket that cannot be listed: a dry run needs no credentials
         if not cfg.dry_run:
             raise
-        twin = None
-    stale = twin and changed_inputs_note(open_store(twin), ds, "not reused, extracted again.")
-    if stale:
-        note(stale)
         twin = None
     result.twin = twin
     if cfg.dry_run:

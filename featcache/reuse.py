@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .catalog import find_stores
+from .checks import input_digests
 from .errors import UserError
 from .location import Location, exists, is_url, join, listing, normalize, parent
 from .models import Backbone
@@ -36,15 +37,17 @@ def content_key(settings: dict, ds: Dataset) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
-def identical_store(out: Location, key: str) -> Location | None:
-    """A complete store with this content key elsewhere under out's parent folder (or prefix)."""
+def identical_store(out: Location, key: str, usable: Callable[[Location], bool] = lambda _: True
+                    ) -> Location | None:
+    """A complete store with this content key elsewhere under out's parent folder (or
+    prefix), the first one that is `usable`."""
     if not exists(parent(out)):
         return None
     here = out if is_url(out) else Path(out).resolve()
     for s in find_stores(parent(out)):
         there = normalize(s["path"])
         if s["complete"] and s.get("content_key") == key and (
-                there if is_url(there) else Path(there).resolve()) != here:
+                there if is_url(there) else Path(there).resolve()) != here and usable(there):
             return there
     return None
 
@@ -119,4 +122,5 @@ def open_or_create(out: Location, settings: dict, ds: Dataset, backbone: Backbon
         return store, notes
     splits = {name: (len(s), s.fingerprint()) for name, s in ds.splits.items()}
     shard = shard_size or shard_size_for(plan.bytes_per_sample, max(n for n, _ in splits.values()))
-    return create_store(out, settings, splits, backbone.final_norms(), shard, calibration()), []
+    meta = {**settings, "input_digests": input_digests(ds)}  # (not a setting: never compared)
+    return create_store(out, meta, splits, backbone.final_norms(), shard, calibration()), []

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import uuid
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -203,6 +204,7 @@ def create_store(path: Location, meta: dict, splits: dict[str, tuple[int, str]],
     root.attrs[ATTR] = {**meta, "format_version": FORMAT_VERSION, "shard_size": shard,
                         "splits": list(splits), "versions": versions(),
                         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                        "id": uuid.uuid4().hex,  # this extraction: a run is not continued on another
                         "complete": False}
     return Store(root, str(path))
 

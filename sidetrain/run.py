@@ -20,6 +20,7 @@ from torchvision.transforms import Compose
 
 from featcache.console import note
 from featcache.errors import UserError
+from featcache import location
 from featcache.location import Location
 from featcache.models import TokenLayout, load_backbone
 from featcache.precision import autocast
@@ -73,6 +74,10 @@ def check_store(config: dict, store: Store) -> list[int]:
         diffs.append(f"taps: the run uses blocks {missing} that the store does not hold")
     if diffs:
         raise UserError(f"{store.path} does not match the run's features: " + "; ".join(diffs))
+    if s.get("id") and store.meta.get("id") not in (None, s["id"]) and \
+            str(store.path) == str(location.normalize(config["cache"])):
+        note(f"{store.path} was extracted again since the run trained on it: these scores are "
+             "on the new extraction.")
     trained = s.get("precision", "fp32")
     if store.precision != trained:  # close features, not the same: worth a word, not a refusal
         note(f"the run was trained on tokens computed in {trained}, and "
@@ -185,10 +190,11 @@ class Predictor:
     read: Callable[[Path | str], torch.Tensor]
     device: torch.device
     precision: str  # the side network's autocast (CUDA only), as the run was trained
+    clips: bool  # a video run: inputs are clips (even of one frame)
 
     @torch.no_grad()
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
-        dims = 5 if self.model.classifier.readout.layout.frames > 1 else 4
+        dims = 5 if self.clips else 4
         if not isinstance(inputs, torch.Tensor) or inputs.dim() != dims:
             what = getattr(inputs, "shape", type(inputs).__name__)
             raise UserError(f"the predictor takes a batch of transformed "
@@ -209,7 +215,7 @@ def load_predictor(run: Path | str, weights: Path | None = None, device: str = "
     live = EndToEnd(bb.model, config["blocks"], model, s.get("precision", "fp32")).to(device).eval()
     transform, read = _transforms(s["transform"])
     return Predictor(live, s["classes"], transform, read, torch.device(device),
-                     side_precision(config.get("precision", "fp32"), device))
+                     side_precision(config.get("precision", "fp32"), device), "video" in s["transform"])
 
 
 def predict(run: Path | str, images: list[Path | str] | Path | str, weights: Path | None = None,

@@ -213,11 +213,10 @@ class Trainer:
         self.clock = Clock()
         self.config_json = {**cfg.to_json(), "blocks": [store.taps[p] for p in self.positions],
                             "trainable_params": self.params, "data_order": DATA_ORDER,
-                            # created: which extraction of the store (it may be made again)
+                            # id: which extraction of the store (it may be made again)
                             "store": {k: store.meta[k] for k in ("model", "weights", "transform", "taps",
-                                                                 "layout", "dtype", "precision", "classes",
-                                                                 "created")
-                                      if k in store.meta}}  # (precision: not in older stores)
+                                                                 "layout", "dtype", "precision", "classes", "id")
+                                      if k in store.meta}}  # (precision, id: not in older stores)
 
     # -- checkpoints -----------------------------------------------------------------
     def resume(self) -> None:
@@ -228,18 +227,20 @@ class Trainer:
             (self.run / "config.json").write_text(json.dumps(self.config_json, indent=2))
             return
         saved = json.loads((self.run / "config.json").read_text())
-        was, now = saved.get("store", {}).get("created"), self.config_json["store"].get("created")
-        if was and now and was != now:
-            raise UserError(f"{self.run} was trained on {self.cfg.cache} as extracted on {was}; "
-                            f"it was extracted again on {now}. Use another --out to train on the "
-                            "new extraction (or delete that folder).")
-        store = {k: v for k, v in self.config_json["store"].items() if k != "created"}
-        config = {**self.config_json, "store": store | ({"created": was} if was else {})}  # (older runs lack it)
+        was, now = saved["store"].get("id"), self.config_json["store"].get("id")
+        if was and now and was != now and saved["cache"] == self.config_json["cache"]:
+            raise UserError(f"{self.run} was trained on an earlier extraction of {self.cfg.cache}: "
+                            "the store there was extracted again since. Use another --out to "
+                            "train on it (or delete that folder).")
+        store = {k: v for k, v in self.config_json["store"].items() if k != "id"}
+        config = {**self.config_json, "store": store | ({"id": was} if was else {})}  # (older runs lack it)
         differ = sorted(k for k in saved.keys() | config.keys()
                         if k != "out" and saved.get(k) != config.get(k))
         if differ:
             raise UserError(f"{self.run} holds a run with another configuration (it differs in "
                             f"{', '.join(differ)}); use another --out or delete that folder.")
+        if now and not was:  # a run from before stores had an id: told apart from now on
+            (self.run / "config.json").write_text(json.dumps(self.config_json, indent=2))
         state = torch.load(ckpt, map_location=self.device, weights_only=False)
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])

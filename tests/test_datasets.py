@@ -83,6 +83,7 @@ def test_a_manifest_names_splits_on_every_row_or_none(tmp_path, capsys):
     with pytest.raises(UserError, match="splits 'val' and 'validation', which both mean 'val'"):
         open_dataset(manifest(["train", "val", "validation", "test"]))
     assert no_train_note(renamed) is None  # said at extraction, not first at fit
+    assert list(open_dataset(manifest(["train", "valid", "test"]), split=["Validation"]).splits) == ["val"]
     assert "has no train split (it has val, test)" in no_train_note(open_dataset(manifest(["val", "test"])))
     # --limit draws what it drew before splits were put in this order (stores stay resumable)
     names = ["test", "ood", "train", "val"]

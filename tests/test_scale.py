@@ -139,25 +139,26 @@ def test_a_copy_with_the_same_names_elsewhere_is_not_taken_for_the_original(tmp_
 
 
 def test_images_regenerated_in_place_are_pointed_out_and_not_reused(tmp_path, capsys):
-    """Same paths and labels, new pixels (their files modified after the store): the store
-    at --out is kept but said to be older than its inputs; a twin elsewhere is not reused."""
+    """Same paths and labels, new pixels: the store at --out is kept but said to hold what
+    the files held; a twin elsewhere is passed over for a current one. New dates alone (a
+    copy with `cp -r`) are not a change."""
     folder = make_image_folder(tmp_path / "images")
     first = extract(ExtractConfig(dataset=str(folder), out=tmp_path / "cache" / "a", **TINY))
-    extract(ExtractConfig(dataset=str(folder), out=first.path, **TINY))
-    assert "modified after" not in capsys.readouterr().err  # (unchanged inputs: not a word)
-    make_image_folder(tmp_path / "images", seed=1)  # regenerated, then dated after the store
-    later = os.stat(folder / "class0" / "img00.png").st_mtime + 60
-    for path in folder.rglob("*.png"):
-        os.utime(path, (later, later))
-    capsys.readouterr()
+    for path in folder.rglob("*.png"):  # dated anew, as a copy would be, bytes unchanged
+        os.utime(path, (path.stat().st_mtime + 60, path.stat().st_mtime + 60))
+    assert extract(ExtractConfig(dataset=str(folder), out=tmp_path / "cache" / "z", **TINY)).status == "reused"
+    assert "hold other bytes" not in capsys.readouterr().err
+    make_image_folder(tmp_path / "images", seed=1)  # regenerated in place
     again = extract(ExtractConfig(dataset=str(folder), out=first.path, **TINY))
     said = " ".join(capsys.readouterr().err.split())
     assert again.status == "already complete"
-    assert f"were modified after {first.path} was laid out" in said and "Delete it" in said
-    other = extract(ExtractConfig(dataset=str(folder), out=tmp_path / "cache" / "b", **TINY))
-    assert other.status == "written" and "not reused, extracted again" in " ".join(capsys.readouterr().err.split())
-    a, b = open_store(first.path).split("train"), open_store(other.path).split("train")
+    assert f"inputs {first.path} recorded hold other bytes now" in said and "Delete it" in said
+    fresh = extract(ExtractConfig(dataset=str(folder), out=tmp_path / "cache" / "b", **TINY))
+    assert fresh.status == "written" and "not reused" in " ".join(capsys.readouterr().err.split())
+    a, b = open_store(first.path).split("train"), open_store(fresh.path).split("train")
     assert not np.array_equal(a.tokens[:], b.tokens[:])  # the new pixels
+    third = extract(ExtractConfig(dataset=str(folder), out=tmp_path / "cache" / "c", **TINY))
+    assert (third.status, third.path) == ("reused", fresh.path)  # past the stale one, the current one
 
 
 def test_a_dask_worker_killed_mid_extraction_has_its_part_redone(tmp_path):

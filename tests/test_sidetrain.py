@@ -134,21 +134,29 @@ def test_the_best_val_epoch_is_kept_not_the_last(fp32_store, tmp_path, monkeypat
 
 
 def test_a_run_is_not_continued_on_a_store_extracted_again(tmp_path):
+    import shutil
+
     from featcache import ExtractConfig, extract
     from featcache.store import ATTR
 
     from .conftest import TINY
-    store = extract(ExtractConfig(dataset="demo", out=tmp_path / "s", limit=8, **TINY)).path
+    make = ExtractConfig(dataset="demo", out=tmp_path / "s", limit=8, **TINY)
+    store = extract(make).path
     cfg = FitConfig(cache=store, method="linear", epochs=1, batch_size=8, out=tmp_path / "run")
     fit(cfg)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    root = zarr.open_group(str(store), mode="r+")  # as if deleted and extracted again, later
-    root.attrs[ATTR] = {**root.attrs[ATTR], "created": "2099-01-01T00:00:00+00:00"}
-    with pytest.raises(UserError, match="as extracted on .* it was extracted again on 2099-01-01"):
+    shutil.rmtree(store)
+    extract(make)  # the same settings, extracted again
+    with pytest.raises(UserError, match="was trained on an earlier extraction of .*extracted again since"):
         fit(cfg)
-    del saved["store"]["created"]  # a run from before stores were told apart: continued
+    with pytest.raises(UserError, match="differs in cache"):  # another store: not called the same one
+        fit(FitConfig(**{**vars(cfg), "cache": extract(ExtractConfig(**{**vars(make), "out": tmp_path / "t",
+                                                                         "reuse": False})).path}))
+    del saved["store"]["id"]  # a run from before stores had an id: continued, and given one
     (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
     assert fit(cfg).best_epoch == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["store"]["id"] == \
+        zarr.open_group(str(store), mode="r").attrs[ATTR]["id"]
 
 
 def test_training_on_a_subset_of_the_taps(fp32_store, tmp_path):

@@ -152,6 +152,9 @@ def test_predict_on_video_files_equals_the_cached_path(clips, video_store, tmp_p
     assert_predict_equals_cached(r.run, video_store, [clips / k for k in open_store(video_store).split("val").keys])
     (missing,) = predict(r.run, [tmp_path / "missing.mp4"])
     assert "as a video clip (the run was trained on clips of" in missing["error"]
+    one = extract(ExtractConfig(dataset=str(clips), out=tmp_path / "one", dtype="fp32", frames=1, **TINY)).path
+    r = fit(FitConfig(cache=one, method="linear", epochs=1, batch_size=4, out=tmp_path / "run1"))
+    assert_predict_equals_cached(r.run, one, [clips / k for k in open_store(one).split("val").keys])  # clips of 1
 
 
 def test_views_are_refused_for_video(clips, tmp_path):

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .base import Dataset, Split, stratified_pick, stratified_split
+from .base import SPLIT_NAMES, Dataset, Split, our_split_name, stratified_pick, stratified_split
 from .demo import open_demo
 from .idx import CLASSES as IDX_SETS
 from .idx import open_idx
-from .imagefolder import SPLIT_NAMES, open_imagefolder
+from .imagefolder import open_imagefolder
 from .manifest import open_manifest
 from .torchvision_sets import REGISTRY as TORCHVISION_SETS
 from .torchvision_sets import open_torchvision
@@ -81,6 +81,7 @@ def open_dataset(spec: str | Path, seed: int = 0, val_fraction: float = 0.2, lim
         raise UserError(f"{ds.name}: split(s) {', '.join(empty)} would be empty (too few images per "
                         "class to hold some out?); add images or raise --val-fraction.")
     if split:
+        split = [our_split_name(s) for s in split]  # --split validation, as a manifest may say
         unknown = [s for s in split if s not in ds.splits]
         if unknown:
             raise UserError(f"--split {','.join(unknown)}: {ds.name} has splits {', '.join(ds.splits)}")

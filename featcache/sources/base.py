@@ -14,6 +14,18 @@ if TYPE_CHECKING:
     from .video import FrameSampling
 
 
+SPLIT_NAMES = ("train", "val", "test")
+# what other tools call them (matched whatever the case, as the names themselves are)
+SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val", "training": "train", "testing": "test"}
+
+
+def our_split_name(name: str) -> str:
+    """train, val or test for another tool's name of one (Validation, TEST, ...); any other
+    name (a split only `sidetrain eval` reads) as it is."""
+    low = name.lower()
+    return SPLIT_ALIASES.get(low, low if low in SPLIT_NAMES else name)
+
+
 class Split:
     """One split: stable keys, integer labels, and a way to open sample i as a PIL image
     (or, for video, as the clip's sampled frames).

@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .base import Dataset, FileSplit
+from .base import SPLIT_NAMES, Dataset, FileSplit
 from .video import VIDEO_SUFFIXES, FrameSampling, VideoSplit
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-SPLIT_NAMES = ("train", "val", "test")
 
 
 def _class_dirs(folder: Path) -> list[str]:

@@ -20,12 +20,8 @@ import numpy as np
 
 from ..console import note
 from ..errors import UserError
-from .base import Dataset, FileSplit
-from .imagefolder import SPLIT_NAMES
+from .base import SPLIT_NAMES, Dataset, FileSplit, our_split_name
 from .video import VIDEO_SUFFIXES, FrameSampling, VideoSplit
-
-# what other tools call our splits (matched whatever the case, like train, val and test)
-ALIASES = {"validation": "val", "valid": "val", "dev": "val", "training": "train", "testing": "test"}
 
 
 def _rows(path: Path) -> list[dict]:
@@ -55,8 +51,7 @@ def _splits(path: Path, rows: list[dict], first: int) -> dict[str, list[int]]:
         raise UserError(f"{path} row {n + first}: no split, while other rows name one; give "
                         f"every row a split ({', '.join(SPLIT_NAMES)}) or none (then "
                         "--val-fraction of train is held out as val).")
-    ours = {name: ALIASES.get(name.lower(), name.lower() if name.lower() in SPLIT_NAMES else name)
-            for name in set(names)}
+    ours = {name: our_split_name(name) for name in set(names)}
     renamed = sorted(f"'{a}' as '{b}'" for a, b in ours.items() if a != b)
     if renamed:
         clash = [b for b in set(ours.values()) if list(ours.values()).count(b) > 1]
