@@ -95,13 +95,12 @@ def input_digests(ds: Dataset) -> dict[str, dict[str, str]]:
     return out
 
 
-def changed_inputs_note(store: Store, ds: Dataset, then: str) -> str | None:
-    """Recorded inputs (input_digests) whose files now hold something else, and `then`, what
-    follows: a store of the same paths and labels is resumed, kept or reused, so images
-    regenerated in place would otherwise go unnoticed. (Stores from before the record: not
-    checked.)"""
+def changed_inputs_note(store: Store, now: dict[str, dict[str, str]], then: str) -> str | None:
+    """The inputs the store recorded (input_digests) whose files now hold something else
+    (`now`: input_digests of the dataset), and `then`, what follows: a store of the same
+    paths and labels is resumed, kept or reused, so images regenerated in place would
+    otherwise go unnoticed. (Stores from before the record: not checked.)"""
     recorded = store.meta.get("input_digests", {})
-    now = input_digests(ds)
     pairs = [(key, digest, now.get(name, {}).get(key)) for name, digests in recorded.items()
              for key, digest in digests.items()]
     changed = [key for key, was, is_ in pairs if is_ is not None and is_ != was]

@@ -21,8 +21,8 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from .checks import (changed_inputs_note, no_train_note, one_class_note, rare_classes_note,
-                     refuse_unreadable, refuse_unreadable_inputs)
+from .checks import (changed_inputs_note, input_digests, no_train_note, one_class_note,
+                     rare_classes_note, refuse_unreadable, refuse_unreadable_inputs)
 from .codec import DTYPES, calibrate, encode
 from .console import console, escape, note, say
 from .errors import UserError
@@ -203,9 +203,10 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     settings["content_key"] = content_key(settings, ds)
     existed = exists(join(out, "zarr.json"))
     store, notes = existing_store(out, settings, ds, cfg.shard_size)  # refused if made otherwise
+    digests = input_digests(ds)  # a few inputs' bytes: a store records them, a rerun compares
     if store is not None:
-        notes.append(changed_inputs_note(store, ds, "the store holds them as they were. Delete "
-                                         "it, or extract to another --out, to extract them again."))
+        notes.append(changed_inputs_note(store, digests, "the store holds them as they were. "
+                                         "Delete it, or extract to another --out, to extract them again."))
     for text in filter(None, notes):
         note(text)
     if store is not None and store.complete and store.meta["complete"] and not cfg.dry_run:
@@ -215,8 +216,9 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     names = list(ds.splits)
     images = make_images(ds.splits, backbone.data_config, "train" if cfg.views > 1 else None, cfg.seed)
     refuse_unreadable_inputs(images, names)  # (a dry run too: wrong paths are found at once)
+
     def current(there: Location) -> bool:  # a twin of inputs regenerated since is passed over
-        stale = changed_inputs_note(open_store(there), ds, "not reused.")
+        stale = changed_inputs_note(open_store(there), digests, "not reused.")
         if stale:
             note(stale)
         return not stale
@@ -249,7 +251,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     told = store is not None  # (a store another part lays out meanwhile has notes untold)
     with StoreLock(out, cfg.shard):
         with meta_lock(out):  # the parts of a sharded run create the store once
-            store, notes = open_or_create(out, settings, ds, backbone, plan, cfg.shard_size, calibration)
+            store, notes = open_or_create(out, settings, ds, backbone, plan, cfg.shard_size, calibration,
+                                          digests)
         for text in [] if told else notes:
             note(text)
         batches = shard_batches(store, names, cfg.batch_size, cfg.shard)

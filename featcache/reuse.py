@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from .catalog import find_stores
-from .checks import input_digests
 from .errors import UserError
 from .location import Location, exists, is_url, join, listing, normalize, parent
 from .models import Backbone
@@ -113,14 +112,14 @@ def existing_store(out: Location, settings: dict, ds: Dataset, shard_size: int |
 
 
 def open_or_create(out: Location, settings: dict, ds: Dataset, backbone: Backbone, plan: StorePlan,
-                   shard_size: int | None, calibration: Callable[[], np.ndarray | None]
-                   ) -> tuple[Store, list[str]]:
+                   shard_size: int | None, calibration: Callable[[], np.ndarray | None],
+                   digests: dict[str, dict[str, str]]) -> tuple[Store, list[str]]:
     """The existing store at `out`, opened for writing, when this run may continue it (see
-    existing_store, and its notes), else a new one."""
+    existing_store, and its notes), else a new one that records `digests` (input_digests)."""
     store, notes = existing_store(out, settings, ds, shard_size, mode="r+")
     if store is not None:
         return store, notes
     splits = {name: (len(s), s.fingerprint()) for name, s in ds.splits.items()}
     shard = shard_size or shard_size_for(plan.bytes_per_sample, max(n for n, _ in splits.values()))
-    meta = {**settings, "input_digests": input_digests(ds)}  # (not a setting: never compared)
+    meta = {**settings, "input_digests": digests}  # (not a setting: never compared)
     return create_store(out, meta, splits, backbone.final_norms(), shard, calibration()), []

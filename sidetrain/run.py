@@ -18,9 +18,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from torchvision.transforms import Compose
 
+from featcache import location
 from featcache.console import note
 from featcache.errors import UserError
-from featcache import location
 from featcache.location import Location
 from featcache.models import TokenLayout, load_backbone
 from featcache.precision import autocast

@@ -227,13 +227,13 @@ class Trainer:
             (self.run / "config.json").write_text(json.dumps(self.config_json, indent=2))
             return
         saved = json.loads((self.run / "config.json").read_text())
-        was, now = saved["store"].get("id"), self.config_json["store"].get("id")
-        if was and now and was != now and saved["cache"] == self.config_json["cache"]:
+        was, now = saved.get("store", {}).get("id"), self.config_json["store"].get("id")
+        if was and now and was != now and saved.get("cache") == self.config_json["cache"]:
             raise UserError(f"{self.run} was trained on an earlier extraction of {self.cfg.cache}: "
                             "the store there was extracted again since. Use another --out to "
                             "train on it (or delete that folder).")
-        store = {k: v for k, v in self.config_json["store"].items() if k != "id"}
-        config = {**self.config_json, "store": store | ({"id": was} if was else {})}  # (older runs lack it)
+        features = {k: v for k, v in self.config_json["store"].items() if k != "id"}
+        config = {**self.config_json, "store": features | ({"id": was} if was else {})}  # (older runs lack it)
         differ = sorted(k for k in saved.keys() | config.keys()
                         if k != "out" and saved.get(k) != config.get(k))
         if differ:

@@ -73,7 +73,7 @@ def assert_predict_equals_cached(run: Path, store_path: Path, files: list[Path],
                                  atol: float = 1e-4) -> None:
     """`sidetrain predict` on the raw files of the store's val split (in its order) gives
     the classes and probabilities that the run's adapter gives on the stored tokens (the
-    two likeliest, in order)."""
+    likeliest two)."""
     import json
 
     import torch

@@ -46,8 +46,8 @@ class Split:
         raise NotImplementedError
 
     def file(self, i: int) -> Path | None:
-        """The file sample i is read from, if it comes from one (its modification time tells
-        whether a store still holds what the file holds)."""
+        """The file sample i is read from, if it comes from one (a store records a few such
+        files' bytes, to tell inputs regenerated in place)."""
         return None
 
     def subset(self, index: np.ndarray) -> "Split":
