@@ -20,4 +20,4 @@ def store_info(store: Store) -> dict:
             "dataset": m["dataset"], "classes": m["classes"], "shard_size": m["shard_size"],
             "batch_size": m.get("batch_size"),  # (absent in the earliest stores)
             "splits": splits, "complete": store.complete, "bytes_on_disk": disk_usage(store.path),
-            "created": m["created"], "versions": m["versions"]}
+            "created": m["created"], "id": m.get("id"), "versions": m["versions"]}  # (id: newer stores)

@@ -44,6 +44,7 @@ def test_extract_info_fit_from_the_command_line(tmp_path, monkeypatch, run_cli):
     monkeypatch.chdir(tmp_path)
     info = json.loads(run_cli("featcache", "info", "s", "--json").stdout)
     assert info["complete"] and info["splits"]["train"]["n"] == 10 and info["dtype"] == "fp16"
+    assert len(info["id"]) == 32  # this extraction's id, which runs record
     r = run_cli("featcache", "extract", "--model", "vit_tiny", "--random-init", "--img-size", "32",
                 "--dataset", "demo", "--limit", "10", "--out", "t", "--dry-run", "--json")
     assert json.loads(r.stdout)["twin"] == "s"  # the store a real run would reuse
