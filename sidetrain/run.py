@@ -18,10 +18,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from torchvision.transforms import Compose
 
-from featcache import location
 from featcache.console import note
 from featcache.errors import UserError
-from featcache.location import Location
+from featcache.location import Location, exists, join
 from featcache.models import TokenLayout, load_backbone
 from featcache.precision import autocast
 from featcache.sources.base import to_rgb
@@ -74,10 +73,6 @@ def check_store(config: dict, store: Store) -> list[int]:
         diffs.append(f"taps: the run uses blocks {missing} that the store does not hold")
     if diffs:
         raise UserError(f"{store.path} does not match the run's features: " + "; ".join(diffs))
-    if s.get("id") and store.meta.get("id") not in (None, s["id"]) and \
-            str(store.path) == str(location.normalize(config["cache"])):
-        note(f"{store.path} was extracted again since the run trained on it: these scores are "
-             "on the new extraction.")
     trained = s.get("precision", "fp32")
     if store.precision != trained:  # close features, not the same: worth a word, not a refusal
         note(f"the run was trained on tokens computed in {trained}, and "
@@ -105,12 +100,17 @@ def evaluate_run(run: Path | str, cache: Location | None = None, device: str = "
     """Accuracy of a run's adapter on every complete split of a store (by default the one it
     was trained on, as the run recorded its path)."""
     config, state = load_run(run)
-    try:
-        store = open_store(cache or config["cache"])
-    except UserError as e:
-        if cache:
-            raise
-        raise UserError(f"{e} (the store {run} was trained on; name another with --cache)") from None
+    if cache is None:  # the store the run was trained on, as its config recorded it
+        if not exists(join(config["cache"], "zarr.json")):
+            raise UserError(f"the store {run} was trained on, {config['cache']}, is not there "
+                            "any more: name one to score on with --cache.")
+        store = open_store(config["cache"])
+        was, now = config["store"].get("id"), store.meta.get("id")  # (older runs, stores: none)
+        if was and now and was != now:
+            raise UserError(f"{store.path} is not the extraction {run} was trained on (it was "
+                            "extracted again since): name it with --cache to score on it anyway.")
+    else:
+        store = open_store(cache)
     positions = check_store(config, store)
     model = _model(config, state, store.norms()).to(device)
     layers = input_layers(model, positions)

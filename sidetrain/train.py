@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from featcache import location
 from featcache.console import console, note, say
 from featcache.errors import UserError
-from featcache.location import Location
+from featcache.location import Location, is_url
 from featcache.precision import PRECISIONS, autocast
 from featcache.store import Store, open_store
 
@@ -211,7 +211,9 @@ class Trainer:
         self.eval_sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, correct
         self.eval_n = 0
         self.clock = Clock()
-        self.config_json = {**cfg.to_json(), "blocks": [store.taps[p] for p in self.positions],
+        cache = location.normalize(cfg.cache)  # absolute: eval finds it from any folder
+        self.config_json = {**cfg.to_json(), "cache": str(cache if is_url(cache) else cache.resolve()),
+                            "blocks": [store.taps[p] for p in self.positions],
                             "trainable_params": self.params, "data_order": DATA_ORDER,
                             # id: which extraction of the store (it may be made again)
                             "store": {k: store.meta[k] for k in ("model", "weights", "transform", "taps",
@@ -227,6 +229,8 @@ class Trainer:
             (self.run / "config.json").write_text(json.dumps(self.config_json, indent=2))
             return
         saved = json.loads((self.run / "config.json").read_text())
+        if saved.get("cache") == str(self.cfg.cache):  # a run from before caches were absolute
+            saved["cache"] = self.config_json["cache"]
         was, now = saved.get("store", {}).get("id"), self.config_json["store"].get("id")
         if was and now and was != now and saved.get("cache") == self.config_json["cache"]:
             raise UserError(f"{self.run} was trained on an earlier extraction of {self.cfg.cache}: "

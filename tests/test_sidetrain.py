@@ -133,7 +133,7 @@ def test_the_best_val_epoch_is_kept_not_the_last(fp32_store, tmp_path, monkeypat
     assert evaluate_run(r.run, fp32_store)["test"] == r.test_acc  # scored with epoch 2's weights
 
 
-def test_a_run_is_not_continued_on_a_store_extracted_again(tmp_path):
+def test_a_run_is_not_continued_on_a_store_extracted_again(tmp_path, monkeypatch):
     import shutil
 
     from featcache import ExtractConfig, extract
@@ -142,17 +142,25 @@ def test_a_run_is_not_continued_on_a_store_extracted_again(tmp_path):
     from .conftest import TINY
     make = ExtractConfig(dataset="demo", out=tmp_path / "s", limit=8, **TINY)
     store = extract(make).path
-    cfg = FitConfig(cache=store, method="linear", epochs=1, batch_size=8, out=tmp_path / "run")
+    monkeypatch.chdir(tmp_path)  # a relative --cache: recorded absolute, found from anywhere
+    cfg = FitConfig(cache="s", method="linear", epochs=1, batch_size=8, out=tmp_path / "run")
     fit(cfg)
+    monkeypatch.chdir(tmp_path / "run")
+    assert set(evaluate_run(cfg.out)) == {"train", "val", "test"}
+    monkeypatch.chdir(tmp_path)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     shutil.rmtree(store)
     extract(make)  # the same settings, extracted again
     with pytest.raises(UserError, match="was trained on an earlier extraction of .*extracted again since"):
         fit(cfg)
+    with pytest.raises(UserError, match="is not the extraction .* was trained on"):
+        evaluate_run(cfg.out)  # by default on the run's store, which is another one now
+    assert set(evaluate_run(cfg.out, store)) == {"train", "val", "test"}  # named: scored
     with pytest.raises(UserError, match="differs in cache"):  # another store: not called the same one
         fit(FitConfig(**{**vars(cfg), "cache": extract(ExtractConfig(**{**vars(make), "out": tmp_path / "t",
                                                                          "reuse": False})).path}))
     del saved["store"]["id"]  # a run from before stores had an id: continued, and given one
+    saved["cache"] = "s"  # (and from before caches were recorded absolute, as typed)
     (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
     assert fit(cfg).best_epoch == 0
     assert json.loads((tmp_path / "run" / "config.json").read_text())["store"]["id"] == \
