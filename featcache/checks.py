@@ -16,6 +16,7 @@ from .sources import Dataset
 from .store import Store
 
 PROBE = 8  # inputs of each split read before a run: none readable means wrong paths
+DIGESTS = 32  # inputs of each split whose bytes a store records (input_digests)
 WHERE = ("Check that the files are where the dataset says (a manifest's relative paths are "
          "read from its folder, or from --data-root)")
 
@@ -65,9 +66,9 @@ def one_class_note(ds: Dataset) -> str | None:
             "folder as --dataset.")
 
 
-def _probed(n: int) -> np.ndarray:
-    """PROBE sample indices spread over a split of n (the same for the same inputs)."""
-    return np.unique(np.linspace(0, n - 1, min(PROBE, n)).astype(int))
+def _spread(n: int, k: int) -> np.ndarray:
+    """k sample indices spread over a split of n (the same for the same inputs)."""
+    return np.unique(np.linspace(0, n - 1, min(k, n)).astype(int))
 
 
 def _digest(path: Path) -> str:
@@ -83,7 +84,7 @@ def input_digests(ds: Dataset) -> dict[str, dict[str, str]]:
     out = {}
     for name, split in ds.splits.items():
         digests = {}
-        for i in _probed(len(split)):
+        for i in _spread(len(split), DIGESTS):
             path = split.file(int(i))
             try:
                 if path is not None:

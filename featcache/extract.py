@@ -232,15 +232,16 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     result.twin = twin
     if cfg.dry_run:
         if twin is not None:
-            say(f"{twin} already holds exactly this: a real run would reuse it and write "
-                "nothing (--no-reuse to extract anyway).")
+            say(f"{twin} already holds this: a real run would reuse it and write nothing "
+                "(--no-reuse to extract anyway).")
         result.status = "dry run"
         return result
     if twin is not None:
         refuse_unreadable(open_store(twin), list(ds.splits))  # not an empty twin either
-        say(f"{twin} already holds exactly this (same model, weights, transform, taps, "
-            f"dtype, precision and inputs): reusing it, and {out} is not written. Train from "
-            f"{twin}, or pass --no-reuse to extract anyway.")
+        say(f"{twin} already holds this (same model, weights, transform, taps, dtype and "
+            "precision, same input paths and labels, and the inputs it sampled hold the same "
+            f"bytes): reusing it, and {out} is not written. Train from {twin}, or pass "
+            "--no-reuse to extract anyway (after changing files in place without renaming them).")
         result.path, result.status, result.complete = twin, "reused", True
         return result
     if not existed:
