@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import timm.data
 import torch
 from PIL import Image
@@ -24,7 +25,7 @@ from featcache.location import Location, exists, join
 from featcache.models import TokenLayout, load_backbone
 from featcache.precision import autocast
 from featcache.sources.base import to_rgb
-from featcache.sources.video import FrameSampling, read_clip
+from featcache.sources.video import FrameSampling, TooShort, read_clip
 from featcache.store import Store, open_store
 
 from .classifier import Classifier, ModelSpec, input_layers, make_classifier
@@ -151,17 +152,21 @@ def _backbone_for(config: dict, weights: Path | None):
     return bb
 
 
-def _transforms(transform_config: dict) -> tuple[Callable, Callable[[Path | str], torch.Tensor]]:
-    """The store's extraction transform, for a PIL image in memory (any mode), and a reader
-    of one file as the extraction read it: an image (C, H, W) or a clip (F, C, H, W)."""
+def _pil(image: Image.Image | np.ndarray) -> Image.Image:
+    """An image in memory as PIL: a numpy array (H, W[, C]) of uint8 is taken as such."""
+    return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+
+
+def _transforms(transform_config: dict, sampling: FrameSampling | None
+                ) -> tuple[Callable, Callable[[Path | str], torch.Tensor]]:
+    """The store's extraction transform, for an image in memory (PIL of any mode, or a uint8
+    array), and a reader of one file as the extraction read it: an image (C, H, W) or a clip
+    of frames picked by `sampling` (F, C, H, W)."""
     plain = {k: v for k, v in transform_config.items()
              if k not in ("views", "view_policy", "view_seed", "video")}
-    transform = Compose([to_rgb, timm.data.create_transform(
+    transform = Compose([_pil, to_rgb, timm.data.create_transform(
         **{**plain, "input_size": tuple(plain["input_size"])}, is_training=False)])
-    video = transform_config.get("video")
-    sampling = video and FrameSampling(video["frames"], video["sampling"], video["fps"])
-
-    kind = f"a video clip (the run was trained on clips of {video['frames']} frames)" if video \
+    kind = f"a video clip (the run was trained on clips of {sampling.frames} frames)" if sampling \
         else "an image (the run was trained on images)"
 
     def read(path: Path | str) -> torch.Tensor:
@@ -181,8 +186,9 @@ def _transforms(transform_config: dict) -> tuple[Callable, Callable[[Path | str]
 class Predictor:
     """A finished run as one model over raw inputs, backbone and adapter live (what
     `predict` runs). `read(path)` turns a file into what the store's extraction made of it,
-    and `transform(pil_image)` an image in memory; calling the predictor on a batch of
-    those, (B, C, H, W) or clips (B, F, C, H, W), gives class probabilities (B, classes)."""
+    `transform(image)` an image in memory, and `clip(frames)` a video's decoded frames;
+    calling the predictor on a batch of those, (B, C, H, W) or clips (B, F, C, H, W), gives
+    class probabilities (B, classes)."""
 
     model: EndToEnd
     classes: list[str]
@@ -190,17 +196,33 @@ class Predictor:
     read: Callable[[Path | str], torch.Tensor]
     device: torch.device
     precision: str  # the side network's autocast (CUDA only), as the run was trained
-    clips: bool  # a video run: inputs are clips (even of one frame)
+    sampling: FrameSampling | None  # a video run's: how a clip's frames were picked
+
+    def clip(self, frames: list, fps: float = 30.0) -> torch.Tensor:
+        """A video's decoded frames (PIL images or uint8 arrays, in order) as the extraction
+        took them: its F frames picked the same way, each transformed, (F, C, H, W). `fps`,
+        the video's frame rate, matters only for uniform sampling at a set --fps."""
+        if self.sampling is None:
+            raise UserError("this run was trained on images: use predictor.transform(image)")
+        try:
+            picked = self.sampling.indices(len(frames), fps)
+        except TooShort as e:
+            raise UserError(f"{len(frames)} frames: {e}") from None
+        return torch.stack([self.transform(frames[i]) for i in picked])
 
     @torch.no_grad()
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
-        dims = 5 if self.clips else 4
-        if not isinstance(inputs, torch.Tensor) or inputs.dim() != dims:
+        if self.sampling is None:
+            shape, dims, how = "images (B, C, H, W)", 4, "torch.stack([predictor.transform(image), ...])"
+        else:
+            shape, dims, how = (f"clips of {self.sampling.frames} frames (B, {self.sampling.frames}, C, H, W)",
+                                5, "torch.stack([predictor.clip(frames), ...])")
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() != dims or (
+                dims == 5 and inputs.shape[1] != self.sampling.frames):
             what = getattr(inputs, "shape", type(inputs).__name__)
-            raise UserError(f"the predictor takes a batch of transformed "
-                            f"{'clips (B, F, C, H, W)' if dims == 5 else 'images (B, C, H, W)'}, "
-                            f"not {what}: e.g. predictor(torch.stack([predictor.transform(img), "
-                            "...])), or predictor(predictor.read(path)[None]) for a file.")
+            raise UserError(f"the predictor takes a batch of transformed {shape}, not {what}: "
+                            f"e.g. predictor({how}), or predictor(predictor.read(path)[None]) "
+                            "for a file.")
         with autocast(self.device.type, self.precision):
             return self.model(inputs.to(self.device)).float().softmax(1).cpu()
 
@@ -213,9 +235,11 @@ def load_predictor(run: Path | str, weights: Path | None = None, device: str = "
     model = _model(config, state, bb.final_norms())
     s = config["store"]  # the backbone in the store's precision, the side network in the run's
     live = EndToEnd(bb.model, config["blocks"], model, s.get("precision", "fp32")).to(device).eval()
-    transform, read = _transforms(s["transform"])
+    video = s["transform"].get("video")
+    sampling = video and FrameSampling(video["frames"], video["sampling"], video["fps"])
+    transform, read = _transforms(s["transform"], sampling)
     return Predictor(live, s["classes"], transform, read, torch.device(device),
-                     side_precision(config.get("precision", "fp32"), device), "video" in s["transform"])
+                     side_precision(config.get("precision", "fp32"), device), sampling)
 
 
 def predict(run: Path | str, images: list[Path | str] | Path | str, weights: Path | None = None,

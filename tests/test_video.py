@@ -15,7 +15,7 @@ from featcache.sources import FrameSampling, open_dataset
 from featcache.sources.moving_clips import write_moving_clips, write_video
 from featcache.sources.video import DECODERS, TooShort, read_clip
 from featcache.taps import forward_taps
-from sidetrain import FitConfig, ModelSpec, build_classifier, fit, predict, train_many
+from sidetrain import FitConfig, ModelSpec, build_classifier, fit, load_predictor, predict, train_many
 
 from .conftest import TINY, assert_predict_equals_cached
 
@@ -152,6 +152,15 @@ def test_predict_on_video_files_equals_the_cached_path(clips, video_store, tmp_p
     assert_predict_equals_cached(r.run, video_store, [clips / k for k in open_store(video_store).split("val").keys])
     (missing,) = predict(r.run, [tmp_path / "missing.mp4"])
     assert "as a video clip (the run was trained on clips of" in missing["error"]
+    import av  # frames in memory: picked and transformed as the store's were
+
+    path = clips / open_store(video_store).split("val").keys[0]
+    with av.open(str(path)) as video:
+        frames = [np.asarray(f.to_image()) for f in video.decode(video=0)]  # arrays, as a user has
+    predictor = load_predictor(r.run)
+    torch.testing.assert_close(predictor.clip(frames), predictor.read(path))
+    with pytest.raises(UserError, match=rf"clips of {F} frames \(B, {F}, C, H, W\), not torch.Size"):
+        predictor(predictor.clip(frames)[None, :2])
     one = extract(ExtractConfig(dataset=str(clips), out=tmp_path / "one", dtype="fp32", frames=1, **TINY)).path
     r = fit(FitConfig(cache=one, method="linear", epochs=1, batch_size=4, out=tmp_path / "run1"))
     assert_predict_equals_cached(r.run, one, [clips / k for k in open_store(one).split("val").keys])  # clips of 1
