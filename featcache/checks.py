@@ -4,6 +4,7 @@ a mistyped label, a folder one level too high, wrong paths."""
 from __future__ import annotations
 
 import difflib
+from collections import Counter
 import hashlib
 import os
 from pathlib import Path
@@ -120,8 +121,11 @@ def refuse_unreadable_inputs(images: Images, names: list[str]) -> None:
         reasons = [images[(sid, i)][2] for i in range(n)]
         if n and all(reasons):
             which = f"of the {n}" if n == len(split) else f"of the first {n} of the {len(split)}"
-            raise UserError(f"none {which} inputs of split '{name}' could be read (the first: "
-                            f"{split.keys[0]}: {reasons[0]}). {WHERE}.")
+            kind = Counter(r.split(":")[0] for r in reasons).most_common(1)[0][0]  # the usual cause
+            i = next(i for i, r in enumerate(reasons) if r.startswith(kind))
+            missing = any(r.startswith(("FileNotFoundError", "NotADirectoryError")) for r in reasons)
+            raise UserError(f"none {which} inputs of split '{name}' could be read (most often: "
+                            f"{split.keys[i]}: {reasons[i]})." + (f" {WHERE}." if missing else ""))
 
 
 def refuse_unreadable(store: Store, names: list[str]) -> None:

@@ -115,6 +115,12 @@ def test_a_split_of_inputs_none_readable_is_refused_with_its_cause(tmp_path):
         f"img{i}.png,{'ab'[i % 2]},{'train' if i < 20 else 'val'}\n" for i in range(24)))
     with pytest.raises(UserError, match=r"none of the first 8 of the 20 inputs of split 'train' could be read"):
         extract(ExtractConfig(dataset=str(tmp_path / "more.csv"), out=tmp_path / "s", **TINY))
+    corrupt = make_image_folder(tmp_path / "corrupt")  # found, but none decodes: no path advice
+    for path in corrupt.rglob("*.png"):
+        path.write_bytes(b"not an image")
+    with pytest.raises(UserError, match=r"could be read \(most often: .*UnidentifiedImageError") as refused:
+        extract(ExtractConfig(dataset=str(corrupt), out=tmp_path / "c", **TINY))
+    assert "--data-root" not in str(refused.value)
 
 
 def test_a_folder_one_level_too_high_is_pointed_out_and_not_trained(tmp_path, capsys):
