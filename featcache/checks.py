@@ -4,9 +4,9 @@ a mistyped label, a folder one level too high, wrong paths."""
 from __future__ import annotations
 
 import difflib
-from collections import Counter
 import hashlib
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
