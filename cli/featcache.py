@@ -134,7 +134,8 @@ def extract_cmd(
         emit_json(summary)
         return
     skipped = sum(map(len, r.skipped.values()))  # (extract named them, on stderr)
-    print(f"{r.status}: {r.path} ({human_bytes(r.plan.total)})"
+    twin = f", would reuse {r.twin}" if r.status == "dry run" and r.twin else ""
+    print(f"{r.status}: {r.path}{twin} ({human_bytes(r.plan.total)})"
           + (f", {sum(r.written.values()):,} samples in {r.seconds:.1f} s" if r.written else "")
           + (f" ({skipped:,} unreadable inputs skipped)" if skipped else ""))
 

@@ -9,6 +9,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from featcache import location
+from featcache.console import note
 from featcache.errors import UserError
 
 from .classifier import ModelSpec
@@ -56,6 +57,11 @@ def expand(base: FitConfig, grid: dict[str, list], out_root: Path | str) -> list
             continue
         seen.add(name)
         configs.append(replace(cfg, out=out_root / re.sub(r"[^\w.+=-]", "_", name)))  # taps last:2
+    methods = {c.method for c in configs}
+    for key in varying:
+        if key in ONLY_FOR and not methods & set(ONLY_FOR[key]):
+            note(f"the grid varies {key}, which only {' and '.join(ONLY_FOR[key])} have, and "
+                 f"trains none of them (methods: {', '.join(sorted(methods))}): its values are unused.")
     return configs
 
 

@@ -48,6 +48,9 @@ def test_extract_info_fit_from_the_command_line(tmp_path, monkeypatch, run_cli):
     r = run_cli("featcache", "extract", "--model", "vit_tiny", "--random-init", "--img-size", "32",
                 "--dataset", "demo", "--limit", "10", "--out", "t", "--dry-run", "--json")
     assert json.loads(r.stdout)["twin"] == "s"  # the store a real run would reuse
+    r = run_cli("featcache", "extract", "--model", "vit_tiny", "--random-init", "--img-size", "32",
+                "--dataset", "demo", "--limit", "10", "--out", "t", "--dry-run")
+    assert r.stdout.startswith("dry run: t, would reuse s (")
     verify = json.loads(run_cli("featcache", "verify", "s", "--json").stdout)
     assert verify["ok"] and verify["samples"] == 30 and not verify["problems"]
     (listed,) = json.loads(run_cli("featcache", "ls", ".", "--json").stdout)

@@ -172,11 +172,15 @@ def test_a_sweep_trains_each_configuration_as_fit_would(fp32_store, tmp_path):
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
 
 
-def test_a_sweep_varies_taps_and_drops_options_a_method_lacks(fp32_store, tmp_path):
+def test_a_sweep_varies_taps_and_drops_options_a_method_lacks(fp32_store, tmp_path, capsys):
     base = FitConfig(cache=fp32_store, rank=2, epochs=1, batch_size=8)
     names = [c.out.name for c in expand(base, {"method": ["losa", "linear", "mlp"], "mlp_hidden": [8, 16]},
                                         tmp_path)]
     assert names == ["losa", "linear", "mlp-mlp_hidden8", "mlp-mlp_hidden16"]  # one losa, one linear
+    capsys.readouterr()
+    assert len(expand(base, {"method": ["losa", "linear"], "mlp_hidden": [8, 16]}, tmp_path)) == 2
+    assert "varies mlp_hidden, which only mlp have, and trains none of them" in \
+        " ".join(capsys.readouterr().err.split())
     # LoSA on all taps and on the last two, from one pass that reads their union
     results = sweep(base, {"taps": ["all", "last:2"]}, tmp_path / "taps")
     assert [r.run.name for r in results] == ["losa-tapsall", "losa-tapslast_2"]
