@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -10,8 +9,9 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from featcache import UserError, location, open_store
+from featcache import UserError, location
 from sidetrain import FitConfig, evaluate_run, fit, predict, sweep
+from sidetrain.run import run_store
 
 from .common import emit_json, make_app, run
 from .tables import results_table
@@ -179,7 +179,7 @@ def eval_cmd(run_dir: Path = typer.Option(..., "--run", help="A run folder from 
              as_json: bool = typer.Option(False, "--json", help=HELP["json"])) -> None:
     """Accuracy of a trained adapter on every split of a store."""
     accs = evaluate_run(run_dir, cache, device)
-    store = open_store(cache or json.loads((run_dir / "config.json").read_text())["cache"])
+    store = run_store(run_dir, cache)
     counts = {split: int((store.split(split).labels >= 0).sum()) for split in accs}
     if as_json:
         emit_json({split: {"accuracy": acc, "samples": counts[split]} for split, acc in accs.items()})

@@ -36,6 +36,11 @@ from .train import side_precision
 
 def load_run(run: Path | str) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json of the run, adapter weights)."""
+    return run_config(run), load_file(str(Path(run) / "adapter.safetensors"))
+
+
+def run_config(run: Path | str) -> dict:
+    """config.json of a finished run, or what is wrong with the path."""
     run = Path(run)
     if not run.exists():
         raise UserError(f"no run at {run}: the path does not exist.")
@@ -46,7 +51,7 @@ def load_run(run: Path | str) -> tuple[dict, dict[str, torch.Tensor]]:
     if not (run / "config.json").is_file() or not (run / "adapter.safetensors").is_file():
         raise UserError(f"{run} is not a finished sidetrain run (needs config.json and "
                         "adapter.safetensors); train one with `sidetrain fit`.")
-    return json.loads((run / "config.json").read_text()), load_file(str(run / "adapter.safetensors"))
+    return json.loads((run / "config.json").read_text())
 
 
 def _spec(config: dict) -> ModelSpec:
@@ -97,21 +102,28 @@ def _short(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def run_store(run: Path | str, cache: Location | None = None) -> Store:
+    """The store at `cache`, or by default the one the run was trained on (as its config
+    recorded it), refused when it is gone or was extracted again since."""
+    if cache is not None:
+        return open_store(cache)
+    config = run_config(run)
+    if not exists(join(config["cache"], "zarr.json")):
+        raise UserError(f"the store {run} was trained on, {config['cache']}, is not there "
+                        "any more: name one to score on with --cache.")
+    store = open_store(config["cache"])
+    was, now = config["store"].get("id"), store.meta.get("id")  # (older runs, stores: none)
+    if was and now and was != now:
+        raise UserError(f"{store.path} is not the extraction {run} was trained on (it was "
+                        "extracted again since): name it with --cache to score on it anyway.")
+    return store
+
+
 def evaluate_run(run: Path | str, cache: Location | None = None, device: str = "cpu") -> dict[str, float]:
     """Accuracy of a run's adapter on every complete split of a store (by default the one it
-    was trained on, as the run recorded its path)."""
+    was trained on: run_store)."""
     config, state = load_run(run)
-    if cache is None:  # the store the run was trained on, as its config recorded it
-        if not exists(join(config["cache"], "zarr.json")):
-            raise UserError(f"the store {run} was trained on, {config['cache']}, is not there "
-                            "any more: name one to score on with --cache.")
-        store = open_store(config["cache"])
-        was, now = config["store"].get("id"), store.meta.get("id")  # (older runs, stores: none)
-        if was and now and was != now:
-            raise UserError(f"{store.path} is not the extraction {run} was trained on (it was "
-                            "extracted again since): name it with --cache to score on it anyway.")
-    else:
-        store = open_store(cache)
+    store = run_store(run, cache)
     positions = check_store(config, store)
     model = _model(config, state, store.norms()).to(device)
     layers = input_layers(model, positions)
