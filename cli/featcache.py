@@ -205,12 +205,14 @@ def verify_cmd(path: str = typer.Argument(..., metavar="STORE", help="A store fo
         report = verify(open_store(path), bar)
     if as_json:
         emit_json({"path": report.path, "ok": report.ok, "shards": report.shards,
-                   "samples": report.samples, "problems": report.problems})
+                   "samples": report.samples, "skipped": report.skipped, "problems": report.problems})
     else:
         for p in report.problems:
             out.print(f"[red]problem:[/] {p}")
         out.print(f"{'OK' if report.ok else 'FAILED'}: {report.path}: {report.shards} shards, "
-                  f"{report.samples:,} samples checked, {len(report.problems)} problem(s)")
+                  f"{report.samples:,} samples checked"
+                  + (f" ({report.skipped:,} unreadable inputs recorded, no tokens)" if report.skipped else "")
+                  + f", {len(report.problems)} problem(s)")
     if not report.ok:
         raise typer.Exit(1)
 
@@ -229,7 +231,8 @@ def ls_cmd(root: str = typer.Argument("cache", metavar="ROOT", help="Folder or U
     if not stores:
         print(f"no stores under {root}")
     for s in stores:  # plain lines, never wrapped: easy to grep
-        splits = " ".join(f"{k}={v}" for k, v in s["splits"].items())
+        splits = " ".join(f"{k}={v}" + (f" ({s['unreadable'][k]} unreadable)" if s["unreadable"][k] else "")
+                          for k, v in s["splits"].items())
         dtype = s["dtype"] + ("" if s["precision"] == "fp32" else f" ({s['precision']} forward)")
         weights = ("RANDOM weights" if s["weights"].startswith("random-init") else  # file:NAME
                    "pretrained" if s["weights"].startswith("timm:") else s["weights"])

@@ -71,18 +71,19 @@ def _find_remote(root: str) -> list[dict]:
 
 
 def _summary(path: Location, meta: dict) -> dict:
-    splits = {}
+    splits, unreadable = {}, {}  # inputs per split; of them, unreadable ones (rows without tokens)
     for name in meta.get("splits", []):
         try:
-            splits[name] = read_json(join(path, name, "zarr.json"))["attributes"][ATTR]["n"]
+            attrs = read_json(join(path, name, "zarr.json"))["attributes"][ATTR]
+            splits[name], unreadable[name] = attrs["n"], len(attrs.get("skipped", {}))
         except (OSError, ValueError, KeyError):
-            splits[name] = None
+            splits[name] = unreadable[name] = None
     layout = meta["layout"]
     return {"path": str(path), "model": meta["model"]["name"], "weights": meta["weights"]["source"],
             "img_size": meta["transform"]["input_size"][-1],
             "frames": layout["frames"] if "video" in meta["transform"] else None,
             "dataset": meta["dataset"]["name"], "classes": len(meta["classes"]),
-            "splits": splits, "dtype": meta["dtype"], "precision": meta.get("precision", "fp32"),
+            "splits": splits, "unreadable": unreadable, "dtype": meta["dtype"], "precision": meta.get("precision", "fp32"),
             "taps": len(meta["taps"]),
             "bytes_on_disk": disk_usage(path), "complete": bool(meta.get("complete")),
             "content_key": meta.get("content_key")}

@@ -21,7 +21,8 @@ from .store import Store
 class VerifyReport:
     path: str
     shards: int = 0
-    samples: int = 0
+    samples: int = 0  # stored samples read back (rows of unreadable inputs left out)
+    skipped: int = 0  # rows of unreadable inputs in those shards (label -1, no tokens)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -70,7 +71,9 @@ def verify(store: Store, progress: Progress | None = None) -> VerifyReport:
                 report.problems.append(f"{name}: samples {(lo + np.flatnonzero(empty))[:10].tolist()} "
                                        "are all zeros (missing data)")
             report.shards += 1
-            report.samples += int(hi - lo)
+            stored = int((split.labels[lo:hi] >= 0).sum())
+            report.samples += stored
+            report.skipped += int(hi - lo) - stored
             if progress:
                 progress.advance(task)
     return report

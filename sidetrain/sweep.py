@@ -78,7 +78,11 @@ def sweep(base: FitConfig, grid: dict[str, list], out_root: Path | str) -> list[
     for seed in sorted({c.seed for c in configs}):
         results += train_many([c for c in configs if c.seed == seed])
     out_root.mkdir(parents=True, exist_ok=True)
-    (out_root / "sweep.json").write_text(json.dumps([r.to_json() for r in results], indent=2))
+    # each run named by its folder under out_root, so a sweep folder moved or copied elsewhere
+    # (a shared disk, a laptop) still leads to its runs
+    rows = [{**r.to_json(), "run": r.run.name, "config": {**r.config.to_json(), "out": r.run.name}}
+            for r in results]
+    (out_root / "sweep.json").write_text(json.dumps(rows, indent=2))
     score = [(r.run.name, r.params, r.test_acc if r.test_acc is not None else r.val_acc)
              for r in results if r.best_epoch >= 0]
     plot_pareto(score, out_root / "pareto.png", title=f"{location.name(base.cache)}: test accuracy "

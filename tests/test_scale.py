@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ import zarr
 from featcache import ExtractConfig, UserError, extract, open_store
 from featcache.distribute import extract_on_dask
 from featcache.lock import StoreLock
+from featcache.store import write_shard
 from featcache.verify import verify
 
 from .conftest import TINY, make_image_folder
@@ -80,6 +84,28 @@ def test_parts_that_skip_inputs_record_them_all(tmp_path):
         assert sorted(a.attrs["skipped"]) == sorted(b.attrs["skipped"]) and len(a.attrs["skipped"])
         np.testing.assert_array_equal(a.labels, b.labels)
         np.testing.assert_array_equal(a.tokens[:], b.tokens[:])
+
+
+def test_parts_recording_skipped_inputs_at_once_lose_none(fp32_store, tmp_path):
+    """Parts finishing shards at the same moment each add their skipped inputs to the
+    split's attributes (read, merge, write): the meta lock keeps every addition."""
+    out = tmp_path / "store"
+    shutil.copytree(fp32_store, out)
+    store = open_store(out)
+    split = store.split("train")
+    s = split.shard_size
+    shards = range(len(split.done))
+    barrier = threading.Barrier(len(shards))
+
+    def finish(k: int) -> None:  # shard k rewritten as is, with one more skipped input
+        lo, hi = k * s, min((k + 1) * s, split.n)
+        tokens, labels, keys = split.tokens[lo:hi], split.labels[lo:hi], split.keys[lo:hi].tolist()
+        barrier.wait()
+        write_shard(open_store(out, "r+"), "train", k, tokens, None, labels, keys, {f"gone{k}": "unreadable"})
+
+    with ThreadPoolExecutor(len(shards)) as pool:
+        list(pool.map(finish, shards))
+    assert sorted(open_store(out).split("train").attrs["skipped"]) == sorted(f"gone{k}" for k in shards)
 
 
 def test_locks_between_parts(tmp_path):

@@ -9,9 +9,11 @@ import torch
 import zarr
 
 from featcache import ExtractConfig, UserError, extract, load_backbone, open_dataset, open_store
+from featcache.catalog import find_stores
 from featcache.fastread import MemmapReader
 from featcache.fastwrite import write_samples
 from featcache.store import FORMAT_VERSION
+from featcache.verify import verify
 from sidetrain import ShardLoader
 
 from .conftest import TINY
@@ -183,6 +185,12 @@ def test_unreadable_images_are_skipped_and_recorded(image_folder, tmp_path, caps
         loader = ShardLoader(store, s, batch_size=2, shuffle=True, buffer_bytes=tokens[0].nbytes * 4)
         seen = np.concatenate([b.index for b in loader.epoch(0)])
         assert sorted(seen.tolist()) == np.flatnonzero(~bad).tolist()
+    # verify and ls count them apart from the samples stored
+    report = verify(store)
+    assert report.ok and (report.samples, report.skipped) == (sum(r.written.values()), 2)
+    (listed,) = find_stores(tmp_path)
+    assert sum(listed["unreadable"].values()) == 2
+    assert all(listed["splits"][s] == store.split(s).n for s in store.splits)
 
 
 def test_a_store_from_before_precision_was_recorded_resumes_and_is_reused(tmp_path):

@@ -157,7 +157,7 @@ def test_a_sweep_trains_each_configuration_as_fit_would(fp32_store, tmp_path):
     assert sorted(r.run.name for r in results) == [
         "linear-lr0.001", "linear-lr0.01", "losa-rank2-lr0.001", "losa-rank2-lr0.01",
         "losa-rank4-lr0.001", "losa-rank4-lr0.01", "mlp-lr0.001", "mlp-lr0.01"]
-    assert (tmp_path / "sw" / "pareto.png").is_file() and (tmp_path / "sw" / "sweep.json").is_file()
+    assert (tmp_path / "sw" / "pareto.png").is_file()
     for bad, why in (({"ranks": [2]}, "'ranks' is not a FitConfig field"),
                      ({"epochs": [1, 2]}, "'epochs' cannot vary within a sweep"),
                      ({"rank": 4}, "'rank' takes a list of values, like \\[4\\]")):
@@ -170,6 +170,11 @@ def test_a_sweep_trains_each_configuration_as_fit_would(fp32_store, tmp_path):
         a, b = load_file(str(r.run / "adapter.safetensors")), load_file(str(alone.run / "adapter.safetensors"))
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    moved = tmp_path / "moved"  # sweep.json names runs under its own folder: it survives a move
+    (tmp_path / "sw").rename(moved)
+    rows = json.loads((moved / "sweep.json").read_text())
+    assert sorted(row["run"] for row in rows) == sorted(r.run.name for r in results)
+    assert all((moved / row["config"]["out"] / "adapter.safetensors").is_file() for row in rows)
 
 
 def test_a_sweep_varies_taps_and_drops_options_a_method_lacks(fp32_store, tmp_path, capsys):
