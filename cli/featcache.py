@@ -189,7 +189,8 @@ def info_cmd(path: str = typer.Argument(..., metavar="STORE", help="A store fold
                  if s["complete"] and s["read"] < s["n"] else f"{s['n']:,} samples")
         t.add_row(f"split {name}", f"{count}, {state}")
     t.add_row("size", human_bytes(info["bytes_on_disk"]))
-    t.add_row("complete", "yes" if info["complete"] else "no (rerun the extract command to finish)")
+    t.add_row("complete", "yes" if info["complete"] else f"no (being written now by {info['writer']})"
+              if info["writer"] else "no (rerun the extract command to finish)")
     out.print(t)
 
 

@@ -162,7 +162,7 @@ def sweep_cmd(
     results = sweep(FitConfig(cache=cache, zero_init=zero_init, temporal=temporal, taps=taps,
                               epochs=epochs, batch_size=batch_size, precision=precision,
                               device=device), grid, out_dir)
-    results.sort(key=lambda r: -r.val_acc)
+    results.sort(key=lambda r: (-r.val_acc, r.val_loss))
     if as_json:
         emit_json([r.to_json() for r in results])
         return

@@ -8,6 +8,7 @@ read from the store itself (its `done` flags), so it reflects what is durable.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import time
 from dataclasses import replace
@@ -51,7 +52,8 @@ def extract_on_dask(cfg: ExtractConfig, address: str) -> ExtractResult:
     # a URL store is refused here, as by every --shard part
     plan = extract(replace(cfg, dry_run=True, device="cpu", shard=(0, 1)))
     out = plan.path
-    if not (out / "zarr.json").exists():
+    existed = (out / "zarr.json").exists()
+    if not existed:
         plan.plan.check_fits(cfg.force)
     if cfg.dry_run:
         return plan
@@ -93,7 +95,15 @@ def extract_on_dask(cfg: ExtractConfig, address: str) -> ExtractResult:
     finally:
         client.close()
         if cluster is not None:
-            cluster.close()
+            # a worker that has imported torch takes more than the nanny's 4 s to exit, and
+            # is killed with a warning; its work is done and on disk by then
+            nanny = logging.getLogger("distributed.nanny")
+            level = nanny.level
+            nanny.setLevel(logging.ERROR)
+            try:
+                cluster.close()
+            finally:
+                nanny.setLevel(level)
     for r in results:
         if isinstance(r, UserError):
             raise r
@@ -105,7 +115,7 @@ def extract_on_dask(cfg: ExtractConfig, address: str) -> ExtractResult:
             merged.skipped.setdefault(split, {}).update(bad)
     statuses = {r.status for r in results}
     merged.status = "already complete" if statuses == {"already complete"} else \
-        "resumed" if "resumed" in statuses else "written"
+        "resumed" if existed else "written"  # (parts find the store another part laid out)
     if total and done < total:
         raise UserError(f"only {done} of {total} shards of {out} are done; rerun the command.")
     merged.complete = True

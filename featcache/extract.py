@@ -28,7 +28,7 @@ from .console import console, escape, note, say
 from .errors import UserError
 from .images import VIEW_POLICY, Images, collate, make_images, repeat
 from .location import Location, exists, is_url, join, normalize
-from .lock import StoreLock, meta_lock
+from .lock import StoreLock, meta_lock, writer
 from .models import Backbone, TokenLayout, load_backbone
 from .plan import StorePlan, human_bytes, make_plan
 from .precision import PRECISIONS
@@ -211,14 +211,18 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         note(text)
     if store is not None and store.complete and store.meta["complete"] and not cfg.dry_run:
         refuse_unreadable(store, list(ds.splits))  # (no lock taken: a reader may rerun it)
+        store.check_intact()
         result.status, result.complete = "already complete", True
         return result
     names = list(ds.splits)
     images = make_images(ds.splits, backbone.data_config, "train" if cfg.views > 1 else None, cfg.seed)
     refuse_unreadable_inputs(images, names)  # (a dry run too: wrong paths are found at once)
 
-    def current(there: Location) -> bool:  # a twin of inputs regenerated since is passed over
-        stale = changed_inputs_note(open_store(there), digests, "not reused.")
+    def current(there: Location) -> bool:  # a twin of inputs regenerated since, or damaged, is passed over
+        twin = open_store(there)
+        stale = changed_inputs_note(twin, digests, "not reused.")
+        if twin.missing_shards():
+            stale = f"{there} holds the same content but has lost shard files: not reused."
         if stale:
             note(stale)
         return not stale
@@ -234,6 +238,9 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         if twin is not None:
             say(f"{twin} already holds this: a real run would reuse it and write nothing "
                 "(--no-reuse to extract anyway).")
+        busy = existed and writer(out)
+        if busy:
+            say(f"{out} is being written now by {busy}.")
         result.status = "dry run"
         return result
     if twin is not None:

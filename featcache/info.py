@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .lock import writer
 from .store import Store, disk_usage
 
 
@@ -20,4 +21,5 @@ def store_info(store: Store) -> dict:
             "dataset": m["dataset"], "classes": m["classes"], "shard_size": m["shard_size"],
             "batch_size": m.get("batch_size"),  # (absent in the earliest stores)
             "splits": splits, "complete": store.complete, "bytes_on_disk": disk_usage(store.path),
+            "writer": None if store.complete else writer(store.path),  # who is writing it now
             "created": m["created"], "id": m.get("id"), "versions": m["versions"]}  # (id: newer stores)

@@ -79,6 +79,26 @@ class StoreLock:
         self.release()
 
 
+def writer(store_dir: Location) -> str | None:
+    """Who is writing a local store now ("pid N on HOST", or the parts of a --shard run),
+    or None: a probe of its lock, released at once."""
+    if is_url(store_dir):
+        return None
+    try:
+        f = open(Path(store_dir) / LOCK_NAME)
+    except OSError:  # never written here, or not ours to read
+        return None
+    with f:
+        for mode, holder in ((fcntl.LOCK_EX, None), (fcntl.LOCK_SH, "the parts of a --shard run")):
+            try:
+                fcntl.flock(f, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # held: shared by parts, or exclusively by one writer (tried next)
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return holder
+        return f.read().strip() or "another process"
+
+
 def _open(lock_file: Path):
     """A lock file, opened to be locked (and made, with its store's folder, if need be)."""
     try:

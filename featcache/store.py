@@ -141,6 +141,34 @@ class Store:
     def complete(self) -> bool:
         return all(self.split(s).complete for s in self.splits)
 
+    def missing_shards(self, names: list[str] | None = None) -> dict[str, list[int]]:
+        """Per split, the shards flagged done whose files are gone (a store damaged, or copied
+        in part): zarr and the memory-mapped reader would read their samples as zeros. Local
+        stores only (a bucket has no cheap way to ask, and `featcache verify` reads every shard)."""
+        if is_url(self.path):
+            return {}
+        missing = {}
+        for name in names or self.splits:
+            split = self.split(name)
+            holding = np.unique(np.flatnonzero(split.labels >= 0) // split.shard_size)  # not all skipped
+            arrays = [a for a in (split.tokens, split.scales) if a is not None]  # (int8: scales too)
+            gone = [int(k) for k in holding if split.done[k] and not all(
+                Path(self.path, name, a.basename, "c", str(k), *["0"] * (a.ndim - 1)).is_file()
+                for a in arrays)]
+            if gone:
+                missing[name] = gone
+        return missing
+
+    def check_intact(self, names: list[str] | None = None) -> None:
+        """Refuse a store whose finished shards (of `names`: all splits) have lost their files."""
+        missing = self.missing_shards(names)
+        if missing:
+            gone = "; ".join(f"{name}: shard(s) {ks[:10]}{' ...' if len(ks) > 10 else ''}"
+                             for name, ks in missing.items())
+            raise UserError(f"store {self.path} is damaged: finished shards have no files ({gone}). "
+                            "Copy the store again if it came from elsewhere, or extract it anew "
+                            "(delete it, or another --out); `featcache verify` checks it all.")
+
 
 def open_store(path: Location, mode: str = "r") -> Store:
     """Open an existing store ("r", or "r+" to add shards), or explain why `path` is not one.

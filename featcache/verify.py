@@ -49,9 +49,15 @@ def verify(store: Store, progress: Progress | None = None) -> VerifyReport:
         unread = set(split.keys[(split.labels == -1) & written].tolist())
         if unread != set(split.attrs["skipped"]) - set(split.keys[~written].tolist()):
             report.problems.append(f"{name}: labels of -1 do not match the recorded skipped inputs")
+        lost = set(store.missing_shards([name]).get(name, []))
+        if lost:
+            report.problems.append(f"{name}: shard(s) {sorted(lost)[:10]} flagged done have no file "
+                                   "(the store was damaged or copied in part)")
         s = split.shard_size
         task = progress.add_task(f"verify {name}", total=len(split.done)) if progress else None
         for k in np.flatnonzero(split.done):
+            if k in lost:
+                continue
             lo, hi = k * s, min((k + 1) * s, split.n)
             try:
                 tokens = split.tokens[lo:hi]

@@ -101,13 +101,19 @@ def build_classifier(spec: ModelSpec, store: Store, seed: int, layers: int | Non
                            layers or len(store.taps), seed)
 
 
+def auto_variant(layout: TokenLayout) -> str:
+    """What --variant auto trains: B on images, A on video (docs/losa.md: B wins on images,
+    only A learned the video task)."""
+    return "A" if layout.frames > 1 else "B"
+
+
 def make_classifier(spec: ModelSpec, norms: dict, layout: TokenLayout, num_classes: int,
                     layers: int, seed: int) -> Classifier:
     """The same model from its parts: the store's, or (for predict) a live backbone's."""
     if spec.method not in METHODS:
         raise UserError(f"--method must be one of {', '.join(METHODS)}, not '{spec.method}'")
-    if spec.variant == "auto":  # docs/losa.md: B wins on images, only A learned the video task
-        spec = replace(spec, variant="A" if layout.frames > 1 else "B")
+    if spec.variant == "auto":
+        spec = replace(spec, variant=auto_variant(layout))
     torch.manual_seed(seed)
     readout = Readout(norms, layout, spec.head_input)
     return Classifier(readout, layers, layout.width, num_classes, spec)

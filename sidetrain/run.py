@@ -210,12 +210,17 @@ class Predictor:
     precision: str  # the side network's autocast (CUDA only), as the run was trained
     sampling: FrameSampling | None  # a video run's: how a clip's frames were picked
 
-    def clip(self, frames: list, fps: float = 30.0) -> torch.Tensor:
+    def clip(self, frames: list, fps: float | None = None) -> torch.Tensor:
         """A video's decoded frames (PIL images or uint8 arrays, in order) as the extraction
         took them: its F frames picked the same way, each transformed, (F, C, H, W). `fps`,
-        the video's frame rate, matters only for uniform sampling at a set --fps."""
+        the video's frame rate, is needed only where the store sampled at a set --fps."""
         if self.sampling is None:
             raise UserError("this run was trained on images: use predictor.transform(image)")
+        if fps is None:
+            if self.sampling.fps:  # the step between frames depends on the video's own rate
+                raise UserError(f"this run's store sampled frames at {self.sampling.fps} per second: "
+                                "give the video's frame rate, predictor.clip(frames, fps=...)")
+            fps = 30.0  # (unused by the other samplings)
         try:
             picked = self.sampling.indices(len(frames), fps)
         except TooShort as e:

@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,8 @@ from featcache.location import Location, is_url
 from featcache.precision import PRECISIONS, autocast
 from featcache.store import Store, open_store
 
-from .classifier import ModelSpec, build_classifier, input_layers, select_taps, trainable_parameters
+from .classifier import (ModelSpec, auto_variant, build_classifier, input_layers, select_taps,
+                         trainable_parameters)
 from .clock import Clock, mark
 from .loader import DATA_ORDER, ShardLoader
 from .plots import plot_curves
@@ -114,6 +115,11 @@ class FitResult:
     def rank(self) -> int | None:
         return self.config.rank if self.config.method == "losa" else None
 
+    @property
+    def val_loss(self) -> float:
+        """The best epoch's val loss: what breaks a tie in val accuracy, as within a run."""
+        return next((h["val_loss"] for h in self.history if h["epoch"] == self.best_epoch), math.inf)
+
     def to_json(self) -> dict:
         d = {k: v for k, v in vars(self).items() if k != "config"}
         return {**d, "run": str(self.run), "config": self.config.to_json()}
@@ -142,8 +148,9 @@ def _check_store(cfg: FitConfig, store: Store) -> None:
     for name in ("train", "val"):
         if name not in store.splits:
             raise UserError(f"{store.path} has no {name} split (it has {', '.join(store.splits)}); "
-                            "extract a dataset with train and val splits (a folder without "
-                            "train/val/ levels gets a stratified split).")
+                            "extract a dataset with train and val splits, without a --split "
+                            "that leaves one out (a folder without train/val/ levels gets a "
+                            "stratified val split).")
         split = store.split(name)
         if not split.complete:
             raise UserError(f"split '{name}' of {store.path} is incomplete: rerun the "
@@ -179,7 +186,10 @@ class Trainer:
     """One configuration's model, optimiser, schedule, best epoch and checkpoints."""
 
     def __init__(self, cfg: FitConfig, store: Store, steps_per_epoch: int):
-        self.cfg, self.run = cfg, cfg.run_dir()
+        self.run = cfg.run_dir()
+        if cfg.method == "losa" and cfg.variant == "auto":  # recorded as trained, whatever auto means later
+            cfg = replace(cfg, variant=auto_variant(store.layout))
+        self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.positions = select_taps(store, cfg.taps)
         self.model = build_classifier(cfg.spec(), store, cfg.seed, len(self.positions)).to(self.device)
@@ -231,6 +241,8 @@ class Trainer:
         saved = json.loads((self.run / "config.json").read_text())
         if saved.get("cache") == str(self.cfg.cache):  # a run from before caches were absolute
             saved["cache"] = self.config_json["cache"]
+        if saved.get("variant") == "auto" and self.cfg.method == "losa":  # from before auto was resolved
+            saved["variant"] = self.cfg.variant
         was, now = saved.get("store", {}).get("id"), self.config_json["store"].get("id")
         if was and now and was != now and saved.get("cache") == self.config_json["cache"]:
             raise UserError(f"{self.run} was trained on an earlier extraction of {self.cfg.cache}: "
@@ -307,8 +319,7 @@ class Trainer:
             return
         value = self.train_loss.item()
         if not math.isfinite(value):
-            self.failed = (f"loss became {value} at epoch {self.epoch} (by step {self.step}); lower "
-                           f"--lr. Kept the last good checkpoint (epoch {self.epoch - 1}).")
+            self.failed = f"loss became {value} at epoch {self.epoch} (by step {self.step}); lower --lr."
 
     @torch.no_grad()
     def eval_batch(self, x: torch.Tensor, labels: torch.Tensor) -> None:
@@ -332,7 +343,13 @@ class Trainer:
         `seconds`: this trainer's time in the epoch (its own work and its share of the rest)."""
         self._check_loss()
         val_loss, val_acc = self.take_eval()
-        if self.failed:
+        if self.failed is None and not math.isfinite(val_loss):  # weights gone bad at the epoch's end
+            self.failed = f"val loss became {val_loss} at epoch {self.epoch}; lower --lr."
+        if self.failed:  # the checkpoint stays the last finished epoch's; the adapter, the best one
+            kept = self.best["epoch"]
+            self.failed += (f" Kept the best epoch before it (epoch {kept}, val acc "
+                            f"{100 * self.best['val_acc']:.1f}%)." if kept >= 0 else
+                            " No epoch finished before it: nothing is kept.")
             return
         self.seconds += seconds
         row = {"epoch": self.epoch, "step": self.step, "train_loss": self.train_loss.item() / max(steps, 1),

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,9 +20,9 @@ from PIL import Image
 
 from featcache import ExtractConfig, UserError, extract, open_store
 from featcache.catalog import find_stores
-from featcache.lock import StoreLock
+from featcache.lock import StoreLock, writer
 from featcache.verify import verify
-from sidetrain import FitConfig, fit
+from sidetrain import FitConfig, ShardLoader, fit
 
 from .conftest import TINY, make_image_folder
 
@@ -59,7 +60,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path):
     assert verify(open_store(victim)).ok
 
 
-def test_a_second_writer_is_refused_while_the_first_lives(tmp_path):
+def test_a_second_writer_is_refused_while_the_first_lives(tmp_path, capsys):
     out = tmp_path / "locked"
     with StoreLock(out):
         with pytest.raises(UserError, match="another featcache process"):
@@ -72,7 +73,15 @@ def test_a_second_writer_is_refused_while_the_first_lives(tmp_path):
         extract(ExtractConfig(dataset="demo", out=out, limit=4, **TINY))
     holder.kill()
     holder.wait()  # a dead writer holds nothing
+    assert writer(out) is None
     assert extract(ExtractConfig(dataset="demo", out=out, limit=4, **TINY)).status == "written"
+    with StoreLock(out):  # who writes is told by a dry run (and `info`), which takes no lock
+        assert writer(out) == f"pid {os.getpid()} on {socket.gethostname()}"
+        extract(ExtractConfig(dataset="demo", out=out, limit=4, dry_run=True, **TINY))
+        assert f"{out} is being written now by pid {os.getpid()}" in " ".join(capsys.readouterr().err.split())
+    with StoreLock(out, (1, 2)):
+        assert writer(out) == "the parts of a --shard run"
+    assert writer(out) is None and writer(tmp_path / "nothing") is None
 
 
 def test_every_kind_of_bad_image(tmp_path):
@@ -142,12 +151,20 @@ def test_verify_finds_corruption_and_missing_shards(tmp_path, run_cli):
     raw = bytearray(shard.read_bytes())
     raw[100] ^= 0xFF
     shard.write_bytes(bytes(raw))
-    (out / "test" / "tokens" / "c" / "2" / "0" / "0" / "0").unlink()
+    (out / "test" / "tokens" / "c" / "2" / "0" / "0" / "0").unlink()  # a partial copy, say
     problems = verify(open_store(out)).problems
     assert any("val: shard 1" in p for p in problems), problems
-    assert any(p.startswith("test: samples [8, 9, 10, 11] are all zeros") for p in problems), problems
+    assert any(p.startswith("test: shard(s) [2] flagged done have no file") for p in problems), problems
     r = run_cli("featcache", "verify", str(out))
     assert r.returncode == 1 and "FAILED" in r.stdout
+    # the lost shard is never read as zeros: not trained on, not rerun as complete, not reused
+    with pytest.raises(UserError, match=r"is damaged: finished shards have no files \(test: shard\(s\) \[2\]"):
+        ShardLoader(open_store(out), "test", batch_size=4, shuffle=False)
+    ShardLoader(open_store(out), "train", batch_size=4, shuffle=False)  # a sound split still reads
+    with pytest.raises(UserError, match="is damaged"):
+        extract(ExtractConfig(dataset="demo", out=out, limit=12, shard_size=4, **TINY))
+    twin = extract(ExtractConfig(dataset="demo", out=tmp_path / "again", limit=12, shard_size=4, **TINY))
+    assert twin.status == "written" and twin.path == tmp_path / "again"
     train = zarr.open_group(str(out / "train"), mode="r+")
     train["done"][0] = False  # as if interrupted before shard 0 was written: its labels unset
     train["labels"][:4] = -1

@@ -126,7 +126,7 @@ def test_dask_local_cluster_equals_a_single_process(tmp_path):
     out = tmp_path / "dask"
     r = extract_on_dask(ExtractConfig(dataset="demo", out=out, limit=12, shard_size=4, reuse=False,
                                       **{**TINY, "batch_size": 2}), "local:2")
-    assert r.written == {"train": 12, "val": 12, "test": 12} and r.complete
+    assert r.written == {"train": 12, "val": 12, "test": 12} and r.complete and r.status == "written"
     assert open_store(out).complete
     expected = arrays(single)
     for name, value in arrays(out).items():

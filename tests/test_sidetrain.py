@@ -104,6 +104,13 @@ def test_fit_writes_a_complete_run(fp32_store, tmp_path):
     assert r.val_acc == max(h["val_acc"] for h in r.history) and r.test_acc is not None
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert [summary[k] for k in ("val_acc", "test_acc", "best_epoch")] == [r.val_acc, r.test_acc, r.best_epoch]
+    # the variant recorded is the one trained, not "auto" (whose meaning may change)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["variant"] == summary["config"]["variant"] == r.config.variant == "B"
+    config["variant"] = "auto"  # a run from before: continued, not refused as another configuration
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    again = fit(FitConfig(cache=fp32_store, method="losa", rank=4, epochs=2, batch_size=8, out=tmp_path / "run"))
+    assert (again.val_acc, again.test_acc) == (r.val_acc, r.test_acc)
 
 
 def test_the_best_val_epoch_is_kept_not_the_last(fp32_store, tmp_path, monkeypatch):
@@ -124,7 +131,7 @@ def test_the_best_val_epoch_is_kept_not_the_last(fp32_store, tmp_path, monkeypat
     monkeypatch.setattr(train_module.Trainer, "take_eval", scripted_eval)
     monkeypatch.setattr(train_module.Trainer, "end_epoch", recording_end)
     r = fit(FitConfig(cache=fp32_store, rank=2, epochs=4, batch_size=8, out=tmp_path / "run"))
-    assert (r.best_epoch, r.val_acc) == (2, 0.9)
+    assert (r.best_epoch, r.val_acc, r.val_loss) == (2, 0.9, 0.6)  # (a sweep's table ranks by both)
     assert [(h["val_loss"], h["val_acc"]) for h in r.history] == scripted
     adapter = load_file(str(r.run / "adapter.safetensors"))
     assert all(torch.equal(adapter[k], states[2][k]) for k in adapter)

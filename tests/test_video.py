@@ -3,6 +3,7 @@ mixing, predict on video files, and a task only temporal mixing can solve."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +162,10 @@ def test_predict_on_video_files_equals_the_cached_path(clips, video_store, tmp_p
     torch.testing.assert_close(predictor.clip(frames), predictor.read(path))
     with pytest.raises(UserError, match=rf"clips of {F} frames \(B, {F}, C, H, W\), not torch.Size"):
         predictor(predictor.clip(frames)[None, :2])
+    uniform = replace(predictor, sampling=FrameSampling(F, "uniform", fps=4))  # its step needs the rate
+    with pytest.raises(UserError, match=r"sampled frames at 4 per second: give the video's frame rate"):
+        uniform.clip(frames)
+    assert uniform.clip(frames, fps=4).shape[0] == F
     one = extract(ExtractConfig(dataset=str(clips), out=tmp_path / "one", dtype="fp32", frames=1, **TINY)).path
     r = fit(FitConfig(cache=one, method="linear", epochs=1, batch_size=4, out=tmp_path / "run1"))
     assert_predict_equals_cached(r.run, one, [clips / k for k in open_store(one).split("val").keys])  # clips of 1

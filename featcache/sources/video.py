@@ -130,6 +130,7 @@ def read_clip(path: Path, sampling: FrameSampling, start: float | None = None,
     """The sampled frames of one video as RGB images; raises on an unreadable or short clip."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"no such file: {path}")
+
     def pick(n: int, fps: float) -> list[int]:
         return sampling.indices(n, fps, start, end)
     name = decoder_name()
