@@ -137,7 +137,8 @@ def extract_cmd(
     twin = f", would reuse {r.twin}" if r.status == "dry run" and r.twin else ""
     print(f"{r.status}: {r.path}{twin} ({human_bytes(r.plan.total)})"
           + (f", {sum(r.written.values()):,} samples in {r.seconds:.1f} s" if r.written else "")
-          + (f" ({skipped:,} unreadable inputs skipped)" if skipped else ""))
+          + (f" ({skipped:,} unreadable inputs skipped)" if skipped else "")
+          + ("; this part completed the store" if cfg.shard and r.complete and r.written else ""))
 
 
 def _part(text: Optional[str]) -> Optional[tuple[int, int]]:
@@ -185,8 +186,11 @@ def info_cmd(path: str = typer.Argument(..., metavar="STORE", help="A store fold
               "(a resume batches alike)")
     for name, s in info["splits"].items():
         state = "complete" if s["complete"] else f"{s['shards_done']}/{s['shards']} shards"
-        count = (f"{s['n']:,} inputs: {s['read']:,} stored, {s['n'] - s['read']:,} unreadable (skipped)"
-                 if s["complete"] and s["read"] < s["n"] else f"{s['n']:,} samples")
+        count, gone, bad = f"{s['n']:,} samples", s["n"] - s["read"], len(s["skipped"])
+        if s["complete"] and gone:  # (with --views, an unreadable input costs each of its views)
+            count += (f": {s['read']:,} stored, {gone:,} skipped ("
+                      + ("unreadable inputs)" if gone == bad else
+                         f"the views of {bad:,} unreadable input{'s' * (bad != 1)})"))
         t.add_row(f"split {name}", f"{count}, {state}")
     t.add_row("size", human_bytes(info["bytes_on_disk"]))
     t.add_row("complete", "yes" if info["complete"] else f"no (being written now by {info['writer']})"
@@ -212,7 +216,7 @@ def verify_cmd(path: str = typer.Argument(..., metavar="STORE", help="A store fo
             out.print(f"[red]problem:[/] {p}")
         out.print(f"{'OK' if report.ok else 'FAILED'}: {report.path}: {report.shards} shards, "
                   f"{report.samples:,} samples checked"
-                  + (f" ({report.skipped:,} unreadable inputs recorded, no tokens)" if report.skipped else "")
+                  + (f" ({report.skipped:,} skipped: unreadable inputs, no tokens)" if report.skipped else "")
                   + f", {len(report.problems)} problem(s)")
     if not report.ok:
         raise typer.Exit(1)
@@ -232,7 +236,8 @@ def ls_cmd(root: str = typer.Argument("cache", metavar="ROOT", help="Folder or U
     if not stores:
         print(f"no stores under {root}")
     for s in stores:  # plain lines, never wrapped: easy to grep
-        splits = " ".join(f"{k}={v}" + (f" ({s['unreadable'][k]} unreadable)" if s["unreadable"][k] else "")
+        splits = " ".join(f"{k}={v}" + (f" ({s['unreadable_inputs'][k]} unreadable inputs)"
+                                        if s["unreadable_inputs"][k] else "")
                           for k, v in s["splits"].items())
         dtype = s["dtype"] + ("" if s["precision"] == "fp32" else f" ({s['precision']} forward)")
         weights = ("RANDOM weights" if s["weights"].startswith("random-init") else  # file:NAME

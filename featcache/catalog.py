@@ -21,14 +21,14 @@ def find_stores(root: Location) -> list[dict]:
 
     def walk(d: Path, depth: int) -> None:
         meta_file = d / "zarr.json"
-        if meta_file.is_file():
+        if meta_file.is_file():  # a zarr node: a store, or not ours; never looked inside
             try:
-                meta = json.loads(meta_file.read_text()).get("attributes", {}).get(ATTR)
+                meta = _store_meta(json.loads(meta_file.read_text()))
             except (OSError, ValueError):
                 meta = None
             if meta:
                 found.append(_summary(d, meta))
-                return
+            return
         if depth < MAX_DEPTH:
             try:
                 children = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -49,11 +49,15 @@ def _find_remote(root: str) -> list[dict]:
 
     def walk(path: str, depth: int) -> None:
         try:
-            meta = json.loads(fs.cat_file(f"{path}/zarr.json")).get("attributes", {}).get(ATTR)
-        except (FileNotFoundError, ValueError):  # not a store (or not a zarr.json of ours)
-            meta = None
-        if meta:
-            found.append(_summary(f"{protocol}://{path}", meta))
+            node = json.loads(fs.cat_file(f"{path}/zarr.json"))
+        except FileNotFoundError:  # not a zarr node: look inside
+            node = None
+        except ValueError:  # a zarr.json that is not JSON: not ours
+            return
+        if node is not None:
+            meta = _store_meta(node)
+            if meta:
+                found.append(_summary(f"{protocol}://{path}", meta))
             return
         if depth < MAX_DEPTH:
             children = sorted(e["name"] for e in fs.ls(path, detail=True)
@@ -70,8 +74,15 @@ def _find_remote(root: str) -> list[dict]:
     return found
 
 
+def _store_meta(node: dict) -> dict | None:
+    """A zarr.json's featcache attributes if it is a store's root: not a split's group (which
+    has attributes of ours too), nor a store that another process is still laying out."""
+    meta = node.get("attributes", {}).get(ATTR)
+    return meta if isinstance(meta, dict) and "format_version" in meta else None
+
+
 def _summary(path: Location, meta: dict) -> dict:
-    splits, unreadable = {}, {}  # inputs per split; of them, unreadable ones (rows without tokens)
+    splits, unreadable = {}, {}  # samples per split; the inputs among them that could not be read
     for name in meta.get("splits", []):
         try:
             attrs = read_json(join(path, name, "zarr.json"))["attributes"][ATTR]
@@ -83,7 +94,7 @@ def _summary(path: Location, meta: dict) -> dict:
             "img_size": meta["transform"]["input_size"][-1],
             "frames": layout["frames"] if "video" in meta["transform"] else None,
             "dataset": meta["dataset"]["name"], "classes": len(meta["classes"]),
-            "splits": splits, "unreadable": unreadable, "dtype": meta["dtype"], "precision": meta.get("precision", "fp32"),
+            "splits": splits, "unreadable_inputs": unreadable, "dtype": meta["dtype"], "precision": meta.get("precision", "fp32"),
             "taps": len(meta["taps"]),
             "bytes_on_disk": disk_usage(path), "complete": bool(meta.get("complete")),
             "content_key": meta.get("content_key")}

@@ -113,19 +113,24 @@ def changed_inputs_note(store: Store, now: dict[str, dict[str, str]], then: str)
 
 
 def refuse_unreadable_inputs(images: Images, names: list[str]) -> None:
-    """Before a run, read the first PROBE inputs of each split: when none of them can be
-    read, the paths are wrong, which the pass would otherwise find out only at its end."""
+    """Before a run, read inputs of each split until one can be read, at most PROBE spread
+    over it (a run of bad files in one folder does not stop a split): when none can, the
+    paths are wrong, which the pass would otherwise find out only at its end."""
     for sid, name in enumerate(names):
         split = images.splits[sid]
         n = min(PROBE, len(split))
-        reasons = [images[(sid, i)][2] for i in range(n)]
+        reasons, picked = [], np.unique(np.linspace(0, len(split) - 1, n).round().astype(int))
+        for i in picked:
+            reasons.append(images[(sid, int(i))][2])
+            if not reasons[-1]:
+                break
         if n and all(reasons):
-            which = f"of the {n}" if n == len(split) else f"of the first {n} of the {len(split)}"
+            which = f"of the {n}" if n == len(split) else f"of {n} inputs spread over the {len(split)}"
             kind = Counter(r.split(":")[0] for r in reasons).most_common(1)[0][0]  # the usual cause
-            i = next(i for i, r in enumerate(reasons) if r.startswith(kind))
+            j = next(j for j, r in enumerate(reasons) if r.startswith(kind))
             missing = any(r.startswith(("FileNotFoundError", "NotADirectoryError")) for r in reasons)
             raise UserError(f"none {which} inputs of split '{name}' could be read (most often: "
-                            f"{split.keys[i]}: {reasons[i]})." + (f" {WHERE}." if missing else ""))
+                            f"{split.keys[picked[j]]}: {reasons[j]})." + (f" {WHERE}." if missing else ""))
 
 
 def refuse_unreadable(store: Store, names: list[str]) -> None:

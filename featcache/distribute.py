@@ -14,12 +14,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import zarr
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .errors import UserError
 from .console import console, escape
 from .extract import ExtractConfig, ExtractResult, extract
+from .store import open_store
 
 
 def _run_part(cfg: ExtractConfig) -> ExtractResult | UserError:
@@ -43,6 +45,22 @@ def _progress(out: Path) -> tuple[int, int]:
     return int(sum(f.sum() for f in flags)), int(sum(len(f) for f in flags))
 
 
+def _stored(out: Path) -> tuple[dict[str, int], dict[str, dict[str, str]]]:
+    """Per split, the samples in finished shards and the inputs recorded unreadable: what a
+    run added is the difference (a part whose worker died, and was run again, reports only
+    its second try)."""
+    if not (out / "zarr.json").exists():
+        return {}, {}
+    store = open_store(out)
+    written, skipped = {}, {}
+    for name in store.splits:
+        split = store.split(name)
+        finished = split.done[np.arange(split.n) // split.shard_size]
+        written[name] = int(((split.labels >= 0) & finished).sum())
+        skipped[name] = dict(split.attrs["skipped"])
+    return written, skipped
+
+
 def extract_on_dask(cfg: ExtractConfig, address: str) -> ExtractResult:
     """Run the extraction as one `--shard K/N` task per worker of a dask cluster."""
     import dask
@@ -55,6 +73,7 @@ def extract_on_dask(cfg: ExtractConfig, address: str) -> ExtractResult:
     existed = (out / "zarr.json").exists()
     if not existed:
         plan.plan.check_fits(cfg.force)
+    written_before, skipped_before = _stored(out)
     if cfg.dry_run:
         return plan
     if plan.twin is not None:  # (the plan said so) every part would return it: run none
@@ -84,7 +103,8 @@ def extract_on_dask(cfg: ExtractConfig, address: str) -> ExtractResult:
                    TimeElapsedColumn())
         t0 = time.perf_counter()
         with Progress(*columns, console=console) as bar:
-            task = bar.add_task(f"{parts} dask workers -> {escape(str(out))} (shards)", total=None)
+            task = bar.add_task(f"{parts} dask worker{'s' * (parts > 1)} -> {escape(str(out))} (shards)",
+                                total=None)
             while not all(f.done() for f in futures):
                 done, total = _progress(out)
                 bar.update(task, completed=done, total=total or None)
@@ -102,17 +122,21 @@ def extract_on_dask(cfg: ExtractConfig, address: str) -> ExtractResult:
             nanny.setLevel(logging.ERROR)
             try:
                 cluster.close()
+            except TimeoutError:  # (after a worker died) the work is done and checked below
+                pass
             finally:
                 nanny.setLevel(level)
     for r in results:
         if isinstance(r, UserError):
             raise r
     merged = ExtractResult(path=out, plan=plan.plan, seconds=time.perf_counter() - t0)
-    for r in results:
-        for split, count in r.written.items():
-            merged.written[split] = merged.written.get(split, 0) + count
-        for split, bad in r.skipped.items():
-            merged.skipped.setdefault(split, {}).update(bad)
+    written, skipped = _stored(out)
+    for split in written:
+        if written[split] > written_before.get(split, 0):
+            merged.written[split] = written[split] - written_before.get(split, 0)
+        new = {k: why for k, why in skipped[split].items() if k not in skipped_before.get(split, {})}
+        if new:
+            merged.skipped[split] = new
     statuses = {r.status for r in results}
     merged.status = "already complete" if statuses == {"already complete"} else \
         "resumed" if existed else "written"  # (parts find the store another part laid out)

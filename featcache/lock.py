@@ -26,6 +26,22 @@ from .location import Location, is_url
 LOCK_NAME = ".featcache.lock"
 META_LOCK = ".featcache.meta.lock"
 
+# A flock belongs to the open file, which a forked child (a DataLoader worker) shares: after
+# a kill -9 the orphaned workers would hold the lock for seconds more. So a child points
+# its copies of the lock files at /dev/null (the numbers stay valid) and holds nothing.
+_held: set = set()
+
+
+def _drop_in_child() -> None:
+    for f in _held:
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, f.fileno())
+        os.close(null)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_drop_in_child)
+
 
 class StoreLock:
     """Held while writing a local store. Object stores have no locks: a URL store takes one
@@ -58,6 +74,7 @@ class StoreLock:
             f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
             f.flush()
         self.files.append(f)
+        _held.add(f)
 
     def __enter__(self) -> "StoreLock":
         if self.remote:
@@ -65,18 +82,42 @@ class StoreLock:
         if self.part is None or self.part[1] == 1:
             self._take(LOCK_NAME, fcntl.LOCK_EX)
         else:
+            k, n = self.part
             self._take(LOCK_NAME, fcntl.LOCK_SH)
-            self._take(f"{LOCK_NAME}.{self.part[0]}of{self.part[1]}", fcntl.LOCK_EX)
+            self._take(f"{LOCK_NAME}.of{n}", fcntl.LOCK_SH)
+            self._take(f"{LOCK_NAME}.{k}of{n}", fcntl.LOCK_EX)
+            for other in self.dir.glob(f"{LOCK_NAME}.of*"):  # parts of another N would share shards
+                if other.name != f"{LOCK_NAME}.of{n}" and _busy(other):
+                    self.release()
+                    raise UserError(f"{self.dir} is being written by the parts of a --shard K/"
+                                    f"{other.name.rsplit('of', 1)[1]} run: every part must use the "
+                                    f"same N as those (this one: {k}/{n}).")
         return self
 
     def release(self) -> None:
         for f in self.files:
+            _held.discard(f)
             fcntl.flock(f, fcntl.LOCK_UN)
             f.close()
         self.files = []
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _busy(lock_file: Path) -> bool:
+    """Whether anyone holds `lock_file` (a probe, released at once)."""
+    try:
+        f = open(lock_file)
+    except OSError:
+        return False
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
 
 
 def writer(store_dir: Location) -> str | None:
@@ -120,7 +161,9 @@ def meta_lock(store_dir: Location):
         return
     with _open(Path(store_dir) / META_LOCK) as f:
         fcntl.flock(f, fcntl.LOCK_EX)
+        _held.add(f)  # (int8 calibration may fork loader workers meanwhile)
         try:
             yield
         finally:
+            _held.discard(f)
             fcntl.flock(f, fcntl.LOCK_UN)

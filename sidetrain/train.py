@@ -30,6 +30,7 @@ from featcache import location
 from featcache.console import console, note, say
 from featcache.errors import UserError
 from featcache.location import Location, is_url
+from featcache.lock import writer
 from featcache.precision import PRECISIONS, autocast
 from featcache.store import Store, open_store
 
@@ -153,8 +154,10 @@ def _check_store(cfg: FitConfig, store: Store) -> None:
                             "stratified val split).")
         split = store.split(name)
         if not split.complete:
-            raise UserError(f"split '{name}' of {store.path} is incomplete: rerun the "
-                            "`featcache extract` command that made it to finish it.")
+            busy = writer(store.path)
+            raise UserError(f"split '{name}' of {store.path} is incomplete: " + (
+                f"it is being written now by {busy}; train once that has finished." if busy else
+                "rerun the `featcache extract` command that made it to finish it."))
         if not (split.labels >= 0).any():
             raise UserError(f"split '{name}' of {store.path} has no labelled samples.")
     if store.meta["weights"]["source"].startswith("random-init"):

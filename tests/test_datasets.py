@@ -133,7 +133,7 @@ def test_views_are_stored_as_samples_sharing_a_key_and_are_reproducible(tmp_path
     assert open_store(tmp_path / "a").meta["transform"]["views"] == 3
 
 
-def test_an_unreadable_image_costs_all_its_views_and_is_counted_once_per_view(tmp_path):
+def test_an_unreadable_image_costs_all_its_views_and_is_counted_once_per_view(tmp_path, run_cli):
     root = make_image_folder(tmp_path / "images", per_class=4)
     (root / "class0" / "broken.png").write_bytes(b"not a png")
     r = extract(ExtractConfig(dataset=root, out=tmp_path / "s", views=3, split=None,  # a Path
@@ -141,6 +141,8 @@ def test_an_unreadable_image_costs_all_its_views_and_is_counted_once_per_view(tm
     train = open_store(tmp_path / "s").split("train")
     assert "class0/broken.png" in r.skipped["train"]  # it fell in train (seed 0)
     assert r.written["train"] == int((train.labels >= 0).sum()) == train.n - 3
+    told = " ".join(run_cli("featcache", "info", str(tmp_path / "s")).stdout.split())
+    assert f"{train.n} samples: {train.n - 3} stored, 3 skipped (the views of 1 unreadable input)" in told
 
 
 def test_transform_overrides_are_applied_and_recorded():

@@ -74,6 +74,19 @@ def test_a_second_writer_is_refused_while_the_first_lives(tmp_path, capsys):
     holder.kill()
     holder.wait()  # a dead writer holds nothing
     assert writer(out) is None
+    # nor do the children it forked (loader workers), which outlive a kill -9 for seconds
+    holder = subprocess.Popen([sys.executable, "-c", "import os, sys, time; from featcache.lock import "
+                               "StoreLock; lock = StoreLock(sys.argv[1]); lock.__enter__(); child = os.fork(); "
+                               "child or time.sleep(60); print(child, flush=True); time.sleep(60)", str(out)],
+                              stdout=subprocess.PIPE)
+    child = int(holder.stdout.readline())
+    assert writer(out) is not None
+    holder.kill()
+    holder.wait()
+    try:
+        assert writer(out) is None
+    finally:
+        os.kill(child, signal.SIGKILL)
     assert extract(ExtractConfig(dataset="demo", out=out, limit=4, **TINY)).status == "written"
     with StoreLock(out):  # who writes is told by a dry run (and `info`), which takes no lock
         assert writer(out) == f"pid {os.getpid()} on {socket.gethostname()}"
@@ -122,8 +135,13 @@ def test_a_split_of_inputs_none_readable_is_refused_with_its_cause(tmp_path):
         assert not (tmp_path / "s").exists()
     (tmp_path / "more.csv").write_text("path,label,split\n" + "".join(
         f"img{i}.png,{'ab'[i % 2]},{'train' if i < 20 else 'val'}\n" for i in range(24)))
-    with pytest.raises(UserError, match=r"none of the first 8 of the 20 inputs of split 'train' could be read"):
+    with pytest.raises(UserError, match=r"none of 8 inputs spread over the 20 inputs of split 'train' could be read"):
         extract(ExtractConfig(dataset=str(tmp_path / "more.csv"), out=tmp_path / "s", **TINY))
+    few = make_image_folder(tmp_path / "few", classes=2, per_class=12)  # a run of bad files first
+    for path in (few / "class0").iterdir():
+        path.write_bytes(b"")
+    r = extract(ExtractConfig(dataset=str(few), out=tmp_path / "f", **TINY))
+    assert r.complete and sum(map(len, r.skipped.values())) == 12
     corrupt = make_image_folder(tmp_path / "corrupt")  # found, but none decodes: no path advice
     for path in corrupt.rglob("*.png"):
         path.write_bytes(b"not an image")
@@ -190,6 +208,14 @@ def test_ls_and_info_describe_stores(fp32_store, tmp_path, run_cli):
     r = run_cli("featcache", "info", str(fp32_store))
     assert "vit_tiny_patch16_224" in r.stdout and "5 = 1 prefix + 1 x 2 x 2" in r.stdout
     assert "fp32 (the backbone's forward), batch 4" in r.stdout and "10: t-shirt/top, trouser" in r.stdout
+    # a store another process is laying out (its root's attributes not yet written, its
+    # splits' already): neither it nor its splits are taken for stores, as ls or reuse walk by
+    laying = tmp_path / "root" / "laying"
+    shutil.copytree(fp32_store, laying)
+    root = json.loads((laying / "zarr.json").read_text())
+    (laying / "zarr.json").write_text(json.dumps({**root, "attributes": {}}))
+    shutil.copytree(fp32_store, tmp_path / "root" / "done")
+    assert [s["path"] for s in find_stores(tmp_path / "root")] == [str(tmp_path / "root" / "done")]
 
 
 @contextmanager

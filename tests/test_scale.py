@@ -18,6 +18,7 @@ from featcache.distribute import extract_on_dask
 from featcache.lock import StoreLock
 from featcache.store import write_shard
 from featcache.verify import verify
+from sidetrain import FitConfig, fit
 
 from .conftest import TINY, make_image_folder
 
@@ -49,6 +50,7 @@ def test_n_processes_fill_one_store_bit_for_bit(single, tmp_path):
              for k in range(3)]
     for p in procs:
         assert p.wait() == 0, p.stderr.read().decode()
+    assert any("this part completed the store" in p.stdout.read().decode() for p in procs)
     store = open_store(out)
     assert store.complete and store.meta["complete"] and verify(store).ok
     expected = arrays(single)
@@ -61,6 +63,12 @@ def test_a_part_alone_leaves_the_store_incomplete(tmp_path):
     r = extract(ExtractConfig(shard=(0, 2), **cfg))
     assert r.status == "written" and not r.complete and not open_store(tmp_path / "p").complete
     assert extract(ExtractConfig(shard=(0, 2), **cfg)).status == "part done"
+    train = FitConfig(cache=tmp_path / "p", epochs=1, out=tmp_path / "run")
+    with pytest.raises(UserError, match="is incomplete: rerun the `featcache extract` command"):
+        fit(train)
+    with StoreLock(tmp_path / "p", (1, 2)), pytest.raises(  # the other part under way
+            UserError, match="is incomplete: it is being written now by the parts of a --shard run"):
+        fit(train)
     r = extract(ExtractConfig(shard=(1, 2), **cfg))
     assert r.status == "resumed" and r.complete  # the store existed; this part completed it
     assert open_store(tmp_path / "p").complete
@@ -115,7 +123,10 @@ def test_locks_between_parts(tmp_path):
             extract(ExtractConfig(shard=(0, 2), **cfg))  # the same part twice
         with pytest.raises(UserError, match="another featcache process"):
             extract(ExtractConfig(**cfg))  # a whole-store writer beside a part
+        with pytest.raises(UserError, match=r"the parts of a --shard K/2 run: every part must use the same N"):
+            extract(ExtractConfig(shard=(1, 3), **cfg))  # its shards would be another's
         assert extract(ExtractConfig(shard=(1, 2), **cfg)).status == "written"  # another part
+    extract(ExtractConfig(shard=(1, 3), **cfg))  # not refused: the N=2 parts are gone
 
 
 def test_dask_local_cluster_equals_a_single_process(tmp_path):
@@ -225,6 +236,7 @@ def test_a_dask_worker_killed_mid_extraction_has_its_part_redone(tmp_path):
         watcher.join(timeout=1)
     assert killed, "the watcher never saw the extraction under way"
     assert open_store(out).complete and verify(open_store(out)).ok
+    assert r.written == {"train": 24, "val": 24, "test": 24}  # the dead worker's shards counted too
     expected = arrays(single)
     for name, value in arrays(out).items():
         np.testing.assert_array_equal(value, expected[name], err_msg=name)

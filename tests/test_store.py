@@ -189,7 +189,7 @@ def test_unreadable_images_are_skipped_and_recorded(image_folder, tmp_path, caps
     report = verify(store)
     assert report.ok and (report.samples, report.skipped) == (sum(r.written.values()), 2)
     (listed,) = find_stores(tmp_path)
-    assert sum(listed["unreadable"].values()) == 2
+    assert sum(listed["unreadable_inputs"].values()) == 2
     assert all(listed["splits"][s] == store.split(s).n for s in store.splits)
 
 
