@@ -55,12 +55,12 @@ def demo_video(
     tag = f"moving-{model}-{img_size}px-{frames}f" + ("-random" if random_init else "")
     r = extract(ExtractConfig(model=model, dataset=str(data), out=cache_root / tag, weights=weights,
                               random_init=random_init, img_size=img_size, frames=frames, taps=taps))
-    clear_stale_demo_runs(runs_root / f"{tag}-{head_input}", open_store(r.path))
-    results = train_many(video_configs(r.path, runs_root / f"{tag}-{head_input}", epochs,
-                                       head_input=head_input, rank=rank))
+    runs = runs_root / (f"{tag}-{head_input}" + ("" if rank == 16 else f"-r{rank}"))
+    clear_stale_demo_runs(runs, open_store(r.path))
+    results = train_many(video_configs(r.path, runs, epochs, head_input=head_input, rank=rank))
     out.print(results_table(results, names=True, title=f"moving direction, 4 classes (chance 25 %), "
                                                        f"{model}{' RANDOM-INIT' if random_init else ''}"))
-    out.print(f"clips: {data}   store: {r.path}   runs: {runs_root / f'{tag}-{head_input}'}")
+    out.print(f"clips: {data}   store: {r.path}   runs: {runs}")
 
 
 def video_configs(cache: Path, runs: Path, epochs: int, seed: int = 0,

@@ -137,8 +137,7 @@ def extract_cmd(
     twin = f", would reuse {r.twin}" if r.status == "dry run" and r.twin else ""
     print(f"{r.status}: {r.path}{twin} ({human_bytes(r.plan.total)})"
           + (f", {sum(r.written.values()):,} samples in {r.seconds:.1f} s" if r.written else "")
-          + (f" ({skipped:,} unreadable inputs skipped)" if skipped else "")
-          + ("; this part completed the store" if cfg.shard and r.complete and r.written else ""))
+          + (f" ({skipped:,} unreadable inputs skipped)" if skipped else ""))
 
 
 def _part(text: Optional[str]) -> Optional[tuple[int, int]]:

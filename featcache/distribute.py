@@ -8,6 +8,7 @@ read from the store itself (its `done` flags), so it reflects what is durable.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing
 import time
@@ -21,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .errors import UserError
 from .console import console, escape
 from .extract import ExtractConfig, ExtractResult, extract
-from .store import open_store
+from .store import is_partial_layout, open_store
 
 
 def _run_part(cfg: ExtractConfig) -> ExtractResult | UserError:
@@ -49,7 +50,7 @@ def _stored(out: Path) -> tuple[dict[str, int], dict[str, dict[str, str]]]:
     """Per split, the samples in finished shards and the inputs recorded unreadable: what a
     run added is the difference (a part whose worker died, and was run again, reports only
     its second try)."""
-    if not (out / "zarr.json").exists():
+    if not (out / "zarr.json").exists() or is_partial_layout(out):  # (a layout cut short: laid out again)
         return {}, {}
     store = open_store(out)
     written, skipped = {}, {}
@@ -70,7 +71,7 @@ def extract_on_dask(cfg: ExtractConfig, address: str) -> ExtractResult:
     # a URL store is refused here, as by every --shard part
     plan = extract(replace(cfg, dry_run=True, device="cpu", shard=(0, 1)))
     out = plan.path
-    existed = (out / "zarr.json").exists()
+    existed = (out / "zarr.json").exists() and not is_partial_layout(out)
     if not existed:
         plan.plan.check_fits(cfg.force)
     written_before, skipped_before = _stored(out)
@@ -122,7 +123,7 @@ def extract_on_dask(cfg: ExtractConfig, address: str) -> ExtractResult:
             nanny.setLevel(logging.ERROR)
             try:
                 cluster.close()
-            except TimeoutError:  # (after a worker died) the work is done and checked below
+            except (TimeoutError, asyncio.TimeoutError):  # (after a worker died) the work is done, checked below
                 pass
             finally:
                 nanny.setLevel(level)

@@ -37,7 +37,7 @@ from .reuse import content_key, existing_store, identical_store, open_or_create,
 from .shards import Shard, ShardWriter, shard_batches
 from .sources import Dataset, FrameSampling, open_dataset
 from .sources.video import decoder_name
-from .store import Store, mark_complete, open_store
+from .store import Store, mark_complete, open_store, redo_lost_shards
 from .taps import forward_taps, parse_taps
 
 
@@ -209,9 +209,9 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                                          "Delete it, or extract to another --out, to extract them again."))
     for text in filter(None, notes):
         note(text)
-    if store is not None and store.complete and store.meta["complete"] and not cfg.dry_run:
+    if store is not None and store.complete and store.meta["complete"] and not cfg.dry_run \
+            and not store.missing_shards():  # (lost shard files are extracted again, below)
         refuse_unreadable(store, list(ds.splits))  # (no lock taken: a reader may rerun it)
-        store.check_intact()
         result.status, result.complete = "already complete", True
         return result
     names = list(ds.splits)
@@ -263,6 +263,11 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                                           digests)
         for text in [] if told else notes:
             note(text)
+        with meta_lock(out):
+            lost = redo_lost_shards(store)
+        for name, ks in lost.items():
+            note(f"{out}: {len(ks)} finished shard(s) of {name} have lost their files (a damaged "
+                 f"store, or one copied in part): extracting them again.")
         batches = shard_batches(store, names, cfg.batch_size, cfg.shard)
         if batches:
             result.status = "resumed" if existed else "written"
@@ -276,6 +281,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
             if result.complete:
                 if not store.meta["complete"]:
                     mark_complete(store)
+                    if cfg.shard:  # (the one part that finds it all done, under the lock)
+                        say(f"part {cfg.shard[0]}/{cfg.shard[1]} completed {out}: every part has run.")
                 if not batches:
                     result.status = "already complete"
             elif cfg.shard:

@@ -5,7 +5,8 @@ zarr-python#3682). So:
 
 - a single-process extraction holds `.featcache.lock` exclusively;
 - a `--shard K/N` extraction holds it shared (the N parts may run together) and
-  `.featcache.lock.KofN` exclusively (the same part may not run twice);
+  `.featcache.lock.KofN` exclusively (the same part may not run twice; a part of another N
+  is refused while one of these is held);
 - every read-modify-write of the store's attributes (layout, skipped inputs, completeness)
   happens under `.featcache.meta.lock`, waited for rather than refused.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from .location import Location, is_url
 
 LOCK_NAME = ".featcache.lock"
 META_LOCK = ".featcache.meta.lock"
+TAKE_PATIENCE = 0.5  # seconds a writer retries a lock before it is refused (see _lock)
 
 # A flock belongs to the open file, which a forked child (a DataLoader worker) shares: after
 # a kill -9 the orphaned workers would hold the lock for seconds more. So a child points
@@ -59,9 +62,7 @@ class StoreLock:
         except UserError:
             self.release()
             raise
-        try:
-            fcntl.flock(f, mode | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _lock(f, mode, patience=TAKE_PATIENCE):
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
@@ -84,14 +85,12 @@ class StoreLock:
         else:
             k, n = self.part
             self._take(LOCK_NAME, fcntl.LOCK_SH)
-            self._take(f"{LOCK_NAME}.of{n}", fcntl.LOCK_SH)
             self._take(f"{LOCK_NAME}.{k}of{n}", fcntl.LOCK_EX)
-            for other in self.dir.glob(f"{LOCK_NAME}.of*"):  # parts of another N would share shards
-                if other.name != f"{LOCK_NAME}.of{n}" and _busy(other):
-                    self.release()
-                    raise UserError(f"{self.dir} is being written by the parts of a --shard K/"
-                                    f"{other.name.rsplit('of', 1)[1]} run: every part must use the "
-                                    f"same N as those (this one: {k}/{n}).")
+            other = next((m for m in _live_parts(self.dir) if m != n), None)
+            if other is not None:  # parts of another N would write one another's shards
+                self.release()
+                raise UserError(f"{self.dir} is being written by the parts of a --shard K/{other} "
+                                f"run: every part must use the same N as those (this one: {k}/{n}).")
         return self
 
     def release(self) -> None:
@@ -105,39 +104,47 @@ class StoreLock:
         self.release()
 
 
-def _busy(lock_file: Path) -> bool:
-    """Whether anyone holds `lock_file` (a probe, released at once)."""
+def _lock(f, mode: int, patience: float = 0.0) -> bool:
+    """Take a flock without waiting for a holder, but retrying for `patience` seconds: a
+    probe (below) holds a shared lock for an instant, which must not refuse a writer."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            fcntl.flock(f, mode | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+
+def _held_exclusively(lock_file: Path) -> str | None:
+    """The holder's line if someone holds `lock_file` exclusively, else None. A shared probe,
+    released at once: it never stands in the way of shared holders."""
     try:
         f = open(lock_file)
-    except OSError:
-        return False
+    except OSError:  # never made, or not ours to read
+        return None
     with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return False
+        if _lock(f, fcntl.LOCK_SH):
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return None
+        return f.read().strip() or "another process"
+
+
+def _live_parts(store_dir: Path) -> set[int]:
+    """The N of every --shard K/N part writing the store now."""
+    return {int(p.name.rsplit("of", 1)[1]) for p in store_dir.glob(f"{LOCK_NAME}.*of*")
+            if p.name.rsplit("of", 1)[1].isdigit() and _held_exclusively(p)}
 
 
 def writer(store_dir: Location) -> str | None:
     """Who is writing a local store now ("pid N on HOST", or the parts of a --shard run),
-    or None: a probe of its lock, released at once."""
+    or None."""
     if is_url(store_dir):
         return None
-    try:
-        f = open(Path(store_dir) / LOCK_NAME)
-    except OSError:  # never written here, or not ours to read
-        return None
-    with f:
-        for mode, holder in ((fcntl.LOCK_EX, None), (fcntl.LOCK_SH, "the parts of a --shard run")):
-            try:
-                fcntl.flock(f, mode | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # held: shared by parts, or exclusively by one writer (tried next)
-            fcntl.flock(f, fcntl.LOCK_UN)
-            return holder
-        return f.read().strip() or "another process"
+    return _held_exclusively(Path(store_dir) / LOCK_NAME) or (
+        "the parts of a --shard run" if _live_parts(Path(store_dir)) else None)
 
 
 def _open(lock_file: Path):

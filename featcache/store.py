@@ -72,6 +72,27 @@ class SplitArrays:
     def complete(self) -> bool:
         return bool(self.attrs.get("complete")) and bool(self.done.all())
 
+    def lost_shards(self, store_path: Location) -> list[int]:
+        """The shards flagged done, holding samples, whose files are gone (a store damaged, or
+        copied in part): zarr and the memory-mapped reader would read those samples as zeros.
+        Local stores only (a bucket has no cheap way to ask; `featcache verify` reads it all)."""
+        if is_url(store_path):
+            return []
+        holding = np.unique(np.flatnonzero(self.labels >= 0) // self.shard_size)
+        arrays = [a for a in (self.tokens, self.scales) if a is not None]  # (int8: scales too)
+        return [int(k) for k in holding if self.done[k] and not all(
+            Path(store_path, self.name, a.basename, "c", str(k), *["0"] * (a.ndim - 1)).is_file()
+            for a in arrays)]
+
+    def check_intact(self, store_path: Location) -> None:
+        """Refuse to read a split whose finished shards have lost their files."""
+        lost = self.lost_shards(store_path)
+        if lost:
+            raise UserError(f"store {store_path} is damaged: finished shards of {self.name} have no "
+                            f"files ({lost[:10]}{' ...' if len(lost) > 10 else ''}). Copy the store "
+                            "again if it came from elsewhere, or rerun the extract command that "
+                            "made it, which extracts those shards again.")
+
     def __repr__(self) -> str:  # (not the dataclass's: it would print every key and label)
         return (f"SplitArrays({self.name!r}: {self.n} samples, tokens {tuple(self.tokens.shape)} "
                 f"{self.tokens.dtype}, {'complete' if self.complete else 'incomplete'})")
@@ -142,32 +163,9 @@ class Store:
         return all(self.split(s).complete for s in self.splits)
 
     def missing_shards(self, names: list[str] | None = None) -> dict[str, list[int]]:
-        """Per split, the shards flagged done whose files are gone (a store damaged, or copied
-        in part): zarr and the memory-mapped reader would read their samples as zeros. Local
-        stores only (a bucket has no cheap way to ask, and `featcache verify` reads every shard)."""
-        if is_url(self.path):
-            return {}
-        missing = {}
-        for name in names or self.splits:
-            split = self.split(name)
-            holding = np.unique(np.flatnonzero(split.labels >= 0) // split.shard_size)  # not all skipped
-            arrays = [a for a in (split.tokens, split.scales) if a is not None]  # (int8: scales too)
-            gone = [int(k) for k in holding if split.done[k] and not all(
-                Path(self.path, name, a.basename, "c", str(k), *["0"] * (a.ndim - 1)).is_file()
-                for a in arrays)]
-            if gone:
-                missing[name] = gone
-        return missing
-
-    def check_intact(self, names: list[str] | None = None) -> None:
-        """Refuse a store whose finished shards (of `names`: all splits) have lost their files."""
-        missing = self.missing_shards(names)
-        if missing:
-            gone = "; ".join(f"{name}: shard(s) {ks[:10]}{' ...' if len(ks) > 10 else ''}"
-                             for name, ks in missing.items())
-            raise UserError(f"store {self.path} is damaged: finished shards have no files ({gone}). "
-                            "Copy the store again if it came from elsewhere, or extract it anew "
-                            "(delete it, or another --out); `featcache verify` checks it all.")
+        """Per split (of `names`: all), the finished shards whose files are gone."""
+        return {name: lost for name in names or self.splits
+                if (lost := self.split(name).lost_shards(self.path))}
 
 
 def open_store(path: Location, mode: str = "r") -> Store:
@@ -269,6 +267,21 @@ def mark_complete(store: Store, split: str | None = None) -> None:
     g.attrs[ATTR] = attrs
     if split is None:
         store.meta = attrs
+
+
+def redo_lost_shards(store: Store) -> dict[str, list[int]]:
+    """Unflag the finished shards whose files are gone (and the completeness above them), so
+    that the extraction under way writes them again. Returns them."""
+    lost = store.missing_shards()
+    for name, ks in lost.items():
+        g = store.group[name]
+        for k in ks:
+            g["done"][k] = False
+        for node in (g, store.group):
+            node.attrs[ATTR] = {**node.attrs[ATTR], "complete": False}
+    if lost:
+        store.meta = dict(store.group.attrs[ATTR])
+    return lost
 
 
 def is_partial_layout(path: Location) -> bool:

@@ -49,7 +49,7 @@ def verify(store: Store, progress: Progress | None = None) -> VerifyReport:
         unread = set(split.keys[(split.labels == -1) & written].tolist())
         if unread != set(split.attrs["skipped"]) - set(split.keys[~written].tolist()):
             report.problems.append(f"{name}: labels of -1 do not match the recorded skipped inputs")
-        lost = set(store.missing_shards([name]).get(name, []))
+        lost = set(split.lost_shards(store.path))
         if lost:
             report.problems.append(f"{name}: shard(s) {sorted(lost)[:10]} flagged done have no file "
                                    "(the store was damaged or copied in part)")

@@ -74,7 +74,7 @@ class ShardLoader:
         valid until the next-but-one is asked for: for loops that use each batch at once.
         Fresh tensors cost page faults: recycling made CPU decoding several times faster."""
         self.split = store.split(split)
-        store.check_intact([split])  # lost shard files would read as zeros: never train on them
+        self.split.check_intact(store.path)  # lost shard files would read as zeros: never train on them
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.dtype, self.device = store.dtype, torch.device(device)
         self.out_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.dtype, torch.float32)

@@ -49,7 +49,8 @@ def plot_pareto(points: list[tuple[str, int, float]], path: Path, title: str) ->
         if acc > best:
             frontier.append((params, 100 * acc))
             best = acc
-    ax.step(*zip(*frontier), where="post", color="grey", lw=0.8, alpha=0.6)
+    if frontier:  # (none when every configuration failed)
+        ax.step(*zip(*frontier), where="post", color="grey", lw=0.8, alpha=0.6)
     ax.set(xscale="log", xlabel="trainable parameters", ylabel="accuracy (%)")
     eng = EngFormatter(sep="")  # 10k, 20k, 50k, 100k: at most three labels a decade
     ax.xaxis.set_major_formatter(eng)

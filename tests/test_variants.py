@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from featcache import ExtractConfig, UserError, extract, open_store
 from featcache.models import TokenLayout
 from sidetrain import FitConfig, ModelSpec, build_classifier, evaluate_run, fit, load_predictor, predict, sweep
+from sidetrain.plots import plot_pareto
 from sidetrain.sweep import expand
 from sidetrain import train as train_module
 from sidetrain.losa import LoSA, TokenMixer, norm_linear
@@ -158,6 +159,8 @@ def test_a_sweep_trains_each_configuration_as_fit_would(fp32_store, tmp_path):
         "linear-lr0.001", "linear-lr0.01", "losa-rank2-lr0.001", "losa-rank2-lr0.01",
         "losa-rank4-lr0.001", "losa-rank4-lr0.01", "mlp-lr0.001", "mlp-lr0.01"]
     assert (tmp_path / "sw" / "pareto.png").is_file()
+    plot_pareto([], tmp_path / "none.png", "every configuration failed")  # still a picture
+    assert (tmp_path / "none.png").is_file()
     for bad, why in (({"ranks": [2]}, "'ranks' is not a FitConfig field"),
                      ({"epochs": [1, 2]}, "'epochs' cannot vary within a sweep"),
                      ({"rank": 4}, "'rank' takes a list of values, like \\[4\\]")):
