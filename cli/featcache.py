@@ -1,4 +1,4 @@
-"""`featcache`: stage one. A thin skin over featcache.extract and featcache.info."""
+"""`featcache`: stage one. A thin skin over featcache.extraction, info, verify and catalog."""
 
 from __future__ import annotations
 
@@ -9,12 +9,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from featcache import ExtractConfig, UserError, extract, open_store
+from featcache import UserError, open_store  # (extract and verify load torch: imported by their commands)
 from featcache.catalog import find_stores
 from featcache.info import store_info
 from featcache.location import is_url, normalize
 from featcache.plan import human_bytes
-from featcache.verify import verify
 
 from .common import emit_json, make_app, run
 
@@ -89,9 +88,9 @@ def extract_cmd(
     seed: int = typer.Option(0, help="Seed for the train/val split, --limit and --random-init."),
     val_fraction: float = typer.Option(0.2, help="Share of each class held out for val when the "
                                        "dataset has no val/ folder."),
-    workers: int = typer.Option(ExtractConfig.workers, help="DataLoader processes decoding images (0: in the "
-                                "main process). The default is one less than this machine's CPU "
-                                "cores, at most 4."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader processes decoding images (0: in "
+                                          "the main process). Default: one less than this "
+                                          "machine's CPU cores, at most 4."),
     shard_size: Optional[int] = typer.Option(None, help="Samples per shard file. Default: about "
                                              "128 MiB per shard (at most 1024 samples)."),
     shard: Optional[str] = typer.Option(None, help="K/N: this process writes part K (0-based) of N "
@@ -113,11 +112,14 @@ def extract_cmd(
     Rerunning the same command continues an interrupted extraction from its last finished
     shard; on a complete store it does nothing.
     """
+    from featcache import ExtractConfig, extract
+
     cfg = ExtractConfig(
         model=model, dataset=dataset, out=out_path, weights=weights, random_init=random_init,
         dtype=dtype, precision=precision, batch_size=batch_size, device=device, limit=limit,
         img_size=img_size,
-        taps=taps, seed=seed, val_fraction=val_fraction, workers=workers, shard_size=shard_size,
+        taps=taps, seed=seed, val_fraction=val_fraction, shard_size=shard_size,
+        **({} if workers is None else {"workers": workers}),  # (the default is ExtractConfig's)
         per_class=per_class, split=split.split(",") if split else None, data_root=data_root,
         download=download, views=views, frames=frames, sampling=sampling, fps=fps, crop_pct=crop_pct, interpolation=interpolation,
         mean=_triple("--mean", mean), std=_triple("--std", std), force=force, dry_run=dry_run,
@@ -205,6 +207,9 @@ def verify_cmd(path: str = typer.Argument(..., metavar="STORE", help="A store fo
     Exit status 0 only if the store is complete and sound.
     """
     from rich.progress import Progress
+
+    from featcache.verify import verify
+
     with Progress(console=Console(stderr=True), transient=True) as bar:
         report = verify(open_store(path), bar)
     if as_json:

@@ -5,11 +5,26 @@
     store = open_store(result.path); train = store.split("train")
 """
 
+import importlib
+
 from .errors import UserError
-from .extract import ExtractConfig, ExtractResult, extract
-from .models import ALIASES, Backbone, TokenLayout, load_backbone
-from .sources import Dataset, open_dataset
+from .layout import TokenLayout
 from .store import FORMAT_VERSION, Store, open_store
+
+# These load torch and timm (seconds): imported when first asked for, so that reading,
+# listing and describing stores (`featcache ls`, `info`) starts at once.
+_LAZY = {"ExtractConfig": "extraction", "ExtractResult": "extraction", "extract": "extraction",
+         "ALIASES": "models", "Backbone": "models", "load_backbone": "models",
+         "Dataset": "sources", "open_dataset": "sources"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'featcache' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = ["ALIASES", "Backbone", "Dataset", "ExtractConfig", "ExtractResult", "FORMAT_VERSION",
            "Store", "TokenLayout", "UserError", "extract", "load_backbone", "open_dataset",

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 DTYPES = ("fp16", "bf16", "int8", "fp32")
-STORAGE = {"fp16": "float16", "bf16": "uint16", "int8": "int8", "fp32": "float32"}
 _TINY = 1e-12
 
 

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .errors import UserError
 from .console import console, escape
-from .extract import ExtractConfig, ExtractResult, extract
+from .extraction import ExtractConfig, ExtractResult, extract
 from .store import is_partial_layout, open_store
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .codec import STORAGE
 from .errors import UserError
 from .location import Location, is_url
+from .store import STORAGE
 
 
 def human_bytes(n: float) -> str:

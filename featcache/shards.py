@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .codec import STORAGE
 from .errors import UserError
 from .readback import InFlight
 from .sources import Split
-from .store import Store, write_shard
+from .store import STORAGE, Store, write_shard
 
 
 def shard_batches(store: Store, names: list[str], batch_size: int,

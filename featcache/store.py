@@ -28,15 +28,16 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from .codec import STORAGE
 from .errors import UserError
 from .fastwrite import write_samples
+from .layout import TokenLayout
 from .location import Location, exists, is_url, join, normalize, usage
 from .lock import meta_lock
-from .models import TokenLayout
 
 FORMAT_VERSION = 1
 ATTR = "featcache"
+# how each --dtype is held in zarr (bf16 as its bits: zarr has no bfloat16)
+STORAGE = {"fp16": "float16", "bf16": "uint16", "int8": "int8", "fp32": "float32"}
 SHARD_BYTES = 128 * 2**20  # aim for ~128 MiB shard files: few files, cheap to copy and sync
 
 

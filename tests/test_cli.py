@@ -110,3 +110,16 @@ def test_the_cli_defaults_are_the_python_defaults():
             if isinstance(default, str) and not isinstance(python[name], str):
                 default = type(python[name])(default)
             assert default == python[name], (command, name)
+
+
+def test_listing_and_describing_stores_load_neither_torch_nor_timm(fp32_store):
+    """They start in a fraction of a second instead of several: extraction, verify and
+    training import torch and timm when they run."""
+    code = ("import sys; from typer.testing import CliRunner; from cli.featcache import app; "
+            f"runner = CliRunner(); root = {str(fp32_store.parent)!r}; "
+            "results = [runner.invoke(app, args) for args in (['--help'], ['ls', root], ['info', sys.argv[1]])]; "
+            "assert all(r.exit_code == 0 for r in results), [r.output for r in results]; "
+            "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, str(fp32_store)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -51,7 +51,7 @@ def test_gpu_stores_are_the_same_bytes_when_the_gpu_lags(tmp_path, monkeypatch, 
     copies back are still queued: a pinned buffer reused too early would mix rows."""
     cfg = dict(dataset="demo", dtype=dtype, limit=24, shard_size=5, **GPU)
     extract(ExtractConfig(out=tmp_path / "plain", **cfg))
-    stage = importlib.import_module("featcache.extract")  # the module, not the function
+    stage = importlib.import_module("featcache.extraction")
     encode = stage.encode
 
     def lagging(*args, **kwargs):
