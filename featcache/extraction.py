@@ -37,7 +37,7 @@ from .reuse import content_key, existing_store, identical_store, open_or_create,
 from .shards import Shard, ShardWriter, shard_batches
 from .sources import Dataset, FrameSampling, open_dataset
 from .sources.video import decoder_name
-from .store import Store, mark_complete, open_store, redo_lost_shards
+from .store import Store, damaged, mark_complete, open_store
 from .taps import forward_taps, parse_taps
 
 
@@ -207,10 +207,12 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     if store is not None:
         notes.append(changed_inputs_note(store, digests, "the store holds them as they were. "
                                          "Delete it, or extract to another --out, to extract them again."))
+    lost = store.missing_shards() if store is not None else {}
+    if lost:  # (not mended here: its inputs may have changed since, and a reader may not write)
+        raise UserError(damaged(out, lost))
     for text in filter(None, notes):
         note(text)
-    if store is not None and store.complete and store.meta["complete"] and not cfg.dry_run \
-            and not store.missing_shards():  # (lost shard files are extracted again, below)
+    if store is not None and store.complete and store.meta["complete"] and not cfg.dry_run:
         refuse_unreadable(store, list(ds.splits))  # (no lock taken: a reader may rerun it)
         result.status, result.complete = "already complete", True
         return result
@@ -263,11 +265,6 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                                           digests)
         for text in [] if told else notes:
             note(text)
-        with meta_lock(out):
-            lost = redo_lost_shards(store)
-        for name, ks in lost.items():
-            note(f"{out}: {len(ks)} finished shard(s) of {name} have lost their files (a damaged "
-                 f"store, or one copied in part): extracting them again.")
         batches = shard_batches(store, names, cfg.batch_size, cfg.shard)
         if batches:
             result.status = "resumed" if existed else "written"

@@ -74,25 +74,30 @@ class SplitArrays:
         return bool(self.attrs.get("complete")) and bool(self.done.all())
 
     def lost_shards(self, store_path: Location) -> list[int]:
-        """The shards flagged done, holding samples, whose files are gone (a store damaged, or
-        copied in part): zarr and the memory-mapped reader would read those samples as zeros.
-        Local stores only (a bucket has no cheap way to ask; `featcache verify` reads it all)."""
+        """The shards flagged done whose files are gone (a store damaged, or copied in part):
+        zarr and the memory-mapped reader would read their samples as zeros and their labels
+        as -1 (skipped). A shard of unreadable inputs alone needs only its keys (zarr writes no
+        chunk that holds only the fill value). Local stores only (a bucket has no cheap way
+        to ask; `featcache verify` reads it all)."""
         if is_url(store_path):
             return []
-        holding = np.unique(np.flatnonzero(self.labels >= 0) // self.shard_size)
-        arrays = [a for a in (self.tokens, self.scales) if a is not None]  # (int8: scales too)
-        return [int(k) for k in holding if self.done[k] and not all(
-            Path(store_path, self.name, a.basename, "c", str(k), *["0"] * (a.ndim - 1)).is_file()
-            for a in arrays)]
+        s, skipped = self.shard_size, np.isin(self.keys, list(self.attrs["skipped"]))
+        dims = {"keys": 1, "labels": 1, "tokens": self.tokens.ndim}  # array: its chunk key's length
+        if self.scales is not None:  # (int8)
+            dims["scales"] = self.scales.ndim
+        lost = []
+        for k in np.flatnonzero(self.done):
+            needed = ["keys"] if skipped[k * s:(k + 1) * s].all() else dims
+            if not all(Path(store_path, self.name, a, "c", str(k), *["0"] * (dims[a] - 1)).is_file()
+                       for a in needed):
+                lost.append(int(k))
+        return lost
 
     def check_intact(self, store_path: Location) -> None:
         """Refuse to read a split whose finished shards have lost their files."""
         lost = self.lost_shards(store_path)
         if lost:
-            raise UserError(f"store {store_path} is damaged: finished shards of {self.name} have no "
-                            f"files ({lost[:10]}{' ...' if len(lost) > 10 else ''}). Copy the store "
-                            "again if it came from elsewhere, or rerun the extract command that "
-                            "made it, which extracts those shards again.")
+            raise UserError(damaged(store_path, {self.name: lost}))
 
     def __repr__(self) -> str:  # (not the dataclass's: it would print every key and label)
         return (f"SplitArrays({self.name!r}: {self.n} samples, tokens {tuple(self.tokens.shape)} "
@@ -270,19 +275,12 @@ def mark_complete(store: Store, split: str | None = None) -> None:
         store.meta = attrs
 
 
-def redo_lost_shards(store: Store) -> dict[str, list[int]]:
-    """Unflag the finished shards whose files are gone (and the completeness above them), so
-    that the extraction under way writes them again. Returns them."""
-    lost = store.missing_shards()
-    for name, ks in lost.items():
-        g = store.group[name]
-        for k in ks:
-            g["done"][k] = False
-        for node in (g, store.group):
-            node.attrs[ATTR] = {**node.attrs[ATTR], "complete": False}
-    if lost:
-        store.meta = dict(store.group.attrs[ATTR])
-    return lost
+def damaged(path: Location, lost: dict[str, list[int]]) -> str:
+    """What to say of a store whose finished shards have lost their files."""
+    where = "; ".join(f"{name}: {ks[:10]}{' ...' if len(ks) > 10 else ''}" for name, ks in lost.items())
+    return (f"store {path} is damaged: finished shards have lost their files ({where}), so "
+            "their samples would read as zeros. Copy it again from where it came (a copy cut "
+            "short, most likely), or delete it and extract again; `featcache verify` checks it all.")
 
 
 def is_partial_layout(path: Location) -> bool:
