@@ -6,14 +6,11 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import typer
 
 from featcache.errors import UserError
-
-if TYPE_CHECKING:
-    from featcache.store import Store
+from featcache.store import Store
 
 
 def make_app(help: str) -> typer.Typer:
@@ -44,7 +41,7 @@ def clear_stale_demo_runs(folder: Path, store: Store) -> None:
     """A demo owns its run folders: those an earlier sidetrain trained under another batch
     order, or on an earlier extraction of the store, would refuse to resume, so they are
     trained again."""
-    from sidetrain.loader import DATA_ORDER
+    from sidetrain.loader import DATA_ORDER  # (sidetrain loads torch: the demos only)
 
     for config in folder.glob("*/config.json"):
         saved = json.loads(config.read_text())
