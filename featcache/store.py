@@ -81,7 +81,10 @@ class SplitArrays:
         to ask; `featcache verify` reads it all)."""
         if is_url(store_path):
             return []
-        s, skipped = self.shard_size, np.isin(self.keys, list(self.attrs["skipped"]))
+        s, skipped, recorded = self.shard_size, np.zeros(self.n, bool), set(self.attrs["skipped"])
+        finished = self.done[np.arange(self.n) // s]
+        for i in np.flatnonzero((self.labels < 0) & finished):  # (few: -1 is an unread input's label)
+            skipped[i] = self.keys[i] in recorded
         dims = {"keys": 1, "labels": 1, "tokens": self.tokens.ndim}  # array: its chunk key's length
         if self.scales is not None:  # (int8)
             dims["scales"] = self.scales.ndim
@@ -168,10 +171,9 @@ class Store:
     def complete(self) -> bool:
         return all(self.split(s).complete for s in self.splits)
 
-    def missing_shards(self, names: list[str] | None = None) -> dict[str, list[int]]:
-        """Per split (of `names`: all), the finished shards whose files are gone."""
-        return {name: lost for name in names or self.splits
-                if (lost := self.split(name).lost_shards(self.path))}
+    def missing_shards(self) -> dict[str, list[int]]:
+        """Per split, the finished shards whose files are gone (SplitArrays.lost_shards)."""
+        return {name: lost for name in self.splits if (lost := self.split(name).lost_shards(self.path))}
 
 
 def open_store(path: Location, mode: str = "r") -> Store:
