@@ -5,8 +5,6 @@
     store = open_store(result.path); train = store.split("train")
 """
 
-import importlib
-
 from .errors import UserError
 from .layout import TokenLayout
 from .store import FORMAT_VERSION, Store, open_store
@@ -21,9 +19,15 @@ _LAZY = {"ExtractConfig": "extraction", "ExtractResult": "extraction", "extract"
 def __getattr__(name: str):
     if name not in _LAZY:
         raise AttributeError(f"module 'featcache' has no attribute '{name}'")
+    import importlib
+
     value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:  # (tab completion lists the lazy names too)
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = ["ALIASES", "Backbone", "Dataset", "ExtractConfig", "ExtractResult", "FORMAT_VERSION",

@@ -4,6 +4,24 @@ The CLIs print these as a single line and exit non-zero; anything else is a bug 
 its traceback.
 """
 
+import numbers
+
 
 class UserError(Exception):
     """Bad input or an unmet precondition; the message says what was wrong and what to do."""
+
+
+def require(ok: bool, option: str, what: str, value: object) -> None:
+    """Refuse `value` for `option` (named as the CLI spells it) unless `ok`, saying what it
+    must be: bad numbers are caught here, not deep inside torch or timm."""
+    if not ok:
+        raise UserError(f"{option} must be {what}, not {value!r}")
+
+
+def is_int(value: object) -> bool:
+    """A whole number (numpy's too, so that grids made with np.arange pass), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

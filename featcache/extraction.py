@@ -25,13 +25,13 @@ from .checks import (changed_inputs_note, input_digests, no_train_note, one_clas
                      rare_classes_note, refuse_unreadable, refuse_unreadable_inputs)
 from .codec import DTYPES, calibrate, encode
 from .console import console, escape, note, say
-from .errors import UserError
+from .errors import UserError, is_int, is_number, require
 from .images import VIEW_POLICY, Images, collate, make_images, repeat
 from .location import Location, exists, is_url, join, normalize
 from .lock import StoreLock, meta_lock, writer
 from .models import Backbone, TokenLayout, load_backbone
 from .plan import StorePlan, human_bytes, make_plan
-from .precision import PRECISIONS
+from .precision import PRECISIONS, check_device
 from .readback import Readback
 from .reuse import content_key, existing_store, identical_store, open_or_create, stored_batch_size
 from .shards import Shard, ShardWriter, shard_batches
@@ -132,6 +132,9 @@ def _settings(backbone: Backbone, ds: Dataset, taps: list[int], cfg: ExtractConf
                 {"decoder": decoder_name()} if ds.video else {})}}  # source: in the content key, only noted on resume
 
 
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # timm's names
+
+
 def _check(cfg: ExtractConfig) -> None:
     """Refuse settings that cannot work before anything is read or loaded."""
     if cfg.dtype not in DTYPES:
@@ -140,8 +143,19 @@ def _check(cfg: ExtractConfig) -> None:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{cfg.precision}'")
     if any(v is not None and v < 1 for v in (cfg.batch_size, cfg.shard_size)):
         raise UserError("--batch-size and --shard-size must be at least 1")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but torch sees no CUDA device here.")
+    check_device(cfg.device)
+    require(is_number(cfg.val_fraction) and 0 < cfg.val_fraction < 1, "--val-fraction",
+            "a share between 0 and 1", cfg.val_fraction)
+    require(cfg.img_size is None or is_int(cfg.img_size) and cfg.img_size >= 1, "--img-size",
+            "a whole number of pixels", cfg.img_size)
+    require(is_int(cfg.workers) and cfg.workers >= 0, "--workers", "0 or more", cfg.workers)
+    require(cfg.crop_pct is None or is_number(cfg.crop_pct) and 0 < cfg.crop_pct <= 1, "--crop-pct",
+            "a share above 0, at most 1", cfg.crop_pct)
+    require(cfg.interpolation in (None, *INTERPOLATIONS), "--interpolation",
+            f"one of {', '.join(INTERPOLATIONS)}", cfg.interpolation)
+    for option, value in (("--mean", cfg.mean), ("--std", cfg.std)):
+        require(value is None or len(value) == 3 and all(map(is_number, value)), option,
+                "three numbers (red, green, blue)", value)
     if cfg.views < 1:
         raise UserError("--views must be at least 1")
     if cfg.shard is not None and not 0 <= cfg.shard[0] < cfg.shard[1]:
@@ -168,6 +182,10 @@ def _calibration(cfg: ExtractConfig, backbone: Backbone, images: Images, first: 
 
 def extract(cfg: ExtractConfig) -> ExtractResult:
     """Run stage one as configured; see ExtractConfig and `featcache extract --help`."""
+    if not isinstance(cfg, ExtractConfig):
+        raise UserError(f"extract takes an ExtractConfig(model=..., dataset=...), not {type(cfg).__name__}")
+    if isinstance(cfg.split, str):  # split="train" or "train,val", as on the command line
+        cfg = replace(cfg, split=cfg.split.split(","))
     _check(cfg)
     ds = open_dataset(cfg.dataset, cfg.seed, cfg.val_fraction, cfg.limit, cfg.per_class,
                       cfg.split, cfg.data_root, cfg.download,

@@ -13,6 +13,8 @@ import contextlib
 
 import torch
 
+from .errors import UserError
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -23,3 +25,13 @@ def autocast(device_type: str, precision: str | None) -> contextlib.AbstractCont
         return contextlib.nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
+
+
+def check_device(device: str) -> None:
+    """Refuse a device torch cannot name, or CUDA where there is none, before any work."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device must be cpu, cuda or cuda:N, not {device!r}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but torch sees no CUDA device here.")

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from featcache.codec import decode
-from featcache.errors import UserError
+from featcache.errors import UserError, is_int, require
 from featcache.fastread import make_reader
 from featcache.location import is_url
-from featcache.store import Store
+from featcache.store import Store, open_store
 
 # torch warns (once) that tensors made from read-only arrays must not be written to: the
 # memory-mapped shard files are read-only, and the loader only reads them
@@ -73,6 +73,10 @@ class ShardLoader:
         `recycle`: copy or decode into two buffers used in turn (CPU only), so a batch is
         valid until the next-but-one is asked for: for loops that use each batch at once.
         Fresh tensors cost page faults: recycling made CPU decoding several times faster."""
+        if not isinstance(store, Store):  # a folder or URL, as the other entry points take
+            store = open_store(store)
+        require(is_int(batch_size) and batch_size >= 1, "batch_size", "a whole number of at least 1",
+                batch_size)
         self.split = store.split(split)
         self.split.check_intact(store.path)  # lost shard files would read as zeros: never train on them
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
@@ -82,7 +86,7 @@ class ShardLoader:
         if layers is not None and not all(-taps <= p < taps for p in layers):
             raise UserError(f"layers={layers}: positions among the store's {taps} taps (blocks "
                             f"{store.taps}) are 0 to {taps - 1}, or -1 (the last) to -{taps}")
-        picked = np.arange(taps)[slice(None) if layers is None else layers]
+        picked = np.arange(taps)[slice(None) if layers is None else list(layers)]
         # a run of consecutive layers (all of them, the last few) is a slice: rows read as views
         run = len(picked) == 1 or bool((np.diff(picked) == 1).all())
         self.layers = slice(int(picked[0]), int(picked[-1]) + 1) if run else picked

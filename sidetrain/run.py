@@ -209,6 +209,7 @@ class Predictor:
     device: torch.device
     precision: str  # the side network's autocast (CUDA only), as the run was trained
     sampling: FrameSampling | None  # a video run's: how a clip's frames were picked
+    input_size: tuple[int, int, int]  # (C, H, W): what transform and read make of an image
 
     def clip(self, frames: list, fps: float | None = None) -> torch.Tensor:
         """A video's decoded frames (PIL images or uint8 arrays, in order) as the extraction
@@ -229,14 +230,16 @@ class Predictor:
 
     @torch.no_grad()
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        c, h, w = self.input_size
         if self.sampling is None:
-            shape, dims, how = "images (B, C, H, W)", 4, "torch.stack([predictor.transform(image), ...])"
+            shape, dims, how = f"images (B, {c}, {h}, {w})", 4, "torch.stack([predictor.transform(image), ...])"
         else:
-            shape, dims, how = (f"clips of {self.sampling.frames} frames (B, {self.sampling.frames}, C, H, W)",
-                                5, "torch.stack([predictor.clip(frames), ...])")
-        if not isinstance(inputs, torch.Tensor) or inputs.dim() != dims or (
-                dims == 5 and inputs.shape[1] != self.sampling.frames):
-            what = getattr(inputs, "shape", type(inputs).__name__)
+            f = self.sampling.frames
+            shape, dims, how = (f"clips of {f} frames (B, {f}, {c}, {h}, {w})", 5,
+                                "torch.stack([predictor.clip(frames), ...])")
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() != dims or not inputs.is_floating_point() \
+                or tuple(inputs.shape[-3:]) != self.input_size or (dims == 5 and inputs.shape[1] != f):
+            what = f"{inputs.shape} {inputs.dtype}" if isinstance(inputs, torch.Tensor) else type(inputs).__name__
             raise UserError(f"the predictor takes a batch of transformed {shape}, not {what}: "
                             f"e.g. predictor({how}), or predictor(predictor.read(path)[None]) "
                             "for a file.")
@@ -256,7 +259,8 @@ def load_predictor(run: Path | str, weights: Path | None = None, device: str = "
     sampling = video and FrameSampling(video["frames"], video["sampling"], video["fps"])
     transform, read = _transforms(s["transform"], sampling)
     return Predictor(live, s["classes"], transform, read, torch.device(device),
-                     side_precision(config.get("precision", "fp32"), device), sampling)
+                     side_precision(config.get("precision", "fp32"), device), sampling,
+                     tuple(s["transform"]["input_size"]))
 
 
 def predict(run: Path | str, images: list[Path | str] | Path | str, weights: Path | None = None,

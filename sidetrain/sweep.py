@@ -35,6 +35,8 @@ def _check_grid(grid: dict) -> None:
                             "shares one pass over the data): run one sweep per value")
         if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
             raise UserError(f"the grid's '{key}' takes a list of values, like [{values!r}]")
+        if not len(values):
+            raise UserError(f"the grid's '{key}' has no values: give it one or more")
 
 
 def expand(base: FitConfig, grid: dict[str, list], out_root: Path | str) -> list[FitConfig]:

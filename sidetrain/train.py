@@ -28,10 +28,10 @@ from safetensors.torch import save_file
 
 from featcache import location
 from featcache.console import console, note, say
-from featcache.errors import UserError
+from featcache.errors import UserError, is_int, is_number, require
 from featcache.location import Location, is_url
 from featcache.lock import writer
-from featcache.precision import PRECISIONS, autocast
+from featcache.precision import PRECISIONS, autocast, check_device
 from featcache.store import Store, open_store
 
 from .classifier import (ModelSpec, auto_variant, build_classifier, input_layers, select_taps,
@@ -88,8 +88,9 @@ class FitConfig:
         name = f"{location.name(self.cache)}-{self.method}" + (f"-r{self.rank}" if self.method == "losa" else "")
         return Path("runs") / f"{name}-s{self.seed}"
 
-    def to_json(self) -> dict:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+    def to_json(self) -> dict:  # (numpy numbers, from a grid made with np.arange, as Python's)
+        return {k: str(v) if isinstance(v, Path) else v.item() if isinstance(v, np.generic) else v
+                for k, v in asdict(self).items()}
 
 
 @dataclass
@@ -138,14 +139,30 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     return 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _check_store(cfg: FitConfig, store: Store) -> None:
-    """Validate the request against the store (which must have complete train and val)."""
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
-        raise UserError("--epochs and --batch-size must be at least 1 and --lr positive")
+def _check_config(cfg: FitConfig) -> None:
+    """Refuse values no training can use, before anything is read or written (a negative
+    --grad-clip, say, would turn every step uphill)."""
+    if not isinstance(cfg, FitConfig):
+        raise UserError(f"training takes a FitConfig(cache=..., ...), not {type(cfg).__name__}")
+    require(isinstance(cfg.cache, (str, Path)), "--cache", "a store's folder or URL", cfg.cache)
+    for option, value in (("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size),
+                          ("--mlp-hidden", cfg.mlp_hidden)):
+        require(is_int(value) and value >= 1, option, "a whole number of at least 1", value)
+    require(is_int(cfg.seed), "--seed", "a whole number", cfg.seed)
+    require(is_number(cfg.lr) and cfg.lr > 0, "--lr", "a positive number", cfg.lr)
+    for option, value in (("--weight-decay", cfg.weight_decay), ("--grad-clip", cfg.grad_clip)):
+        require(is_number(value) and value >= 0, option, "a number of at least 0 (0: none)", value)
+    require(is_number(cfg.warmup) and 0 <= cfg.warmup <= 1, "--warmup", "a share of the steps, 0 to 1",
+            cfg.warmup)
+    for option, value in (("--dropout", cfg.dropout), ("--label-smoothing", cfg.label_smoothing)):
+        require(is_number(value) and 0 <= value < 1, option, "at least 0 and below 1", value)
     if cfg.precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{cfg.precision}'")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but torch sees no CUDA device here.")
+    check_device(cfg.device)
+
+
+def _check_store(cfg: FitConfig, store: Store) -> None:
+    """Validate the request against the store (which must have complete train and val)."""
     for name in ("train", "val"):
         if name not in store.splits:
             raise UserError(f"{store.path} has no {name} split (it has {', '.join(store.splits)}); "
@@ -436,6 +453,8 @@ def _pass(loader: ShardLoader, epoch: int, trainers: list[Trainer], union: list[
 def train_many(configs: list[FitConfig]) -> list[FitResult]:
     """Train configurations that share ONE_PASS and the seed (which orders the batches) in
     one pass over the data per epoch. Returns one FitResult per configuration, in order."""
+    for c in configs:
+        _check_config(c)
     first = configs[0]
     for c in configs[1:]:
         diff = [k for k in ONE_PASS + ("seed",) if k != "cache" and getattr(c, k) != getattr(first, k)]

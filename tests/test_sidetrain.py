@@ -302,3 +302,27 @@ def test_loader_layers_are_positions_among_the_taps(fp32_store):
     np.testing.assert_array_equal(batch.tokens.numpy(), store.split("val").tokens[:][:, [0, 11]])
     with pytest.raises(UserError, match=r"layers=\[12\]: positions among the store's 12 taps"):
         ShardLoader(store, "val", batch_size=24, shuffle=False, layers=[12])
+
+
+@pytest.mark.parametrize("bad, why", [
+    ({"grad_clip": -1.0}, "--grad-clip must be a number of at least 0"),  # (it turned steps uphill)
+    ({"method": "mlp", "mlp_hidden": 0}, "--mlp-hidden must be a whole number of at least 1"),
+    ({"warmup": 2.0}, "--warmup must be a share of the steps"),
+    ({"dropout": 2.0}, "--dropout must be at least 0 and below 1"),
+    ({"label_smoothing": 3}, "--label-smoothing must be at least 0 and below 1"),
+    ({"epochs": 1.5}, "--epochs must be a whole number"),
+    ({"lr": "1e-3"}, "--lr must be a positive number, not '1e-3'"),
+    ({"device": "gpu"}, "--device must be cpu, cuda or cuda:N"),
+])
+def test_values_no_training_can_use_are_refused_before_any_folder(fp32_store, tmp_path, bad, why):
+    with pytest.raises(UserError, match=why):
+        fit(FitConfig(**{"cache": fp32_store, "epochs": 1, "batch_size": 8, "out": tmp_path / "run", **bad}))
+    assert not (tmp_path / "run").exists()
+
+
+def test_numpy_numbers_and_a_path_are_taken_as_python_would(fp32_store, tmp_path):
+    """Grids made with np.arange, and a store given by its folder to the loader."""
+    r = fit(FitConfig(cache=fp32_store, rank=np.int64(2), epochs=1, batch_size=8, out=tmp_path / "run"))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["rank"] == 2
+    loader = ShardLoader(str(fp32_store), "train", batch_size=8, shuffle=False, layers=(0, -1))
+    assert next(iter(loader.epoch(0))).tokens.shape[1] == 2 and r.config.rank == 2

@@ -204,3 +204,25 @@ def test_a_store_from_before_precision_was_recorded_resumes_and_is_reused(tmp_pa
     assert extract(ExtractConfig(out=old, **cfg)).status == "already complete"
     assert extract(ExtractConfig(out=tmp_path / "new", **cfg)).status == "reused"
     assert extract(ExtractConfig(out=tmp_path / "half", precision="fp16", **cfg)).status == "written"
+
+
+@pytest.mark.parametrize("bad, why", [
+    ({"val_fraction": 1.5}, "--val-fraction must be a share between 0 and 1"),
+    ({"img_size": 0}, "--img-size must be a whole number of pixels"),  # (it fell back to 224)
+    ({"workers": -1}, "--workers must be 0 or more"),
+    ({"crop_pct": 0.0}, "--crop-pct must be a share above 0"),  # (it fell back to 0.9)
+    ({"interpolation": "bicubik"}, "--interpolation must be one of nearest, bilinear, bicubic"),
+    ({"mean": (0.5, 0.5)}, "--mean must be three numbers"),
+    ({"device": "gpu"}, "--device must be cpu, cuda or cuda:N"),
+])
+def test_settings_that_cannot_work_are_refused_before_anything_is_written(tmp_path, bad, why):
+    for dry_run in (True, False):
+        with pytest.raises(UserError, match=why):
+            extract(ExtractConfig(**{**TINY, "dataset": "demo", "out": tmp_path / "s", "limit": 4,
+                                     "dry_run": dry_run, **bad}))
+    assert not (tmp_path / "s").exists()
+
+
+def test_splits_may_be_named_in_one_string_as_on_the_command_line(tmp_path):
+    r = extract(ExtractConfig(dataset="demo", out=tmp_path / "s", limit=4, split="train,val", **TINY))
+    assert list(r.written) == ["train", "val"]

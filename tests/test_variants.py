@@ -163,7 +163,9 @@ def test_a_sweep_trains_each_configuration_as_fit_would(fp32_store, tmp_path):
     assert (tmp_path / "none.png").is_file()
     for bad, why in (({"ranks": [2]}, "'ranks' is not a FitConfig field"),
                      ({"epochs": [1, 2]}, "'epochs' cannot vary within a sweep"),
-                     ({"rank": 4}, "'rank' takes a list of values, like \\[4\\]")):
+                     ({"rank": 4}, "'rank' takes a list of values, like \\[4\\]"),
+                     ({"rank": []}, "'rank' has no values"),
+                     ({"grad_clip": [1.0, -1.0]}, "--grad-clip must be a number of at least 0")):
         with pytest.raises(UserError, match=why):
             sweep(base, bad, str(tmp_path / "bad"))
     for r in results:
@@ -331,9 +333,12 @@ def test_predict_on_raw_images_equals_the_cached_path(image_folder, tmp_path, ru
     predictor = load_predictor(r.run)  # the same model on an image in memory
     with Image.open(image_folder / keys[0]) as img:
         probs = predictor(predictor.transform(img)[None])
-        with pytest.raises(UserError, match=r"takes a batch of transformed images \(B, C, H, W\), not "
+        with pytest.raises(UserError, match=r"takes a batch of transformed images \(B, 3, 32, 32\), not "
                                             r"torch.Size\(\[3, 32, 32\]\)"):
             predictor(predictor.transform(img))
+        for wrong in (torch.zeros(1, 3, 64, 64), torch.zeros(1, 1, 32, 32), torch.zeros(1, 3, 32, 32, dtype=torch.uint8)):
+            with pytest.raises(UserError, match=r"takes a batch of transformed images \(B, 3, 32, 32\)"):
+                predictor(wrong)  # another size, one channel, untransformed bytes
     assert predictor.classes[int(probs.argmax())] == good["class"] and not predictor.model.training
     assert float(probs.max()) == pytest.approx(good["prob"], abs=1e-6)
     with pytest.raises(UserError, match="no run at .*: the path does not exist"):

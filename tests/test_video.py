@@ -160,7 +160,7 @@ def test_predict_on_video_files_equals_the_cached_path(clips, video_store, tmp_p
         frames = [np.asarray(f.to_image()) for f in video.decode(video=0)]  # arrays, as a user has
     predictor = load_predictor(r.run)
     torch.testing.assert_close(predictor.clip(frames), predictor.read(path))
-    with pytest.raises(UserError, match=rf"clips of {F} frames \(B, {F}, C, H, W\), not torch.Size"):
+    with pytest.raises(UserError, match=rf"clips of {F} frames \(B, {F}, 3, 32, 32\), not torch.Size"):
         predictor(predictor.clip(frames)[None, :2])
     uniform = replace(predictor, sampling=FrameSampling(F, "uniform", fps=4))  # its step needs the rate
     with pytest.raises(UserError, match=r"sampled frames at 4 per second: give the video's frame rate"):
