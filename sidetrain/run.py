@@ -23,7 +23,7 @@ from featcache.console import note
 from featcache.errors import UserError
 from featcache.location import Location, exists, join
 from featcache.models import TokenLayout, load_backbone
-from featcache.precision import autocast
+from featcache.precision import autocast, check_device
 from featcache.sources.base import to_rgb
 from featcache.sources.video import FrameSampling, TooShort, read_clip
 from featcache.store import Store, open_store
@@ -122,6 +122,7 @@ def run_store(run: Path | str, cache: Location | None = None) -> Store:
 def evaluate_run(run: Path | str, cache: Location | None = None, device: str = "cpu") -> dict[str, float]:
     """Accuracy of a run's adapter on every complete split of a store (by default the one it
     was trained on: run_store)."""
+    check_device(device)
     config, state = load_run(run)
     store = run_store(run, cache)
     positions = check_store(config, store)
@@ -250,6 +251,7 @@ class Predictor:
 def load_predictor(run: Path | str, weights: Path | None = None, device: str = "cpu") -> Predictor:
     """The run's adapter on the backbone its store was extracted with (rebuilt and checked
     by its hash: `weights` is the file it came from, if it came from one)."""
+    check_device(device)
     config, state = load_run(run)
     bb = _backbone_for(config, weights)
     model = _model(config, state, bb.final_norms())
