@@ -141,13 +141,13 @@ def _check(cfg: ExtractConfig) -> None:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not '{cfg.dtype}'")
     if cfg.precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{cfg.precision}'")
-    if any(v is not None and v < 1 for v in (cfg.batch_size, cfg.shard_size)):
-        raise UserError("--batch-size and --shard-size must be at least 1")
+    for option, value in (("--batch-size", cfg.batch_size), ("--shard-size", cfg.shard_size),
+                          ("--img-size", cfg.img_size), ("--limit", cfg.limit), ("--per-class", cfg.per_class),
+                          ("--views", cfg.views)):  # (--frames: FrameSampling checks it)
+        require(value is None or is_int(value) and value >= 1, option, "a whole number of at least 1", value)
     check_device(cfg.device)
     require(is_number(cfg.val_fraction) and 0 < cfg.val_fraction < 1, "--val-fraction",
             "a share between 0 and 1", cfg.val_fraction)
-    require(cfg.img_size is None or is_int(cfg.img_size) and cfg.img_size >= 1, "--img-size",
-            "a whole number of pixels", cfg.img_size)
     require(is_int(cfg.workers) and cfg.workers >= 0, "--workers", "0 or more", cfg.workers)
     require(cfg.crop_pct is None or is_number(cfg.crop_pct) and 0 < cfg.crop_pct <= 1, "--crop-pct",
             "a share above 0, at most 1", cfg.crop_pct)
@@ -156,8 +156,6 @@ def _check(cfg: ExtractConfig) -> None:
     for option, value in (("--mean", cfg.mean), ("--std", cfg.std)):
         require(value is None or len(value) == 3 and all(map(is_number, value)), option,
                 "three numbers (red, green, blue)", value)
-    if cfg.views < 1:
-        raise UserError("--views must be at least 1")
     if cfg.shard is not None and not 0 <= cfg.shard[0] < cfg.shard[1]:
         raise UserError(f"--shard K/N needs 0 <= K < N, not {cfg.shard[0]}/{cfg.shard[1]}")
 

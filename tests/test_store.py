@@ -208,7 +208,7 @@ def test_a_store_from_before_precision_was_recorded_resumes_and_is_reused(tmp_pa
 
 @pytest.mark.parametrize("bad, why", [
     ({"val_fraction": 1.5}, "--val-fraction must be a share between 0 and 1"),
-    ({"img_size": 0}, "--img-size must be a whole number of pixels"),  # (it fell back to 224)
+    ({"img_size": 0}, "--img-size must be a whole number of at least 1"),  # (it fell back to 224)
     ({"workers": -1}, "--workers must be 0 or more"),
     ({"crop_pct": 0.0}, "--crop-pct must be a share above 0"),  # (it fell back to 0.9)
     ({"interpolation": "bicubik"}, "--interpolation must be one of nearest, bilinear, bicubic"),
