@@ -142,6 +142,22 @@ class Store:
         return SplitArrays(name=name, tokens=g["tokens"], scales=g.get("scales"), labels=g["labels"][:],
                            keys=g["keys"][:], done=g["done"][:], attrs=dict(g.attrs[ATTR]))
 
+    def read_tokens(self, split: str, rows: slice | list[int] | np.ndarray = slice(None)) -> np.ndarray:
+        """Tokens of some rows of a split as float32 (n, L, T, D), whatever the store's dtype.
+
+        `split(name).tokens` holds them as stored: bf16 as uint16 bits, int8 as codes that
+        need their scales (docs/store-format.md "dtypes"); this is that decoding, in numpy."""
+        s = self.split(split)
+        take = (lambda a: a[rows]) if isinstance(rows, slice) else (lambda a: a.oindex[np.asarray(rows)])
+        x = take(s.tokens)
+        if self.dtype == "bf16":
+            return (x.astype(np.uint32) << 16).view(np.float32)
+        x = x.astype(np.float32, copy=False)
+        if self.dtype == "int8":
+            x *= take(s.scales)[..., None]  # (in the loader's order: the same float32 bits)
+            x *= self.channel_scale[None, :, None, :]
+        return x
+
     @property
     def dtype(self) -> str:
         return self.meta["dtype"]

@@ -62,8 +62,9 @@ class ShardLoader:
             for batch in loader.epoch(epoch):  # the order is a function of (seed, epoch)
                 logits = head(batch.tokens.float()[:, -1, 0])  # last tap, first token
 
-    `len(loader)` is the number of batches an epoch gives. Unreadable inputs (label -1)
-    are left out."""
+    `for batch in loader` gives the next epoch, as a torch DataLoader that reshuffles would
+    (the first loop epoch 0, the next epoch 1, ...). `len(loader)` is the number of batches an
+    epoch gives. Unreadable inputs (label -1) are left out."""
 
     def __init__(self, store: Store, split: str, batch_size: int, shuffle: bool, seed: int = 0,
                  buffer_bytes: int = BUFFER_BYTES, layers: list[int] | None = None,
@@ -116,9 +117,14 @@ class ShardLoader:
         self._ring: dict[tuple, list[torch.Tensor]] = {}  # shape -> the two buffers
         self._turn = 0
         self._resident: dict[int, list[np.ndarray]] | None = None  # every stripe, when all fit the buffer
+        self._epochs_begun = 0  # by `for batch in loader`
 
     def __len__(self) -> int:
         return -(-int(self.valid.sum()) // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        self._epochs_begun += 1
+        return self.epoch(self._epochs_begun - 1)
 
     def _stripe_range(self, key: int) -> np.ndarray:
         k, j = divmod(int(key), self.stripes_per_shard)

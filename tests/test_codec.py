@@ -61,8 +61,10 @@ def test_int8_and_bf16_stores_load_close_to_fp32(fp32_store, tmp_path):
         (batch,) = list(loader.epoch(0))
         assert rel_err(batch.tokens, torch.from_numpy(exact)).max() < bound, dtype
         assert batch.tokens.dtype == {"int8": torch.float32, "bf16": torch.bfloat16}[dtype]
+        store = open_store(out)  # the numpy decoding, for readers of their own, gives the same
+        np.testing.assert_array_equal(store.read_tokens("train"), batch.tokens.float().numpy())
+        np.testing.assert_array_equal(store.read_tokens("train", [3, 1]), batch.tokens.float()[[3, 1]].numpy())
         # 16-bit batches: the models widen them inside, to exactly what float32 batches give
-        store = open_store(out)
         for spec in (ModelSpec("losa", rank=4, zero_init=False), ModelSpec("linear")):
             model = build_classifier(spec, store, seed=0)
             torch.testing.assert_close(model(batch.tokens), model(batch.tokens.float()), rtol=0, atol=0)

@@ -84,6 +84,11 @@ def test_loader_visits_every_sample_once_in_a_seeded_order(fp32_store, stripe):
         assert sorted(seen) == list(range(split.n))
         orders.setdefault(seed, []).append(seen)
     assert orders[0][0] == orders[0][1] != orders[1][0]
+    # `for batch in loader` runs epoch 0, then 1, ...: each epoch's own order, as epoch(e) gives
+    by_iter = [np.concatenate([b.index for b in loader]) for _ in range(2)]
+    assert [o.tolist() for o in by_iter] == [np.concatenate([b.index for b in loader.epoch(e)]).tolist()
+                                             for e in (0, 1)]
+    assert by_iter[0].tolist() != by_iter[1].tolist()
 
 
 def test_rank_beyond_the_dimensions_is_refused(fp32_store):

@@ -180,6 +180,14 @@ def test_a_sweep_trains_each_configuration_as_fit_would(fp32_store, tmp_path):
     rows = json.loads((moved / "sweep.json").read_text())
     assert sorted(row["run"] for row in rows) == sorted(r.run.name for r in results)
     assert all((moved / row["config"]["out"] / "adapter.safetensors").is_file() for row in rows)
+    # a rerun with other lists adds its runs to the folder's sweep.json; it keeps the others
+    (moved / "mlp-lr0.01" / "adapter.safetensors").unlink()  # a run deleted by hand is dropped
+    again = sweep(base, {"method": ["linear"], "lr": [1e-3, 1e-2, 0.1]}, moved)
+    rows = json.loads((moved / "sweep.json").read_text())
+    assert [row["run"] for row in rows] == [
+        "losa-rank2-lr0.001", "losa-rank2-lr0.01", "losa-rank4-lr0.001", "losa-rank4-lr0.01",
+        "mlp-lr0.001", "linear-lr0.001", "linear-lr0.01", "linear-lr0.1"]
+    assert rows[-1]["val_acc"] == again[-1].val_acc and rows[0]["val_acc"] == results[0].val_acc
 
 
 def test_a_sweep_varies_taps_and_drops_options_a_method_lacks(fp32_store, tmp_path, capsys):
