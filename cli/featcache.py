@@ -137,7 +137,7 @@ def extract_cmd(
         return
     skipped = sum(map(len, r.skipped.values()))  # (extract named them, on stderr)
     twin = f", would reuse {r.twin}" if r.status == "dry run" and r.twin else ""
-    print(f"{r.status}: {r.path}{twin} ({human_bytes(r.plan.total)})"
+    print(f"{r.status}: {r.path}{twin} (the store: {human_bytes(r.plan.total)})"
           + (f", {sum(r.written.values()):,} samples in {r.seconds:.1f} s" if r.written else "")
           + (f" ({skipped:,} unreadable inputs skipped)" if skipped else ""))
 

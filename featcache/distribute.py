@@ -21,13 +21,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .errors import UserError
 from .console import console, escape
-from .extraction import ExtractConfig, ExtractResult, extract
+from .extraction import ExtractConfig, ExtractResult, extract, note_skipped
 from .store import is_partial_layout, open_store
 
 
 def _run_part(cfg: ExtractConfig) -> ExtractResult | UserError:
     """A dask task. Daemonic worker processes may not fork DataLoader workers. A UserError
-    comes back as a value: the input is at fault, and dask's retries would only repeat it."""
+    comes back as a value: the input is at fault, and dask's retries would only repeat it.
+    Workers say nothing (local ones share the terminal: N copies of every note, through the
+    bar); the client says what matters once, from the plan and the results."""
+    console.quiet = True
     if multiprocessing.current_process().daemon:
         cfg = replace(cfg, workers=0)
     try:
@@ -144,4 +147,5 @@ def extract_on_dask(cfg: ExtractConfig, address: str) -> ExtractResult:
     if total and done < total:
         raise UserError(f"only {done} of {total} shards of {out} are done; rerun the command.")
     merged.complete = True
+    note_skipped(merged)
     return merged

@@ -303,12 +303,17 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                 say(f"part {cfg.shard[0]}/{cfg.shard[1]} of {out} is done; "
                     "the store completes when every part has run.")
     refuse_unreadable(store, names)
+    note_skipped(result)
+    return result
+
+
+def note_skipped(result: ExtractResult) -> None:
+    """Name the inputs this extraction could not read (ten per split)."""
     for split, bad in result.skipped.items():
         examples = "; ".join(f"{key}: {why}" for key, why in list(bad.items())[:10])
         note(f"skipped {len(bad)} unreadable input(s) in {split}: {examples}"
              + (f"; ... and {len(bad) - 10} more (ExtractResult.skipped, or `featcache info "
-                f"--json {out}`, has them all)" if len(bad) > 10 else ""))
-    return result
+                f"--json {result.path}`, has them all)" if len(bad) > 10 else ""))
 
 
 def _run(cfg: ExtractConfig, backbone: Backbone, store: Store, images: Images, ds: Dataset,
@@ -332,7 +337,7 @@ def _run(cfg: ExtractConfig, backbone: Backbone, store: Store, images: Images, d
                TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
     with Progress(*columns, console=console) as bar:
         task = bar.add_task(f"extract -> {escape(str(result.path))}", total=sum(map(len, batches)), rate="")
-        done = 0
+        done = read = 0  # inputs through, and those that could be read (the rate counts these)
         for items, batch, ok, reasons in loader:
             sid, first = items[0]
             if shard is None or (shard.split, shard.index) != (names[sid], first // sizes[sid]):
@@ -349,10 +354,10 @@ def _run(cfg: ExtractConfig, backbone: Backbone, store: Store, images: Images, d
             if pending:
                 shard.fill(*pending)
             pending = (items, encoded, ok, reasons)
-            done += len(items)
+            done, read = done + len(items), read + int(ok.sum())
             dt = time.perf_counter() - t0
-            bar.update(task, completed=done, rate=f"{done / dt:.1f} {unit}/s, "
-                       f"{human_bytes(done * result.plan.bytes_per_sample / dt)}/s")
+            bar.update(task, completed=done, rate=f"{read / dt:.1f} {unit}/s, "
+                       f"{human_bytes(read * result.plan.bytes_per_sample / dt)}/s")
         if pending:
             shard.fill(*pending)
         if shard is not None:

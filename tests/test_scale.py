@@ -129,7 +129,7 @@ def test_locks_between_parts(tmp_path):
     extract(ExtractConfig(shard=(1, 3), **cfg))  # not refused: the N=2 parts are gone
 
 
-def test_dask_local_cluster_equals_a_single_process(tmp_path):
+def test_dask_local_cluster_equals_a_single_process(tmp_path, capfd):
     """Bits depend on the CPU thread count (the order of the matmul sums): dask workers run
     one thread each, so the reference runs with one thread too."""
     single = tmp_path / "single"
@@ -139,6 +139,7 @@ def test_dask_local_cluster_equals_a_single_process(tmp_path):
     r = extract_on_dask(ExtractConfig(dataset="demo", out=out, limit=12, shard_size=4, reuse=False,
                                       **{**TINY, "batch_size": 2}), "local:2")
     assert r.written == {"train": 12, "val": 12, "test": 12} and r.complete and r.status == "written"
+    assert capfd.readouterr().err.count("store size:") == 1  # said once, not by each worker too
     assert open_store(out).complete
     expected = arrays(single)
     for name, value in arrays(out).items():

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -77,11 +80,31 @@ Picker = Callable[[int, float], list[int]]  # (frame count, native fps) -> frame
 
 
 def _decode_decord(path: Path, pick: Picker) -> np.ndarray:
-    import decord
-    decord.logging.set_level(decord.logging.QUIET)  # ffmpeg's own lines: the skip records why
-    reader = decord.VideoReader(str(path), num_threads=1)
+    reader = _open_decord(path)
     indices = pick(len(reader), float(reader.get_avg_fps()))
     return reader.get_batch(indices).asnumpy()
+
+
+def _open_decord(path: Path):
+    """decord's reader of `path`. Why a file cannot be opened, decord's C++ prints on stderr
+    past its QUIET level (a line through the progress bar) and raises 'Error reading x...':
+    the line is caught here and becomes the error, which the skip records."""
+    import decord
+    decord.logging.set_level(decord.logging.QUIET)  # ffmpeg's own lines
+    with tempfile.TemporaryFile() as said:
+        sys.stderr.flush()
+        stderr = os.dup(2)
+        os.dup2(said.fileno(), 2)
+        try:
+            return decord.VideoReader(str(path), num_threads=1)
+        except RuntimeError as e:
+            said.seek(0)
+            lines = said.read().decode(errors="replace").strip().splitlines()
+            # "[10:08:06] /github/workspace/src/video/video_reader.cc:83: ERROR opening: x.mp4, Invalid data ..."
+            raise RuntimeError(re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", lines[-1]) if lines else str(e)) from None
+        finally:
+            os.dup2(stderr, 2)
+            os.close(stderr)
 
 
 def _decode_av(path: Path, pick: Picker) -> np.ndarray:
