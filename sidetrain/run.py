@@ -139,7 +139,8 @@ def evaluate_run(run: Path | str, cache: Location | None = None, device: str = "
                                   recycle=True).epoch(0):
                 correct += (model(b.tokens).argmax(1) == b.labels).sum()
                 n += len(b.labels)
-        accs[name] = correct.item() / max(n, 1)
+        if n:  # (a split of unreadable inputs alone has nothing to score)
+            accs[name] = correct.item() / n
     return accs
 
 

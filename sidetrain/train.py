@@ -427,7 +427,7 @@ def _pass(loader: ShardLoader, epoch: int, trainers: list[Trainer], union: list[
     for b in loader.epoch(epoch):
         readouts: dict[tuple, torch.Tensor] = {}
         for t, pick in zip(trainers, picks):
-            if t.failed:
+            if t.failed and train:  # (one stopped at a NaN is still scored: on test, its best epoch)
                 continue
             start = mark(device)
             if t.probe and t.readout_key in readouts:

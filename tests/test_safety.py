@@ -75,10 +75,12 @@ def test_a_second_writer_is_refused_while_the_first_lives(tmp_path, capsys):
     holder.wait()  # a dead writer holds nothing
     assert writer(out) is None
     # nor do the children it forked (loader workers), which outlive a kill -9 for seconds
-    holder = subprocess.Popen([sys.executable, "-c", "import os, sys, time; from featcache.lock import "
-                               "StoreLock; lock = StoreLock(sys.argv[1]); lock.__enter__(); child = os.fork(); "
-                               "child or time.sleep(60); print(child, flush=True); time.sleep(60)", str(out)],
-                              stdout=subprocess.PIPE)
+    # (the child tells the parent it runs: its at-fork hooks have run by then)
+    forks = ("import os, sys, time\nfrom featcache.lock import StoreLock\n"
+             "lock = StoreLock(sys.argv[1]); lock.__enter__(); r, w = os.pipe(); child = os.fork()\n"
+             "if not child: os.write(w, b'1'); time.sleep(60)\n"
+             "os.read(r, 1); print(child, flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", forks, str(out)], stdout=subprocess.PIPE)
     child = int(holder.stdout.readline())
     assert writer(out) is not None
     holder.kill()

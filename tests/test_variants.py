@@ -273,6 +273,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fp32_store, tmp_path,
     state = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=False)
     assert state["epoch"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert len((tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()) == 2
+    # the best epoch kept is scored on test, as any run's
+    summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
+    assert summary["best_epoch"] == 1 and summary["test_acc"] == evaluate_run(tmp_path / "nan")["test"]
     # weights gone bad by an epoch's end show in the val loss first: that stops it too
     monkeypatch.setattr(train_module.Trainer, "train_batch", original)
     evaluate = train_module.Trainer.eval_batch
