@@ -75,7 +75,8 @@ def extract_cmd(
                                              "Default: 32, or, resuming a store, the store's (a "
                                              "resume must batch alike: batching changes a forward's "
                                              "low bits)."),
-    device: str = typer.Option("cpu", help="cpu or cuda (or cuda:N)."),
+    device: str = typer.Option("auto", help="auto (cuda where torch sees a GPU, else cpu; "
+                               "$FEATCACHE_DEVICE overrides auto), cpu, cuda or cuda:N."),
     limit: Optional[int] = typer.Option(None, help="At most N samples per split (class-balanced, "
                                         "seeded): for quick tries on big datasets."),
     img_size: Optional[int] = typer.Option(None, help="Input resolution instead of the model's "

@@ -51,7 +51,8 @@ HELP = {
     "prefix_mixing": "join: class/register tokens take part in token mixing (of their frame); "
                      "channel: they get channel mixing only.",
     "precision": "fp32, or autocast bf16 / fp16 (with loss scaling) on CUDA; ignored on CPU.",
-    "device": "cpu or cuda (or cuda:N).",
+    "device": "auto (cuda where torch sees a GPU, else cpu; $FEATCACHE_DEVICE overrides auto), "
+              "cpu, cuda or cuda:N.",
     "json": "Print the result as JSON on stdout.",
 }
 
@@ -84,7 +85,7 @@ def fit_cmd(
     batch_size: int = typer.Option(64, help=HELP["batch_size"]),
     seed: int = typer.Option(0, help=HELP["seed"]),
     precision: str = typer.Option("fp32", help=HELP["precision"]),
-    device: str = typer.Option("cpu", help=HELP["device"]),
+    device: str = typer.Option("auto", help=HELP["device"]),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder. Default: "
                                            "./runs/<store>-<method>[-r<rank>]-s<seed>."),
     as_json: bool = typer.Option(False, "--json", help=HELP["json"]),
@@ -143,7 +144,7 @@ def sweep_cmd(
     epochs: int = typer.Option(10, help=HELP["epochs"]),
     batch_size: int = typer.Option(64, help=HELP["batch_size"]),
     precision: str = typer.Option("fp32", help=HELP["precision"]),
-    device: str = typer.Option("cpu", help=HELP["device"]),
+    device: str = typer.Option("auto", help=HELP["device"]),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the runs, sweep.json "
                                            "and pareto.png. Default: runs/<store>-sweep."),
     as_json: bool = typer.Option(False, "--json", help=HELP["json"]),
@@ -175,7 +176,7 @@ def sweep_cmd(
 def eval_cmd(run_dir: Path = typer.Option(..., "--run", help="A run folder from fit or sweep."),
              cache: Optional[str] = typer.Option(None, help="A store (folder or URL) with the same backbone, "
                                                  "taps and classes. Default: the one the run was trained on."),
-             device: str = typer.Option("cpu", help=HELP["device"]),
+             device: str = typer.Option("auto", help=HELP["device"]),
              as_json: bool = typer.Option(False, "--json", help=HELP["json"])) -> None:
     """Accuracy of a trained adapter on every split of a store."""
     accs = evaluate_run(run_dir, cache, device)
@@ -195,7 +196,7 @@ def predict_cmd(images: list[Path] = typer.Argument(..., metavar="FILES", help="
                 run_dir: Path = typer.Option(..., "--run", help="A run folder from fit or sweep."),
                 weights: Optional[Path] = typer.Option(None, help="The backbone weights file the "
                                                        "store was extracted with, if it came from one."),
-                device: str = typer.Option("cpu", help=HELP["device"]),
+                device: str = typer.Option("auto", help=HELP["device"]),
                 top: int = typer.Option(1, help="How many classes to give per file, likeliest "
                                         "first (each with its probability)."),
                 as_json: bool = typer.Option(False, "--json", help=HELP["json"])) -> None:

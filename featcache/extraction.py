@@ -31,7 +31,7 @@ from .location import Location, exists, is_url, join, normalize
 from .lock import StoreLock, meta_lock, writer
 from .models import Backbone, TokenLayout, load_backbone
 from .plan import StorePlan, human_bytes, make_plan
-from .precision import PRECISIONS, check_device
+from .precision import PRECISIONS, pick_device
 from .readback import Readback
 from .reuse import content_key, existing_store, identical_store, open_or_create, stored_batch_size
 from .shards import Shard, ShardWriter, shard_batches
@@ -55,7 +55,7 @@ class ExtractConfig:
     dtype: str = "fp16"  # fp16 | bf16 | int8 | fp32: how tokens are stored
     precision: str = "fp32"  # how the backbone computes them: fp32, or autocast bf16 | fp16
     batch_size: int | None = None  # per forward; default: the store's when resuming one, else 32
-    device: str = "cpu"
+    device: str = "auto"  # cuda where torch sees a GPU, else cpu (precision.pick_device)
     limit: int | None = None
     img_size: int | None = None
     taps: str = "all"
@@ -145,7 +145,6 @@ def _check(cfg: ExtractConfig) -> None:
                           ("--img-size", cfg.img_size), ("--limit", cfg.limit), ("--per-class", cfg.per_class),
                           ("--views", cfg.views)):  # (--frames: FrameSampling checks it)
         require(value is None or is_int(value) and value >= 1, option, "a whole number of at least 1", value)
-    check_device(cfg.device)
     require(is_number(cfg.val_fraction) and 0 < cfg.val_fraction < 1, "--val-fraction",
             "a share between 0 and 1", cfg.val_fraction)
     require(is_int(cfg.workers) and cfg.workers >= 0, "--workers", "0 or more", cfg.workers)
@@ -185,6 +184,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     if isinstance(cfg.split, str):  # split="train" or "train,val", as on the command line
         cfg = replace(cfg, split=cfg.split.split(","))
     _check(cfg)
+    cfg = replace(cfg, device=pick_device(cfg.device))
     ds = open_dataset(cfg.dataset, cfg.seed, cfg.val_fraction, cfg.limit, cfg.per_class,
                       cfg.split, cfg.data_root, cfg.download,
                       FrameSampling(cfg.frames, cfg.sampling, cfg.fps))
@@ -336,7 +336,7 @@ def _run(cfg: ExtractConfig, backbone: Backbone, store: Store, images: Images, d
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
     with Progress(*columns, console=console) as bar:
-        task = bar.add_task(f"extract -> {escape(str(result.path))}", total=sum(map(len, batches)), rate="")
+        task = bar.add_task(f"extract on {cfg.device} -> {escape(str(result.path))}", total=sum(map(len, batches)), rate="")
         done = read = 0  # inputs through, and those that could be read (the rate counts these)
         for items, batch, ok, reasons in loader:
             sid, first = items[0]

@@ -10,6 +10,7 @@ keep their input's 16 bits).
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -27,11 +28,18 @@ def autocast(device_type: str, precision: str | None) -> contextlib.AbstractCont
     return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
 
 
-def check_device(device: str) -> None:
-    """Refuse a device torch cannot name, or CUDA where there is none, before any work."""
+def pick_device(device: str) -> str:
+    """The device to run on: `auto` is $FEATCACHE_DEVICE where set, else cuda where torch sees
+    a GPU, else cpu (a GPU user need not say so; a GPU box's CI can keep to the CPU). Refuses
+    a name torch cannot use, or CUDA where there is none, before any work."""
+    given = device
+    if device == "auto":
+        device = os.environ.get("FEATCACHE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    where = "" if device == given else " (from FEATCACHE_DEVICE)"
     try:
         kind = torch.device(device).type
     except (RuntimeError, TypeError):
-        raise UserError(f"--device must be cpu, cuda or cuda:N, not {device!r}") from None
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}{where}") from None
     if kind == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but torch sees no CUDA device here.")
+        raise UserError(f"--device {device} was asked for{where}, but torch sees no CUDA device here.")
+    return device

@@ -23,7 +23,7 @@ from featcache.console import note
 from featcache.errors import UserError
 from featcache.location import Location, exists, join
 from featcache.models import TokenLayout, load_backbone
-from featcache.precision import autocast, check_device
+from featcache.precision import autocast, pick_device
 from featcache.sources.base import to_rgb
 from featcache.sources.video import FrameSampling, TooShort, read_clip
 from featcache.store import Store, open_store
@@ -119,10 +119,10 @@ def run_store(run: Path | str, cache: Location | None = None) -> Store:
     return store
 
 
-def evaluate_run(run: Path | str, cache: Location | None = None, device: str = "cpu") -> dict[str, float]:
+def evaluate_run(run: Path | str, cache: Location | None = None, device: str = "auto") -> dict[str, float]:
     """Accuracy of a run's adapter on every complete split of a store (by default the one it
     was trained on: run_store)."""
-    check_device(device)
+    device = pick_device(device)
     config, state = load_run(run)
     store = run_store(run, cache)
     positions = check_store(config, store)
@@ -249,10 +249,10 @@ class Predictor:
             return self.model(inputs.to(self.device)).float().softmax(1).cpu()
 
 
-def load_predictor(run: Path | str, weights: Path | None = None, device: str = "cpu") -> Predictor:
+def load_predictor(run: Path | str, weights: Path | None = None, device: str = "auto") -> Predictor:
     """The run's adapter on the backbone its store was extracted with (rebuilt and checked
     by its hash: `weights` is the file it came from, if it came from one)."""
-    check_device(device)
+    device = pick_device(device)
     config, state = load_run(run)
     bb = _backbone_for(config, weights)
     model = _model(config, state, bb.final_norms())
@@ -267,7 +267,7 @@ def load_predictor(run: Path | str, weights: Path | None = None, device: str = "
 
 
 def predict(run: Path | str, images: list[Path | str] | Path | str, weights: Path | None = None,
-            device: str = "cpu", batch_size: int = 32, top: int = 1) -> list[dict]:
+            device: str = "auto", batch_size: int = 32, top: int = 1) -> list[dict]:
     """Class and probability for each image (or video, for a video run), backbone and
     adapter run live: {"path", "label", "class", "prob"} for the likeliest class, and with
     `top` > 1 also "top", the `top` likeliest as [{"label", "class", "prob"}, ...]. A file

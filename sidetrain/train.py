@@ -31,7 +31,7 @@ from featcache.console import console, note, say
 from featcache.errors import UserError, is_int, is_number, require
 from featcache.location import Location, is_url
 from featcache.lock import writer
-from featcache.precision import PRECISIONS, autocast, check_device
+from featcache.precision import PRECISIONS, autocast, pick_device
 from featcache.store import Store, open_store
 
 from .classifier import (ModelSpec, auto_variant, build_classifier, input_layers, select_taps,
@@ -75,7 +75,7 @@ class FitConfig:
     batch_size: int = 64
     seed: int = 0
     precision: str = "fp32"  # autocast on CUDA: bf16 or fp16 (with loss scaling)
-    device: str = "cpu"
+    device: str = "auto"  # cuda where torch sees a GPU, else cpu (featcache.precision.pick_device)
     out: Path | None = None  # default: runs/<store>-<method>[-r<rank>]-s<seed>
 
     def spec(self) -> ModelSpec:
@@ -158,7 +158,6 @@ def _check_config(cfg: FitConfig) -> None:
         require(is_number(value) and 0 <= value < 1, option, "at least 0 and below 1", value)
     if cfg.precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{cfg.precision}'")
-    check_device(cfg.device)
 
 
 def _check_store(cfg: FitConfig, store: Store) -> None:
@@ -455,6 +454,7 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
     one pass over the data per epoch. Returns one FitResult per configuration, in order."""
     for c in configs:
         _check_config(c)
+    configs = [replace(c, device=pick_device(c.device)) for c in configs]  # as run and recorded
     first = configs[0]
     for c in configs[1:]:
         diff = [k for k in ONE_PASS + ("seed",) if k != "cache" and getattr(c, k) != getattr(first, k)]
@@ -486,7 +486,7 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
             continue
         with Progress(*BAR, console=console, transient=True,  # an epoch can take hours
                       disable=not (console.is_terminal or console.is_jupyter)) as bar:
-            task = bar.add_task(f"epoch {epoch}", total=len(train) + len(val))
+            task = bar.add_task(f"epoch {epoch} on {first.device}", total=len(train) + len(val))
             steps_done, wall_train = _pass(train, epoch, active, union, True, lambda: bar.advance(task))
             _, wall_val = _pass(val, 0, active, union, False, lambda: bar.advance(task))
         own = [t.clock.take() for t in active]

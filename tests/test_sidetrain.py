@@ -317,12 +317,29 @@ def test_loader_layers_are_positions_among_the_taps(fp32_store):
     ({"label_smoothing": 3}, "--label-smoothing must be at least 0 and below 1"),
     ({"epochs": 1.5}, "--epochs must be a whole number"),
     ({"lr": "1e-3"}, "--lr must be a positive number, not '1e-3'"),
-    ({"device": "gpu"}, "--device must be cpu, cuda or cuda:N"),
+    ({"device": "gpu"}, "--device must be auto, cpu, cuda or cuda:N"),
 ])
 def test_values_no_training_can_use_are_refused_before_any_folder(fp32_store, tmp_path, bad, why):
     with pytest.raises(UserError, match=why):
         fit(FitConfig(**{"cache": fp32_store, "epochs": 1, "batch_size": 8, "out": tmp_path / "run", **bad}))
     assert not (tmp_path / "run").exists()
+
+
+def test_auto_picks_a_gpu_where_torch_sees_one_and_records_the_device_it_ran_on(fp32_store, tmp_path,
+                                                                                monkeypatch):
+    from featcache.precision import pick_device
+
+    monkeypatch.delenv("FEATCACHE_DEVICE")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("auto") == "cuda" and pick_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == "cpu"
+    monkeypatch.setenv("FEATCACHE_DEVICE", "gpu")
+    with pytest.raises(UserError, match="not 'gpu' \\(from FEATCACHE_DEVICE\\)"):
+        pick_device("auto")
+    monkeypatch.setenv("FEATCACHE_DEVICE", "cpu")
+    r = fit(FitConfig(cache=fp32_store, rank=2, epochs=1, batch_size=8, out=tmp_path / "run"))
+    assert r.config.device == "cpu" == json.loads((tmp_path / "run" / "config.json").read_text())["device"]
 
 
 def test_numpy_numbers_and_a_path_are_taken_as_python_would(fp32_store, tmp_path):

@@ -213,7 +213,7 @@ def test_a_store_from_before_precision_was_recorded_resumes_and_is_reused(tmp_pa
     ({"crop_pct": 0.0}, "--crop-pct must be a share above 0"),  # (it fell back to 0.9)
     ({"interpolation": "bicubik"}, "--interpolation must be one of nearest, bilinear, bicubic"),
     ({"mean": (0.5, 0.5)}, "--mean must be three numbers"),
-    ({"device": "gpu"}, "--device must be cpu, cuda or cuda:N"),
+    ({"device": "gpu"}, "--device must be auto, cpu, cuda or cuda:N"),
 ])
 def test_settings_that_cannot_work_are_refused_before_anything_is_written(tmp_path, bad, why):
     for dry_run in (True, False):
