@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from featcache.errors import UserError
+from featcache.errors import UserError, disk_full
 from featcache.store import Store
 
 
@@ -19,13 +20,22 @@ def make_app(help: str) -> typer.Typer:
 
 
 def run(app: typer.Typer) -> None:
-    """Run `app`; a UserError becomes `error: ...` on one stderr line and exit status 2,
-    Ctrl-C exit status 130 with a line on what was kept."""
+    """Run `app`; a UserError becomes `error: ...` on one stderr line and exit status 2, a
+    full or read-only disk one line and status 1, Ctrl-C exit status 130 with a line on what
+    was kept."""
     try:
         app()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # where the disk fills up or is read-only is no bug of ours: one line
+        if not disk_full(e) and e.errno != errno.EROFS:
+            raise
+        print(f"error: {e.strerror}{f': {e.filename}' if e.filename else ''}. "
+              + ("Free some space" if disk_full(e) else "Write elsewhere (--out)")
+              + " and rerun the same command: extract, fit and sweep continue from what they finished.",
+              file=sys.stderr)
+        sys.exit(1)
     except SystemExit as e:
         if e.code == 130:  # typer's exit for Ctrl-C (it catches KeyboardInterrupt itself)
             print("\ninterrupted (extract, fit and sweep keep the shards and epochs they "

@@ -4,6 +4,7 @@ The CLIs print these as a single line and exit non-zero; anything else is a bug 
 its traceback.
 """
 
+import errno
 import numbers
 
 
@@ -25,3 +26,8 @@ def is_int(value: object) -> bool:
 
 def is_number(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def disk_full(e: BaseException) -> bool:
+    """An OSError that says the disk (or the user's quota) has no room left."""
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)

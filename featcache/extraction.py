@@ -9,6 +9,7 @@ command recomputes exactly the shards not yet written (shards.py) and ends bit-i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -37,7 +38,7 @@ from .reuse import content_key, existing_store, identical_store, open_or_create,
 from .shards import Shard, ShardWriter, shard_batches
 from .sources import Dataset, FrameSampling, open_dataset
 from .sources.video import decoder_name
-from .store import Store, damaged, mark_complete, open_store
+from .store import SplitArrays, Store, damaged, mark_complete, open_store
 from .taps import forward_taps, parse_taps
 
 
@@ -269,8 +270,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
             "--no-reuse to extract anyway (after changing files in place without renaming them).")
         result.path, result.status, result.complete = twin, "reused", True
         return result
-    if not existed:
-        plan.check_fits(cfg.force)
+    plan.check_fits(cfg.force, None if store is None else sum(map(_left, map(store.split, names))))
     device = torch.device(cfg.device)
     backbone.model.to(device)
     calibration = partial(_calibration, cfg, backbone, images, names[0], taps, device)  # if a store is made
@@ -284,12 +284,14 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         batches = shard_batches(store, names, cfg.batch_size, cfg.shard)
         if batches:
             result.status = "resumed" if existed else "written"
-            _run(cfg, backbone, store, images, ds, names, taps, batches, result)
+            try:
+                _run(cfg, backbone, store, images, ds, names, taps, batches, result)
+            except BaseException:  # (a full disk, Ctrl-C) the splits it finished are complete
+                with contextlib.suppress(Exception), meta_lock(out):
+                    _mark_finished(out, names)
+                raise
         with meta_lock(out):
-            store = open_store(out, mode="r+")  # other parts may have finished shards meanwhile
-            for name in names:
-                if store.split(name).done.all() and not store.split(name).attrs["complete"]:
-                    mark_complete(store, name)
+            store = _mark_finished(out, names)  # other parts may have finished shards meanwhile
             result.complete = all(store.split(n).done.all() for n in names)
             if result.complete:
                 if not store.meta["complete"]:
@@ -305,6 +307,20 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     refuse_unreadable(store, names)
     note_skipped(result)
     return result
+
+
+def _left(split: SplitArrays) -> int:
+    """Samples in the shards of a split that are not done."""
+    return int((~split.done[np.arange(split.n) // split.shard_size]).sum())
+
+
+def _mark_finished(out: Location, names: list[str]) -> Store:
+    """Flag complete the splits whose shards are all done (the caller holds the meta lock)."""
+    store = open_store(out, mode="r+")
+    for name in names:
+        if store.split(name).done.all() and not store.split(name).attrs["complete"]:
+            mark_complete(store, name)
+    return store
 
 
 def note_skipped(result: ExtractResult) -> None:

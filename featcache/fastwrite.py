@@ -52,6 +52,13 @@ def write_samples(array: zarr.Array, folder: Path | None, lo: int, samples: np.n
         return
     path = Path(folder).joinpath("c", str(lo // shard), *["0"] * (array.ndim - 1))
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # an earlier try at this shard, killed
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    shard_bytes(samples.astype(array.dtype, copy=False), shard).tofile(tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:  # (not ndarray.tofile: a full disk is then errno ENOSPC, not a short write)
+            f.write(shard_bytes(samples.astype(array.dtype, copy=False), shard).data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk keeps no half shard
+        raise

@@ -15,6 +15,7 @@ A flock is never left behind by a crashed or SIGKILLed process: no stale-lock cl
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
@@ -152,11 +153,13 @@ def _open(lock_file: Path):
     try:
         lock_file.parent.mkdir(parents=True, exist_ok=True)
         return open(lock_file, "a+")
-    except OSError as e:  # permissions, a read-only mount
-        raise UserError(
-            f"cannot write to {lock_file.parent} ({e.strerror}): only who may write a store's "
-            "folder can extract into it. In a lab, make the cache group-writable (a setgid "
-            "group folder, `chmod -R g+w`, and umask 002 for whoever extracts).") from None
+    except OSError as e:  # permissions, a read-only mount, a full disk
+        what = {errno.EROFS: "extract to a folder on a writable disk (--out)",
+                errno.ENOSPC: "free some space first"}.get(e.errno, (
+                    "only who may write a store's folder can extract into it. In a lab, make "
+                    "the cache group-writable (a setgid group folder, `chmod -R g+w`, and umask "
+                    "002 for whoever extracts)"))
+        raise UserError(f"cannot write to {lock_file.parent} ({e.strerror}): {what}.") from None
 
 
 @contextmanager

@@ -51,12 +51,16 @@ class StorePlan:
                 f"({human_bytes(self.bytes_per_sample)} per sample); free: "
                 + ("unknown (object store)" if self.free is None else human_bytes(self.free)))
 
-    def check_fits(self, force: bool) -> None:
-        if self.free is not None and self.total > self.free and not force:
+    def check_fits(self, force: bool, left: int | None = None) -> None:
+        """Refuse a store larger than the free space; `left`: the samples a resumed store
+        still has to write (its shards not done), else all of them."""
+        needed = self.total if left is None else left * self.bytes_per_sample
+        if self.free is not None and needed > self.free and not force:
             raise UserError(
-                f"the store needs {human_bytes(self.total)} but only {human_bytes(self.free)} is "
-                "free. Shrink it (--limit N samples per split, --taps last:4 or every:2, "
-                "--dtype fp16) or pass --force to write anyway.")
+                f"the store needs {human_bytes(needed)}{'' if left is None else ' more'} but only "
+                f"{human_bytes(self.free)} is free. Free some space, shrink it (--limit N samples "
+                "per split, --taps last:4 or every:2, --dtype int8: half of fp16's bytes) or pass "
+                "--force to write anyway.")
 
 
 def free_bytes(path: Location) -> int | None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, disk_full
 from .readback import InFlight
 from .sources import Split
 from .store import STORAGE, Store, write_shard
@@ -101,9 +101,10 @@ class ShardWriter:
                 except BUGS as e:  # our mistake, not the storage's: keep its traceback
                     self.error = e
                 except Exception as e:  # disk full, a bucket gone away: say so, in one line
+                    why = "the disk is full: free some space" if disk_full(e) else f"{type(e).__name__}: {e}"
                     self.error = UserError(
                         f"writing shard {shard.index} of split '{shard.split}' to {self.store.path} "
-                        f"failed ({type(e).__name__}: {e}). Every shard written before it is kept: "
+                        f"failed ({why}). Every shard written before it is kept: "
                         "rerun the same command to continue from there.")
                     self.error.__cause__ = e
 

@@ -8,6 +8,7 @@ predictions as the cached path. `load_predictor` is that model, for inputs of on
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -36,7 +37,11 @@ from .train import side_precision
 
 def load_run(run: Path | str) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json of the run, adapter weights)."""
-    return run_config(run), load_file(str(Path(run) / "adapter.safetensors"))
+    config, adapter = run_config(run), Path(run) / "adapter.safetensors"
+    if not os.access(adapter, os.R_OK):  # (safetensors would say "No such file")
+        raise UserError(f"{adapter} is not readable by this user: its owner can share it with "
+                        f"`chmod a+r {adapter}` (runs made before 2026-11-28 were written 0600).")
+    return config, load_file(str(adapter))
 
 
 def run_config(run: Path | str) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -24,13 +25,14 @@ import torch.nn.functional as F
 from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from featcache import location
 from featcache.console import console, note, say
 from featcache.errors import UserError, is_int, is_number, require
 from featcache.location import Location, is_url
 from featcache.lock import writer
+from featcache.plan import human_bytes
 from featcache.precision import PRECISIONS, autocast, pick_device
 from featcache.store import Store, open_store
 
@@ -293,7 +295,13 @@ class Trainer:
                  "seconds": self.seconds, "history": self.history, "best": self.best,
                  "best_state": self.best_state, "rng": self.rng, "failed": self.failed}
         tmp = self.run / "checkpoint.pt.tmp"
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except (OSError, RuntimeError) as e:  # a full disk: torch says "unexpected pos ..." or "iostream error"
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"could not write {tmp} ({e}); free there: "
+                            f"{human_bytes(shutil.disk_usage(self.run).free)}. The run keeps its last "
+                            "checkpoint: free some space and rerun the same command to resume.") from None
         os.replace(tmp, self.run / "checkpoint.pt")  # never a half-written checkpoint
         with open(self.run / "metrics.jsonl", "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in self.history)
@@ -385,9 +393,13 @@ class Trainer:
         self._checkpoint()
 
     def finish(self, test_acc: float | None) -> FitResult:
-        save_file({k: v.contiguous().cpu() for k, v in self.best_state.items()},
-                  str(self.run / "adapter.safetensors"),
-                  metadata={"config": json.dumps(self.config_json), "epoch": str(self.best["epoch"])})
+        # as bytes, then written as any file: safetensors' own save_file makes it readable by
+        # its owner alone (0600), whatever the umask, and a lab's colleagues could not load it
+        adapter = save({k: v.contiguous().cpu() for k, v in self.best_state.items()},
+                       metadata={"config": json.dumps(self.config_json), "epoch": str(self.best["epoch"])})
+        tmp = self.run / "adapter.safetensors.tmp"
+        tmp.write_bytes(adapter)
+        os.replace(tmp, self.run / "adapter.safetensors")
         result = FitResult(run=self.run, config=self.cfg, params=self.params,
                            best_epoch=self.best["epoch"], val_acc=self.best["val_acc"],
                            test_acc=test_acc, seconds=self.seconds, history=self.history,

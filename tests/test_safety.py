@@ -263,3 +263,47 @@ def test_finishing_a_store_one_may_not_write_says_so(fp32_store, tmp_path):
     with read_only(tmp_path / "incomplete", tmp_path / "ro" / "demo32") as ro:
         with pytest.raises(UserError, match=r"cannot write to .*ro/demo32 \(Read-only file system\)"):
             extract(ExtractConfig(dataset="demo", out=ro, dtype="fp32", limit=24, shard_size=5, **TINY))
+
+
+@contextmanager
+def small_disk(at: Path, size: str):
+    """A tmpfs of `size` at `at`: a disk that fills up (skipped where this process may not mount)."""
+    at.mkdir(parents=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(at)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root): " + mount.stderr.decode().strip())
+    try:
+        yield at
+    finally:
+        subprocess.run(["umount", str(at)], capture_output=True)
+
+
+def test_a_full_disk_is_said_in_one_line_keeps_no_half_file_and_the_rerun_finishes(fp32_store, tmp_path, run_cli):
+    args = ["featcache", "extract", "--model", "vit_tiny", "--random-init", "--img-size", "32", "--dataset",
+            "demo", "--limit", "24", "--shard-size", "8", "--batch-size", "4", "--workers", "0", "--no-reuse"]
+    with small_disk(tmp_path / "disk", "1M") as disk:  # the store: 1.7 MB
+        r = run_cli(*args, "--out", str(disk / "s"), "--force")
+        assert r.returncode == 2 and "failed (the disk is full: free some space)" in " ".join(r.stderr.split())
+        assert not list(disk.rglob("*.tmp"))  # a shard cut short is removed
+        r = run_cli(*args, "--out", str(disk / "s"))  # the rerun checks what is left to write
+        assert r.returncode == 2 and "B more but only" in " ".join(r.stderr.split())
+        subprocess.run(["mount", "-o", "remount,size=4M", str(disk)], check=True)
+        assert run_cli(*args, "--out", str(disk / "s")).returncode == 0
+        assert verify(open_store(disk / "s")).ok and not list(disk.rglob("*.tmp"))
+        # a fit whose checkpoint does not fit: one line, no half checkpoint, and it resumes
+        filler = disk / "filler"
+        filler.write_bytes(bytes(shutil.disk_usage(disk).free - 64 * 1024))
+        fit_args = ["sidetrain", "fit", "--cache", str(fp32_store), "--rank", "2", "--epochs", "1",
+                    "--batch-size", "8", "--out", str(disk / "run")]
+        r = run_cli(*fit_args)
+        assert r.returncode == 2 and "free some space and rerun the same command to resume" in r.stderr
+        assert not list(disk.rglob("*.tmp"))
+        filler.unlink()
+        assert run_cli(*fit_args).returncode == 0
+        assert oct((disk / "run" / "adapter.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~umask())
+
+
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
