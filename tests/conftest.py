@@ -26,8 +26,8 @@ def run_cli(monkeypatch, capsys):
     status and what went to stdout and stderr. Any exception but an exit fails the test."""
     from rich.console import Console
 
-    from cli import featcache, sidetrain
-    from cli.common import run
+    from featcache_cli import featcache, sidetrain
+    from featcache_cli.common import run
 
     for module in (featcache, sidetrain):  # plain text, whatever the terminal was at import
         monkeypatch.setattr(module, "out", Console(color_system=None, highlight=False))

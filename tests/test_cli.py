@@ -11,7 +11,7 @@ import pytest
 
 
 def cli(tool: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"cli.{tool}", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", f"featcache_cli.{tool}", *args], capture_output=True,
                           text=True, cwd=cwd, timeout=300)
 
 
@@ -69,7 +69,7 @@ def test_extract_info_fit_from_the_command_line(tmp_path, monkeypatch, run_cli):
 
 
 def test_ctrl_c_says_what_was_kept(capsys, monkeypatch):
-    from cli.common import make_app, run
+    from featcache_cli.common import make_app, run
 
     app = make_app("test")
 
@@ -94,7 +94,7 @@ def test_the_cli_defaults_are_the_python_defaults():
 
     import typer.main
 
-    from cli.sidetrain import app
+    from featcache_cli.sidetrain import app
     from sidetrain import FitConfig, ModelSpec
 
     python = {f.name: f.default for f in fields(FitConfig) if f.default is not MISSING}
@@ -115,7 +115,7 @@ def test_the_cli_defaults_are_the_python_defaults():
 def test_listing_and_describing_stores_load_neither_torch_nor_timm(fp32_store):
     """They start in a fraction of a second instead of several: extraction, verify and
     training import torch and timm when they run."""
-    code = ("import sys; from typer.testing import CliRunner; from cli.featcache import app; "
+    code = ("import sys; from typer.testing import CliRunner; from featcache_cli.featcache import app; "
             f"runner = CliRunner(); root = {str(fp32_store.parent)!r}; "
             "results = [runner.invoke(app, args) for args in (['--help'], ['ls', root], ['info', sys.argv[1]])]; "
             "assert all(r.exit_code == 0 for r in results), [r.output for r in results]; "

@@ -26,7 +26,7 @@ from sidetrain import FitConfig, ShardLoader, fit
 
 from .conftest import TINY, make_image_folder
 
-CMD = [sys.executable, "-m", "cli.featcache", "extract", "--model", "vit_tiny", "--random-init",
+CMD = [sys.executable, "-m", "featcache_cli.featcache", "extract", "--model", "vit_tiny", "--random-init",
        "--img-size", "32", "--dataset", "demo", "--limit", "60", "--shard-size", "6",
        "--batch-size", "2", "--workers", "0", "--json", "--no-reuse"]
 

@@ -32,7 +32,7 @@ def arrays(path) -> dict[str, np.ndarray]:
 
 
 def run_single(out, **env) -> None:
-    subprocess.run([sys.executable, "-m", "cli.featcache", "extract", *ARGS, "--out", str(out)],
+    subprocess.run([sys.executable, "-m", "featcache_cli.featcache", "extract", *ARGS, "--out", str(out)],
                    check=True, capture_output=True, env={**os.environ, **env})
 
 
@@ -45,7 +45,7 @@ def single(tmp_path_factory):
 
 def test_n_processes_fill_one_store_bit_for_bit(single, tmp_path):
     out = tmp_path / "parts"
-    procs = [subprocess.Popen([sys.executable, "-m", "cli.featcache", "extract", *ARGS, "--out", str(out),
+    procs = [subprocess.Popen([sys.executable, "-m", "featcache_cli.featcache", "extract", *ARGS, "--out", str(out),
                                "--shard", f"{k}/3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for k in range(3)]
     for p in procs:
@@ -210,7 +210,7 @@ def test_a_dask_worker_killed_mid_extraction_has_its_part_redone(tmp_path):
     from dask.distributed import Client, LocalCluster
 
     single = tmp_path / "single"
-    subprocess.run([sys.executable, "-m", "cli.featcache", "extract", *ARGS, "--limit", "24",
+    subprocess.run([sys.executable, "-m", "featcache_cli.featcache", "extract", *ARGS, "--limit", "24",
                     "--shard-size", "2", "--out", str(single)], check=True, capture_output=True,
                    env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     out = tmp_path / "dask"

@@ -98,10 +98,10 @@ def _open_decord(path: Path):
         try:
             return decord.VideoReader(str(path), num_threads=1)
         except RuntimeError as e:
-            said.seek(0)
-            lines = said.read().decode(errors="replace").strip().splitlines()
+            said.seek(0)  # (a progress bar's refresh may be there too: the line is looked for)
             # "[10:08:06] /github/workspace/src/video/video_reader.cc:83: ERROR opening: x.mp4, Invalid data ..."
-            raise RuntimeError(re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", lines[-1]) if lines else str(e)) from None
+            line = re.search(r"\[[\d:]+\] \S+:\d+: ([^\r\n]*)", said.read().decode(errors="replace"))
+            raise RuntimeError(line.group(1) if line else str(e)) from None
         finally:
             os.dup2(stderr, 2)
             os.close(stderr)
