@@ -34,7 +34,8 @@ from .models import Backbone, TokenLayout, load_backbone
 from .plan import StorePlan, human_bytes, make_plan
 from .precision import PRECISIONS, pick_device
 from .readback import Readback
-from .reuse import content_key, existing_store, identical_store, open_or_create, stored_batch_size
+from .reuse import (content_key, existing_store, identical_store, open_or_create, stored_batch_size,
+                    stored_device)
 from .shards import Shard, ShardWriter, shard_batches
 from .sources import Dataset, FrameSampling, open_dataset
 from .sources.video import decoder_name
@@ -112,6 +113,21 @@ def _lists(d: dict) -> dict:
             for k, v in d.items()}
 
 
+def _device(device: str, out: Location) -> str:
+    """The device this extraction runs on: `auto` continues a store on the kind of device it
+    was begun on where this machine has one (the low bits of a forward differ between a GPU
+    and a CPU, as between batch sizes), else picks as pick_device does; a resume on another
+    kind is told."""
+    began = stored_device(out)
+    if device == "auto" and began is not None and (began != "cuda" or torch.cuda.is_available()):
+        device = began
+    device = pick_device(device)
+    if began is not None and torch.device(device).type != began:
+        note(f"{out} was begun on {began}; this run continues it on {device}, whose tokens differ "
+             f"from {began}'s in their low bits (as with another --batch-size).")
+    return device
+
+
 def _layout(backbone: Backbone, ds: Dataset) -> TokenLayout:
     layout = backbone.layout()
     return layout.with_frames(ds.video.frames) if ds.video else layout
@@ -129,6 +145,7 @@ def _settings(backbone: Backbone, ds: Dataset, taps: list[int], cfg: ExtractConf
             "precision": cfg.precision,
             # batch composition changes the low bits of a forward pass: resume must match it
             "batch_size": cfg.batch_size,
+            "device": torch.device(cfg.device).type,  # (so does the device: a resume is told)
             "classes": ds.classes, "dataset": {"name": ds.name, "source": ds.source, **(
                 {"decoder": decoder_name()} if ds.video else {})}}  # source: in the content key, only noted on resume
 
@@ -185,7 +202,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     if isinstance(cfg.split, str):  # split="train" or "train,val", as on the command line
         cfg = replace(cfg, split=cfg.split.split(","))
     _check(cfg)
-    cfg = replace(cfg, device=pick_device(cfg.device))
+    pick_device(cfg.device)  # (refused before any work; which one runs is picked below)
     ds = open_dataset(cfg.dataset, cfg.seed, cfg.val_fraction, cfg.limit, cfg.per_class,
                       cfg.split, cfg.data_root, cfg.download,
                       FrameSampling(cfg.frames, cfg.sampling, cfg.fps))
@@ -203,6 +220,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                         "bucket), or in one process straight to the URL.")
     if cfg.batch_size is None:
         cfg = replace(cfg, batch_size=stored_batch_size(out) or 32)
+    cfg = replace(cfg, device=_device(cfg.device, out))
     backbone = load_backbone(cfg.model, cfg.weights, cfg.random_init, cfg.img_size, cfg.seed,
                              transform_overrides(cfg))
     if cfg.random_init:
@@ -351,8 +369,9 @@ def _run(cfg: ExtractConfig, backbone: Backbone, store: Store, images: Images, d
     t0 = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task(f"extract on {cfg.device} -> {escape(str(result.path))}", total=sum(map(len, batches)), rate="")
+    with writer, Progress(*columns, console=console) as bar:  # (the writer: done with it, or stopped)
+        task = bar.add_task(f"extract on {cfg.device} -> {escape(str(result.path))}",
+                            total=sum(map(len, batches)), rate="")
         done = read = 0  # inputs through, and those that could be read (the rate counts these)
         for items, batch, ok, reasons in loader:
             sid, first = items[0]
@@ -378,7 +397,6 @@ def _run(cfg: ExtractConfig, backbone: Backbone, store: Store, images: Images, d
             shard.fill(*pending)
         if shard is not None:
             _flush(writer, shard, result)
-        writer.close()
     result.seconds = time.perf_counter() - t0
 
 

@@ -155,7 +155,7 @@ def _open(lock_file: Path):
         return open(lock_file, "a+")
     except OSError as e:  # permissions, a read-only mount, a full disk
         what = {errno.EROFS: "extract to a folder on a writable disk (--out)",
-                errno.ENOSPC: "free some space first"}.get(e.errno, (
+                errno.ENOSPC: "free some space first", errno.EDQUOT: "free some space first"}.get(e.errno, (
                     "only who may write a store's folder can extract into it. In a lab, make "
                     "the cache group-writable (a setgid group folder, `chmod -R g+w`, and umask "
                     "002 for whoever extracts)"))

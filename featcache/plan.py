@@ -55,12 +55,15 @@ class StorePlan:
         """Refuse a store larger than the free space; `left`: the samples a resumed store
         still has to write (its shards not done), else all of them."""
         needed = self.total if left is None else left * self.bytes_per_sample
-        if self.free is not None and needed > self.free and not force:
-            raise UserError(
-                f"the store needs {human_bytes(needed)}{'' if left is None else ' more'} but only "
-                f"{human_bytes(self.free)} is free. Free some space, shrink it (--limit N samples "
-                "per split, --taps last:4 or every:2, --dtype int8: half of fp16's bytes) or pass "
-                "--force to write anyway.")
+        if self.free is None or needed <= self.free or force:
+            return
+        if left is not None:  # (a resumed store keeps its settings: only space helps)
+            raise UserError(f"the store needs {human_bytes(needed)} more but only {human_bytes(self.free)} "
+                            "is free. Free some space, or pass --force to write anyway.")
+        raise UserError(
+            f"the store needs {human_bytes(needed)} but only {human_bytes(self.free)} is free. Free "
+            "some space, shrink it (--limit N samples per split, --taps last:4 or every:2, --dtype "
+            "int8: half of fp16's bytes) or pass --force to write anyway.")
 
 
 def free_bytes(path: Location) -> int | None:

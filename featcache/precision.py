@@ -32,10 +32,11 @@ def pick_device(device: str) -> str:
     """The device to run on: `auto` is $FEATCACHE_DEVICE where set, else cuda where torch sees
     a GPU, else cpu (a GPU user need not say so; a GPU box's CI can keep to the CPU). Refuses
     a name torch cannot use, or CUDA where there is none, before any work."""
-    given = device
+    where = ""
+    if device == "auto" and os.environ.get("FEATCACHE_DEVICE") not in (None, "", "auto"):
+        device, where = os.environ["FEATCACHE_DEVICE"], " (from FEATCACHE_DEVICE)"
     if device == "auto":
-        device = os.environ.get("FEATCACHE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    where = "" if device == given else " (from FEATCACHE_DEVICE)"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         kind = torch.device(device).type
     except (RuntimeError, TypeError):

@@ -58,7 +58,7 @@ def differences(store: Store, settings: dict, ds: Dataset) -> list[str]:
              for k, v in settings.items()
              # content_key is derived from these settings and the dataset's source, which a
              # resume only notes (a dataset moved between runs); older stores lack the key
-             if k not in ("dataset", "weights", "content_key", "precision") and store.meta.get(k) != v]
+             if k not in ("dataset", "weights", "content_key", "precision", "device") and store.meta.get(k) != v]
     if store.precision != settings["precision"]:
         diffs.append(f"precision: store has {store.precision!r}, this run {settings['precision']!r}")
     if store.meta["weights"]["sha256"] != settings["weights"]["sha256"]:
@@ -78,6 +78,14 @@ def stored_batch_size(out: Location) -> int | None:
     if not exists(join(out, "zarr.json")) or is_partial_layout(out):
         return None
     return open_store(out).meta.get("batch_size")  # (absent in the earliest stores)
+
+
+def stored_device(out: Location) -> str | None:
+    """The kind of device (cpu, cuda) the store at `out` was begun on, if one is there and
+    says (stores from before 2026-11-28 do not)."""
+    if not exists(join(out, "zarr.json")) or is_partial_layout(out):
+        return None
+    return open_store(out).meta.get("device")
 
 
 def existing_store(out: Location, settings: dict, ds: Dataset, shard_size: int | None, mode: str = "r"

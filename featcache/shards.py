@@ -113,8 +113,13 @@ class ShardWriter:
             raise self.error
         self.queue.put(shard)
 
-    def close(self) -> None:
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        """Write what is queued and wait for it, even after an error elsewhere (Ctrl-C): no
+        shard may be written once the store's lock is let go. Then raise a write's error."""
         self.queue.put(None)
         self.thread.join()
-        if self.error:
+        if self.error and kind is None:
             raise self.error

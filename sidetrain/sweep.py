@@ -70,7 +70,8 @@ def expand(base: FitConfig, grid: dict[str, list], out_root: Path | str) -> list
 def sweep(base: FitConfig, grid: dict[str, list], out_root: Path | str) -> list[FitResult]:
     """Train every combination of the grid's values on top of `base` (one shared data pass
     per seed), each in its own folder under `out_root`; write sweep.json and pareto.png
-    (with the runs of earlier sweeps into the same folder that this one did not train again).
+    (with the runs of earlier sweeps into the folder, on the same store, that this one did not
+    train again).
 
     `grid` maps FitConfig fields to lists of values, e.g. {"method": ["losa", "linear"],
     "rank": [4, 16], "lr": [1e-3, 3e-3]}; what one data pass shares (ONE_PASS: cache,
@@ -85,10 +86,10 @@ def sweep(base: FitConfig, grid: dict[str, list], out_root: Path | str) -> list[
     # (a shared disk, a laptop) still leads to its runs
     rows = [{**r.to_json(), "run": r.run.name, "config": {**r.config.to_json(), "out": r.run.name}}
             for r in results]
-    earlier = _earlier_rows(out_root, {row["run"] for row in rows})
+    earlier = _earlier_rows(out_root, results)
     if earlier:
-        note(f"sweep.json also lists the {len(earlier)} earlier run(s) of {out_root} that this grid "
-             "did not train again, and pareto.png shows them.")
+        note(f"sweep.json also lists the {len(earlier)} earlier run(s) in {out_root} on this store "
+             "that this grid did not train again, and pareto.png shows them.")
     rows = earlier + rows
     (out_root / "sweep.json").write_text(json.dumps(rows, indent=2))
     score = [(row["run"], row["params"], row["val_acc"] if row["test_acc"] is None else row["test_acc"])
@@ -98,19 +99,19 @@ def sweep(base: FitConfig, grid: dict[str, list], out_root: Path | str) -> list[
     return results
 
 
-def _earlier_rows(out_root: Path, now: set[str]) -> list[dict]:
-    """The entries of an earlier sweep.json in out_root whose runs are still there and were not
-    trained by this sweep: a rerun with other lists (fewer ranks, one more lr) adds to the
-    folder's record instead of replacing it."""
-    path = out_root / "sweep.json"
-    if not path.is_file():
-        return []
-    try:
-        rows = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        note(f"{path} could not be read as JSON: it is written again with this sweep's runs only.")
-        return []
-    for row in rows:  # sweeps before 2026-11-28 named runs by their full path
-        row["run"] = Path(row["run"]).name
-    return [row for row in rows if row["run"] not in now
-            and (out_root / row["run"] / "adapter.safetensors").is_file()]
+def _earlier_rows(out_root: Path, now: list[FitResult]) -> list[dict]:
+    """The other finished runs in out_root trained on the same extraction of the same store,
+    from their own summary.json: a rerun with other lists (fewer ranks, one more lr) adds to
+    the folder's record instead of replacing it, and runs on another store stay out of it."""
+    names = {r.run.name for r in now}
+    this = json.loads((now[0].run / "config.json").read_text())  # its cache, absolute, and store id
+    rows = []
+    for summary in sorted(out_root.glob("*/summary.json")):
+        run = summary.parent
+        if run.name in names or not (run / "adapter.safetensors").is_file():
+            continue
+        config = json.loads((run / "config.json").read_text())
+        if (config["cache"], config["store"].get("id")) == (this["cache"], this["store"].get("id")):
+            row = json.loads(summary.read_text())
+            rows.append({**row, "run": run.name, "config": {**row["config"], "out": run.name}})
+    return rows

@@ -29,7 +29,7 @@ from safetensors.torch import save
 
 from featcache import location
 from featcache.console import console, note, say
-from featcache.errors import UserError, is_int, is_number, require
+from featcache.errors import UserError, disk_full, is_int, is_number, require
 from featcache.location import Location, is_url
 from featcache.lock import writer
 from featcache.plan import human_bytes
@@ -274,8 +274,10 @@ class Trainer:
         differ = sorted(k for k in saved.keys() | config.keys()
                         if k != "out" and saved.get(k) != config.get(k))
         if differ:
+            began = f" (it was trained on {saved.get('device')}: --device {saved.get('device')} continues it)"
             raise UserError(f"{self.run} holds a run with another configuration (it differs in "
-                            f"{', '.join(differ)}); use another --out or delete that folder.")
+                            f"{', '.join(differ)}{began if 'device' in differ else ''}); use another "
+                            "--out or delete that folder.")
         if now and not was:  # a run from before stores had an id: told apart from now on
             (self.run / "config.json").write_text(json.dumps(self.config_json, indent=2))
         state = torch.load(ckpt, map_location=self.device, weights_only=False)
@@ -294,15 +296,7 @@ class Trainer:
                  "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
                  "seconds": self.seconds, "history": self.history, "best": self.best,
                  "best_state": self.best_state, "rng": self.rng, "failed": self.failed}
-        tmp = self.run / "checkpoint.pt.tmp"
-        try:
-            torch.save(state, tmp)
-        except (OSError, RuntimeError) as e:  # a full disk: torch says "unexpected pos ..." or "iostream error"
-            tmp.unlink(missing_ok=True)
-            raise UserError(f"could not write {tmp} ({e}); free there: "
-                            f"{human_bytes(shutil.disk_usage(self.run).free)}. The run keeps its last "
-                            "checkpoint: free some space and rerun the same command to resume.") from None
-        os.replace(tmp, self.run / "checkpoint.pt")  # never a half-written checkpoint
+        _write_whole(self.run / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
         with open(self.run / "metrics.jsonl", "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in self.history)
 
@@ -397,9 +391,7 @@ class Trainer:
         # its owner alone (0600), whatever the umask, and a lab's colleagues could not load it
         adapter = save({k: v.contiguous().cpu() for k, v in self.best_state.items()},
                        metadata={"config": json.dumps(self.config_json), "epoch": str(self.best["epoch"])})
-        tmp = self.run / "adapter.safetensors.tmp"
-        tmp.write_bytes(adapter)
-        os.replace(tmp, self.run / "adapter.safetensors")
+        _write_whole(self.run / "adapter.safetensors", lambda tmp: tmp.write_bytes(adapter))
         result = FitResult(run=self.run, config=self.cfg, params=self.params,
                            best_epoch=self.best["epoch"], val_acc=self.best["val_acc"],
                            test_acc=test_acc, seconds=self.seconds, history=self.history,
@@ -407,6 +399,23 @@ class Trainer:
         (self.run / "summary.json").write_text(json.dumps(result.to_json(), indent=2))
         plot_curves(self.history, self.run / "curves.png", title=self.run.name)
         return result
+
+
+def _write_whole(path: Path, write: Callable[[Path], object]) -> None:
+    """write(tmp), then rename it over `path`: a crash or a full disk never leaves half a file
+    (nor a half checkpoint to resume from)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+    except (OSError, RuntimeError) as e:  # torch's writer on a full disk: "unexpected pos ..." or "iostream error"
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        if not disk_full(e) and free > 2**26:  # not for want of space: a bug, or the disk's own error
+            raise
+        raise UserError(f"could not write {path}: the disk is full ({human_bytes(free)} free). The run "
+                        "keeps its last checkpoint: free some space and rerun the same command to "
+                        "resume.") from None
+    os.replace(tmp, path)
 
 
 def _get_rng(device: torch.device) -> list[torch.Tensor]:
@@ -461,12 +470,33 @@ def _pass(loader: ShardLoader, epoch: int, trainers: list[Trainer], union: list[
     return batches, time.perf_counter() - t0
 
 
+def _devices(configs: list[FitConfig]) -> list[FitConfig]:
+    """Each configuration with the device it runs on (as recorded): `auto` continues runs
+    where they began (a GPU machine resumes a run begun on a CPU there: its random number
+    streams, and so its batches of dropout, are the CPU's), else picks as pick_device does."""
+    began = {}
+    for c in configs:
+        saved = c.run_dir() / "config.json"
+        if c.device == "auto" and (c.run_dir() / "checkpoint.pt").is_file() and saved.is_file():
+            began[json.loads(saved.read_text()).get("device", "cpu")] = c.run_dir()
+    if len(began) == 1:  # (several: refused below, as a mix)
+        (device, run), = began.items()
+        try:
+            auto = pick_device(device)
+        except UserError:
+            raise UserError(f"{run} was trained on {device}, which this machine cannot use: continue it "
+                            "where it began, or train anew with another --out.") from None
+    else:
+        auto = pick_device("auto")
+    return [replace(c, device=auto if c.device == "auto" else pick_device(c.device)) for c in configs]
+
+
 def train_many(configs: list[FitConfig]) -> list[FitResult]:
     """Train configurations that share ONE_PASS and the seed (which orders the batches) in
     one pass over the data per epoch. Returns one FitResult per configuration, in order."""
     for c in configs:
         _check_config(c)
-    configs = [replace(c, device=pick_device(c.device)) for c in configs]  # as run and recorded
+    configs = _devices(configs)
     first = configs[0]
     for c in configs[1:]:
         diff = [k for k in ONE_PASS + ("seed",) if k != "cache" and getattr(c, k) != getattr(first, k)]

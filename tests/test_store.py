@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import numpy as np
 import pytest
 import timm.data
@@ -11,6 +12,7 @@ import zarr
 from featcache import ExtractConfig, UserError, extract, load_backbone, open_dataset, open_store
 from featcache.catalog import find_stores
 from featcache.fastread import MemmapReader
+from featcache import fastwrite
 from featcache.fastwrite import write_samples
 from featcache.store import FORMAT_VERSION
 from featcache.verify import verify
@@ -36,8 +38,25 @@ def test_plain_zarr_reads_the_documented_layout(fp32_store):
     assert root["backbone/norm.weight"].shape == (192,)
 
 
+class _Full:
+    """A file on a disk that fills up half-way through the write."""
+
+    def __init__(self, error: OSError, path, mode):
+        self.file, self.error = open(path, mode), error
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+    def write(self, data) -> None:
+        self.file.write(bytes(data)[:len(data) // 2])
+        raise self.error
+
+
 @pytest.mark.parametrize("dtype,tail", [("float16", (2, 3, 4)), ("float32", (2, 3)), ("int8", (2, 3))])
-def test_shards_written_directly_are_the_bytes_zarr_writes(tmp_path, dtype, tail):
+def test_shards_written_directly_are_the_bytes_zarr_writes(tmp_path, dtype, tail, monkeypatch):
     """The extractor writes local shard files itself (fastwrite.py): they must be zarr's own,
     for full shards and a short last one, and a range that is not a whole shard goes
     through zarr."""
@@ -62,6 +81,18 @@ def test_shards_written_directly_are_the_bytes_zarr_writes(tmp_path, dtype, tail
     np.testing.assert_array_equal(arrays["direct"][:], x)
     write_samples(arrays["direct"], folder, 4, x[:1])  # part of a shard: zarr's read-modify-write
     np.testing.assert_array_equal(arrays["direct"][4], x[0])
+    # a write cut short (a full disk) leaves the shard as it was and no temp file; one left by
+    # a killed writer goes when the shard is written again
+    (folder / "c" / "0").joinpath(*["0"] * (len(tail) - 1), ".0.99999.tmp").write_bytes(b"old")
+    before = sorted((p, p.read_bytes()) for p in folder.rglob("*") if p.is_file())
+    full = OSError(errno.ENOSPC, "No space left on device")
+    with monkeypatch.context() as m:
+        m.setattr(fastwrite, "open", lambda *a, **k: _Full(full, *a, **k), raising=False)
+        with pytest.raises(OSError) as cut:
+            write_samples(arrays["direct"], folder, 0, x[3:6])
+    assert cut.value is full and not list(folder.rglob("*.99999.tmp"))
+    assert [(p, b) for p, b in before if not p.name.endswith(".tmp")] == \
+        sorted((p, p.read_bytes()) for p in folder.rglob("*") if p.is_file())
 
 
 def test_the_memmap_reader_reads_shards_with_gaps_as_zarr_does(tmp_path):
@@ -226,3 +257,15 @@ def test_settings_that_cannot_work_are_refused_before_anything_is_written(tmp_pa
 def test_splits_may_be_named_in_one_string_as_on_the_command_line(tmp_path):
     r = extract(ExtractConfig(dataset="demo", out=tmp_path / "s", limit=4, split="train,val", **TINY))
     assert list(r.written) == ["train", "val"]
+
+
+def test_a_store_begun_on_another_kind_of_device_is_continued_with_a_note(tmp_path, capsys):
+    cfg = ExtractConfig(dataset="demo", out=tmp_path / "s", limit=4, shard_size=2, **TINY)
+    extract(cfg)
+    root = zarr.open_group(str(tmp_path / "s"), mode="r+")
+    assert root.attrs["featcache"]["device"] == "cpu"
+    root.attrs["featcache"] = {**root.attrs["featcache"], "device": "cuda", "complete": False}  # as if
+    root["train"]["done"][0] = False  # begun on a GPU machine, and cut short there
+    capsys.readouterr()
+    assert extract(cfg).status == "resumed"  # (no GPU here: on the CPU)
+    assert "was begun on cuda; this run continues it on cpu" in " ".join(capsys.readouterr().err.split())

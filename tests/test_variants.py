@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import replace
 
@@ -182,6 +183,9 @@ def test_a_sweep_trains_each_configuration_as_fit_would(fp32_store, tmp_path):
     assert all((moved / row["config"]["out"] / "adapter.safetensors").is_file() for row in rows)
     # a rerun with other lists adds its runs to the folder's sweep.json; it keeps the others
     (moved / "mlp-lr0.01" / "adapter.safetensors").unlink()  # a run deleted by hand is dropped
+    shutil.copytree(moved / "mlp-lr0.001", moved / "elsewhere")  # and one on another store left out
+    config = json.loads((moved / "elsewhere" / "config.json").read_text())
+    (moved / "elsewhere" / "config.json").write_text(json.dumps({**config, "cache": "/another/store"}))
     again = sweep(base, {"method": ["linear"], "lr": [1e-3, 1e-2, 0.1]}, moved)
     rows = json.loads((moved / "sweep.json").read_text())
     assert [row["run"] for row in rows] == [

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
-import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -80,31 +77,11 @@ Picker = Callable[[int, float], list[int]]  # (frame count, native fps) -> frame
 
 
 def _decode_decord(path: Path, pick: Picker) -> np.ndarray:
-    reader = _open_decord(path)
+    import decord
+    decord.logging.set_level(decord.logging.QUIET)  # ffmpeg's own lines: the skip records why
+    reader = decord.VideoReader(str(path), num_threads=1)
     indices = pick(len(reader), float(reader.get_avg_fps()))
     return reader.get_batch(indices).asnumpy()
-
-
-def _open_decord(path: Path):
-    """decord's reader of `path`. Why a file cannot be opened, decord's C++ prints on stderr
-    past its QUIET level (a line through the progress bar) and raises 'Error reading x...':
-    the line is caught here and becomes the error, which the skip records."""
-    import decord
-    decord.logging.set_level(decord.logging.QUIET)  # ffmpeg's own lines
-    with tempfile.TemporaryFile() as said:
-        sys.stderr.flush()
-        stderr = os.dup(2)
-        os.dup2(said.fileno(), 2)
-        try:
-            return decord.VideoReader(str(path), num_threads=1)
-        except RuntimeError as e:
-            said.seek(0)  # (a progress bar's refresh may be there too: the line is looked for)
-            # "[10:08:06] /github/workspace/src/video/video_reader.cc:83: ERROR opening: x.mp4, Invalid data ..."
-            line = re.search(r"\[[\d:]+\] \S+:\d+: ([^\r\n]*)", said.read().decode(errors="replace"))
-            raise RuntimeError(line.group(1) if line else str(e)) from None
-        finally:
-            os.dup2(stderr, 2)
-            os.close(stderr)
 
 
 def _decode_av(path: Path, pick: Picker) -> np.ndarray:
