@@ -22,11 +22,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m cli.demo --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS))
+	$(PY) -m featcache_cli.demo --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS))
 
 # Video: which way does an object move? Only LoSA's temporal mixing can tell.
 demo-video: $(STAMP)
-	$(PY) -m cli.demo_video --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS))
+	$(PY) -m featcache_cli.demo_video --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS))
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cli.demo_video import video_configs  # noqa: E402
+from featcache_cli.demo_video import video_configs  # noqa: E402
 from featcache import ExtractConfig, extract  # noqa: E402
 from featcache.sources.moving_clips import write_moving_clips  # noqa: E402
 from sidetrain import train_many  # noqa: E402

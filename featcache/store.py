@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import numbers
 import uuid
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -142,19 +143,24 @@ class Store:
         return SplitArrays(name=name, tokens=g["tokens"], scales=g.get("scales"), labels=g["labels"][:],
                            keys=g["keys"][:], done=g["done"][:], attrs=dict(g.attrs[ATTR]))
 
-    def read_tokens(self, split: str, rows: slice | list[int] | np.ndarray = slice(None)) -> np.ndarray:
-        """Tokens of some rows of a split as float32 (n, L, T, D), whatever the store's dtype.
+    def read_tokens(self, split: str, rows: int | slice | list[int] | np.ndarray = slice(None)) -> np.ndarray:
+        """Tokens of some rows of a split as float32 ((n,) L, T, D), whatever the store's dtype.
 
         `split(name).tokens` holds them as stored: bf16 as uint16 bits, int8 as codes that
-        need their scales (docs/store-format.md "dtypes"); this is that decoding, in numpy."""
-        s = self.split(split)
+        need their scales (docs/store-format.md "dtypes"); this is that decoding, in numpy.
+        (Rows of unreadable inputs, label -1, read as zeros.)"""
+        if isinstance(rows, numbers.Integral):
+            return self.read_tokens(split, [rows])[0]
+        if split not in self.splits:
+            self.split(split)  # (which says which splits there are)
+        g = self.group[split]  # (not split(): it reads every label and key)
         take = (lambda a: a[rows]) if isinstance(rows, slice) else (lambda a: a.oindex[np.asarray(rows)])
-        x = take(s.tokens)
+        x = take(g["tokens"])
         if self.dtype == "bf16":
             return (x.astype(np.uint32) << 16).view(np.float32)
         x = x.astype(np.float32, copy=False)
         if self.dtype == "int8":
-            x *= take(s.scales)[..., None]  # (in the loader's order: the same float32 bits)
+            x *= take(g["scales"])[..., None]  # (in the loader's order: the same float32 bits)
             x *= self.channel_scale[None, :, None, :]
         return x
 

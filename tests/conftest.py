@@ -15,7 +15,8 @@ from featcache import ExtractConfig, extract
 
 TINY = dict(model="vit_tiny", random_init=True, img_size=32, workers=0, batch_size=4)
 # `--device auto` would take a GPU where there is one: the suite checks what CI checks, on the
-# CPU (subprocesses and dask workers inherit this), and test_cuda.py names cuda itself
+# CPU (subprocesses and dask workers inherit this; FEATCACHE_DEVICE=cuda runs it on a GPU),
+# and test_cuda.py names cuda itself
 os.environ.setdefault("FEATCACHE_DEVICE", "cpu")
 
 
