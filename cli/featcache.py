@@ -184,8 +184,8 @@ def info_cmd(path: str = typer.Argument(..., metavar="STORE", help="A store fold
     t.add_row("classes", f"{len(info['classes'])}: " + ", ".join(info["classes"][:20])
               + (" ..." if len(info["classes"]) > 20 else ""))
     t.add_row("dtype", info["dtype"])
-    t.add_row("precision", f"{info['precision']} (the backbone's forward), batch {info['batch_size']} "
-              "(a resume batches alike)")
+    t.add_row("precision", f"{info['precision']} (the backbone's forward), batch {info['batch_size']}"
+              + (f", on {info['device']}" if info["device"] else "") + " (a resume batches alike)")
     for name, s in info["splits"].items():
         state = "complete" if s["complete"] else f"{s['shards_done']}/{s['shards']} shards"
         count, gone, bad = f"{s['n']:,} samples", s["n"] - s["read"], len(s["skipped"])

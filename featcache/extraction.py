@@ -245,6 +245,10 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     lost = store.missing_shards() if store is not None else {}
     if lost:  # (not mended here: its inputs may have changed since, and a reader may not write)
         raise UserError(damaged(out, lost))
+    if store is not None and not store.complete:  # what a resume has left to do, and to write
+        left = sum(map(_left, map(store.split, ds.splits)))
+        say(f"{out} is part-written: {left:,} samples ({human_bytes(left * plan.bytes_per_sample)}) "
+            "are left to extract.")
     for text in filter(None, notes):
         note(text)
     if store is not None and store.complete and store.meta["complete"] and not cfg.dry_run:

@@ -20,6 +20,7 @@ def store_info(store: Store) -> dict:
             "transform": m["transform"],
             "dataset": m["dataset"], "classes": m["classes"], "shard_size": m["shard_size"],
             "batch_size": m.get("batch_size"),  # (absent in the earliest stores)
+            "device": m.get("device"),  # the kind it was begun on (absent in stores before 2026-11-28)
             "splits": splits, "complete": store.complete, "bytes_on_disk": disk_usage(store.path),
             "writer": None if store.complete else writer(store.path),  # who is writing it now
             "created": m["created"], "id": m.get("id"), "versions": m["versions"]}  # (id: newer stores)
