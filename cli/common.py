@@ -49,11 +49,14 @@ def emit_json(obj: object) -> None:
 
 def clear_stale_demo_runs(folder: Path, store: Store) -> None:
     """A demo owns its run folders: those an earlier sidetrain trained under another batch
-    order, or on an earlier extraction of the store, would refuse to resume, so they are
-    trained again."""
+    order, on an earlier extraction of the store, or on another device would refuse to
+    resume, so they are trained again."""
+    from featcache.precision import pick_device
     from sidetrain.loader import DATA_ORDER  # (sidetrain loads torch: the demos only)
 
+    device = pick_device("auto")
     for config in folder.glob("*/config.json"):
         saved = json.loads(config.read_text())
-        if saved.get("data_order") != DATA_ORDER or saved["store"].get("id") != store.meta.get("id"):
+        if (saved.get("data_order"), saved["store"].get("id"), saved.get("device", "cpu")) != (
+                DATA_ORDER, store.meta.get("id"), device):
             shutil.rmtree(config.parent)

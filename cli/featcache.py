@@ -76,7 +76,8 @@ def extract_cmd(
                                              "resume must batch alike: batching changes a forward's "
                                              "low bits)."),
     device: str = typer.Option("auto", help="auto (cuda where torch sees a GPU, else cpu; "
-                               "$FEATCACHE_DEVICE overrides auto), cpu, cuda or cuda:N."),
+                               "$FEATCACHE_DEVICE overrides auto), cpu, cuda or cuda:N. The store "
+                               "records the kind; a resume on the other kind is told."),
     limit: Optional[int] = typer.Option(None, help="At most N samples per split (class-balanced, "
                                         "seeded): for quick tries on big datasets."),
     img_size: Optional[int] = typer.Option(None, help="Input resolution instead of the model's "

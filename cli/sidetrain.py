@@ -52,7 +52,7 @@ HELP = {
                      "channel: they get channel mixing only.",
     "precision": "fp32, or autocast bf16 / fp16 (with loss scaling) on CUDA; ignored on CPU.",
     "device": "auto (cuda where torch sees a GPU, else cpu; $FEATCACHE_DEVICE overrides auto), "
-              "cpu, cuda or cuda:N.",
+              "cpu, cuda or cuda:N. A run is recorded with its device and resumes only there.",
     "json": "Print the result as JSON on stdout.",
 }
 

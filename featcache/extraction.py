@@ -34,8 +34,7 @@ from .models import Backbone, TokenLayout, load_backbone
 from .plan import StorePlan, human_bytes, make_plan
 from .precision import PRECISIONS, pick_device
 from .readback import Readback
-from .reuse import (content_key, existing_store, identical_store, open_or_create, stored_batch_size,
-                    stored_device)
+from .reuse import content_key, existing_store, identical_store, open_or_create, stored_batch_size
 from .shards import Shard, ShardWriter, shard_batches
 from .sources import Dataset, FrameSampling, open_dataset
 from .sources.video import decoder_name
@@ -113,21 +112,6 @@ def _lists(d: dict) -> dict:
             for k, v in d.items()}
 
 
-def _device(device: str, out: Location) -> str:
-    """The device this extraction runs on: `auto` continues a store on the kind of device it
-    was begun on where this machine has one (the low bits of a forward differ between a GPU
-    and a CPU, as between batch sizes), else picks as pick_device does; a resume on another
-    kind is told."""
-    began = stored_device(out)
-    if device == "auto" and began is not None and (began != "cuda" or torch.cuda.is_available()):
-        device = began
-    device = pick_device(device)
-    if began is not None and torch.device(device).type != began:
-        note(f"{out} was begun on {began}; this run continues it on {device}, whose tokens differ "
-             f"from {began}'s in their low bits (as with another --batch-size).")
-    return device
-
-
 def _layout(backbone: Backbone, ds: Dataset) -> TokenLayout:
     layout = backbone.layout()
     return layout.with_frames(ds.video.frames) if ds.video else layout
@@ -145,7 +129,7 @@ def _settings(backbone: Backbone, ds: Dataset, taps: list[int], cfg: ExtractConf
             "precision": cfg.precision,
             # batch composition changes the low bits of a forward pass: resume must match it
             "batch_size": cfg.batch_size,
-            "device": torch.device(cfg.device).type,  # (so does the device: a resume is told)
+            "device": torch.device(cfg.device).type,  # (so does the device: a resume is told, not refused)
             "classes": ds.classes, "dataset": {"name": ds.name, "source": ds.source, **(
                 {"decoder": decoder_name()} if ds.video else {})}}  # source: in the content key, only noted on resume
 
@@ -202,7 +186,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     if isinstance(cfg.split, str):  # split="train" or "train,val", as on the command line
         cfg = replace(cfg, split=cfg.split.split(","))
     _check(cfg)
-    pick_device(cfg.device)  # (refused before any work; which one runs is picked below)
+    cfg = replace(cfg, device=pick_device(cfg.device))
     ds = open_dataset(cfg.dataset, cfg.seed, cfg.val_fraction, cfg.limit, cfg.per_class,
                       cfg.split, cfg.data_root, cfg.download,
                       FrameSampling(cfg.frames, cfg.sampling, cfg.fps))
@@ -220,7 +204,6 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                         "bucket), or in one process straight to the URL.")
     if cfg.batch_size is None:
         cfg = replace(cfg, batch_size=stored_batch_size(out) or 32)
-    cfg = replace(cfg, device=_device(cfg.device, out))
     backbone = load_backbone(cfg.model, cfg.weights, cfg.random_init, cfg.img_size, cfg.seed,
                              transform_overrides(cfg))
     if cfg.random_init:
@@ -248,7 +231,11 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     if store is not None and not store.complete:  # what a resume has left to do, and to write
         left = sum(map(_left, map(store.split, ds.splits)))
         say(f"{out} is part-written: {left:,} samples ({human_bytes(left * plan.bytes_per_sample)}) "
-            "are left to extract.")
+            f"are left to extract{' by its parts' if cfg.shard else ''}.")
+        began, kind = store.meta.get("device"), torch.device(cfg.device).type
+        if began not in (None, kind) and not cfg.dry_run:
+            note(f"{out} was begun on {began}; this run continues it on {kind}, whose tokens differ "
+                 f"from {began}'s in their low bits (as with another --batch-size).")
     for text in filter(None, notes):
         note(text)
     if store is not None and store.complete and store.meta["complete"] and not cfg.dry_run:

@@ -80,14 +80,6 @@ def stored_batch_size(out: Location) -> int | None:
     return open_store(out).meta.get("batch_size")  # (absent in the earliest stores)
 
 
-def stored_device(out: Location) -> str | None:
-    """The kind of device (cpu, cuda) the store at `out` was begun on, if one is there and
-    says (stores from before 2026-11-28 do not)."""
-    if not exists(join(out, "zarr.json")) or is_partial_layout(out):
-        return None
-    return open_store(out).meta.get("device")
-
-
 def existing_store(out: Location, settings: dict, ds: Dataset, shard_size: int | None, mode: str = "r"
                    ) -> tuple[Store | None, list[str]]:
     """The store at `out` when this run may continue it (None when there is none, or only a

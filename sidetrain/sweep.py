@@ -110,8 +110,11 @@ def _earlier_rows(out_root: Path, now: list[FitResult]) -> list[dict]:
         run = summary.parent
         if run.name in names or not (run / "adapter.safetensors").is_file():
             continue
-        config = json.loads((run / "config.json").read_text())
-        if (config["cache"], config["store"].get("id")) == (this["cache"], this["store"].get("id")):
-            row = json.loads(summary.read_text())
-            rows.append({**row, "run": run.name, "config": {**row["config"], "out": run.name}})
+        try:
+            config, row = json.loads((run / "config.json").read_text()), json.loads(summary.read_text())
+            same = (config["cache"], config["store"].get("id")) == (this["cache"], this["store"].get("id"))
+            if same:
+                rows.append({**row, "run": run.name, "config": {**row["config"], "out": run.name}})
+        except (OSError, ValueError, KeyError) as e:  # a run cut short, or from an older sidetrain
+            note(f"{run} is left out of sweep.json: its config.json or summary.json cannot be read ({e!r}).")
     return rows

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -296,7 +297,7 @@ class Trainer:
                  "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
                  "seconds": self.seconds, "history": self.history, "best": self.best,
                  "best_state": self.best_state, "rng": self.rng, "failed": self.failed}
-        _write_whole(self.run / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+        _write_whole(self.run / "checkpoint.pt", lambda f: torch.save(state, f))
         with open(self.run / "metrics.jsonl", "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in self.history)
 
@@ -391,30 +392,31 @@ class Trainer:
         # its owner alone (0600), whatever the umask, and a lab's colleagues could not load it
         adapter = save({k: v.contiguous().cpu() for k, v in self.best_state.items()},
                        metadata={"config": json.dumps(self.config_json), "epoch": str(self.best["epoch"])})
-        _write_whole(self.run / "adapter.safetensors", lambda tmp: tmp.write_bytes(adapter))
+        _write_whole(self.run / "adapter.safetensors", lambda f: f.write(adapter))
         result = FitResult(run=self.run, config=self.cfg, params=self.params,
                            best_epoch=self.best["epoch"], val_acc=self.best["val_acc"],
                            test_acc=test_acc, seconds=self.seconds, history=self.history,
                            failed=self.failed)
-        (self.run / "summary.json").write_text(json.dumps(result.to_json(), indent=2))
+        _write_whole(self.run / "summary.json", lambda f: f.write(json.dumps(result.to_json(), indent=2).encode()))
         plot_curves(self.history, self.run / "curves.png", title=self.run.name)
         return result
 
 
-def _write_whole(path: Path, write: Callable[[Path], object]) -> None:
-    """write(tmp), then rename it over `path`: a crash or a full disk never leaves half a file
-    (nor a half checkpoint to resume from)."""
+def _write_whole(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """write(a temp file), then rename it over `path`: a crash or a full disk never leaves
+    half a file (nor a half checkpoint to resume from)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        write(tmp)
-    except (OSError, RuntimeError) as e:  # torch's writer on a full disk: "unexpected pos ..." or "iostream error"
+        with open(tmp, "wb") as f:
+            write(f)
+    except (OSError, RuntimeError) as e:  # torch's writer says "unexpected pos ...", the OSError behind it
         tmp.unlink(missing_ok=True)
         free = shutil.disk_usage(path.parent).free
-        if not disk_full(e) and free > 2**26:  # not for want of space: a bug, or the disk's own error
+        if not (disk_full(e) or disk_full(e.__context__) or free < 2**26):  # a bug, or the disk's own error
             raise
-        raise UserError(f"could not write {path}: the disk is full ({human_bytes(free)} free). The run "
-                        "keeps its last checkpoint: free some space and rerun the same command to "
-                        "resume.") from None
+        raise UserError(f"could not write {path}: no room left (the disk is full, or your quota; "
+                        f"{human_bytes(free)} free on the disk). The run keeps its last checkpoint: "
+                        "free some space and rerun the same command to resume.") from None
     os.replace(tmp, path)
 
 
@@ -470,33 +472,12 @@ def _pass(loader: ShardLoader, epoch: int, trainers: list[Trainer], union: list[
     return batches, time.perf_counter() - t0
 
 
-def _devices(configs: list[FitConfig]) -> list[FitConfig]:
-    """Each configuration with the device it runs on (as recorded): `auto` continues runs
-    where they began (a GPU machine resumes a run begun on a CPU there: its random number
-    streams, and so its batches of dropout, are the CPU's), else picks as pick_device does."""
-    began = {}
-    for c in configs:
-        saved = c.run_dir() / "config.json"
-        if c.device == "auto" and (c.run_dir() / "checkpoint.pt").is_file() and saved.is_file():
-            began[json.loads(saved.read_text()).get("device", "cpu")] = c.run_dir()
-    if len(began) == 1:  # (several: refused below, as a mix)
-        (device, run), = began.items()
-        try:
-            auto = pick_device(device)
-        except UserError:
-            raise UserError(f"{run} was trained on {device}, which this machine cannot use: continue it "
-                            "where it began, or train anew with another --out.") from None
-    else:
-        auto = pick_device("auto")
-    return [replace(c, device=auto if c.device == "auto" else pick_device(c.device)) for c in configs]
-
-
 def train_many(configs: list[FitConfig]) -> list[FitResult]:
     """Train configurations that share ONE_PASS and the seed (which orders the batches) in
     one pass over the data per epoch. Returns one FitResult per configuration, in order."""
     for c in configs:
         _check_config(c)
-    configs = _devices(configs)
+    configs = [replace(c, device=pick_device(c.device)) for c in configs]  # as run and recorded
     first = configs[0]
     for c in configs[1:]:
         diff = [k for k in ONE_PASS + ("seed",) if k != "cache" and getattr(c, k) != getattr(first, k)]

@@ -186,6 +186,8 @@ def test_a_sweep_trains_each_configuration_as_fit_would(fp32_store, tmp_path):
     shutil.copytree(moved / "mlp-lr0.001", moved / "elsewhere")  # and one on another store left out
     config = json.loads((moved / "elsewhere" / "config.json").read_text())
     (moved / "elsewhere" / "config.json").write_text(json.dumps({**config, "cache": "/another/store"}))
+    shutil.copytree(moved / "mlp-lr0.001", moved / "cut")  # and one whose summary was cut short
+    (moved / "cut" / "summary.json").write_text('{"run": ')
     again = sweep(base, {"method": ["linear"], "lr": [1e-3, 1e-2, 0.1]}, moved)
     rows = json.loads((moved / "sweep.json").read_text())
     assert [row["run"] for row in rows] == [
