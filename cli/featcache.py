@@ -14,6 +14,7 @@ from featcache.catalog import find_stores
 from featcache.info import store_info
 from featcache.location import is_url, normalize
 from featcache.plan import human_bytes
+from featcache.store import damaged
 
 from .common import emit_json, make_app, run
 
@@ -196,7 +197,8 @@ def info_cmd(path: str = typer.Argument(..., metavar="STORE", help="A store fold
                          f"the views of {bad:,} unreadable input{'s' * (bad != 1)})"))
         t.add_row(f"split {name}", f"{count}, {state}")
     t.add_row("size", human_bytes(info["bytes_on_disk"]))
-    t.add_row("complete", "yes" if info["complete"] else f"no (being written now by {info['writer']})"
+    t.add_row("complete", f"no: {damaged(path, info['lost_shards'])}" if info["lost_shards"] else
+              "yes" if info["complete"] else f"no (being written now by {info['writer']})"
               if info["writer"] else "no (rerun the extract command to finish)")
     out.print(t)
 

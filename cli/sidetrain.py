@@ -52,7 +52,9 @@ HELP = {
                      "channel: they get channel mixing only.",
     "precision": "fp32, or autocast bf16 / fp16 (with loss scaling) on CUDA; ignored on CPU.",
     "device": "auto (cuda where torch sees a GPU, else cpu; $FEATCACHE_DEVICE overrides auto), "
-              "cpu, cuda or cuda:N. A run is recorded with its device and resumes only there.",
+              "cpu, cuda or cuda:N.",
+    "train_device": "auto (cuda where torch sees a GPU, else cpu; $FEATCACHE_DEVICE overrides auto), "
+                    "cpu, cuda or cuda:N. A run is recorded with its device and resumes only there.",
     "json": "Print the result as JSON on stdout.",
 }
 
@@ -85,7 +87,7 @@ def fit_cmd(
     batch_size: int = typer.Option(64, help=HELP["batch_size"]),
     seed: int = typer.Option(0, help=HELP["seed"]),
     precision: str = typer.Option("fp32", help=HELP["precision"]),
-    device: str = typer.Option("auto", help=HELP["device"]),
+    device: str = typer.Option("auto", help=HELP["train_device"]),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder. Default: "
                                            "./runs/<store>-<method>[-r<rank>]-s<seed>."),
     as_json: bool = typer.Option(False, "--json", help=HELP["json"]),
@@ -144,7 +146,7 @@ def sweep_cmd(
     epochs: int = typer.Option(10, help=HELP["epochs"]),
     batch_size: int = typer.Option(64, help=HELP["batch_size"]),
     precision: str = typer.Option("fp32", help=HELP["precision"]),
-    device: str = typer.Option("auto", help=HELP["device"]),
+    device: str = typer.Option("auto", help=HELP["train_device"]),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the runs, sweep.json "
                                            "and pareto.png. Default: runs/<store>-sweep."),
     as_json: bool = typer.Option(False, "--json", help=HELP["json"]),

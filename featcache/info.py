@@ -22,5 +22,6 @@ def store_info(store: Store) -> dict:
             "batch_size": m.get("batch_size"),  # (absent in the earliest stores)
             "device": m.get("device"),  # the kind it was begun on (absent in stores before 2026-11-28)
             "splits": splits, "complete": store.complete, "bytes_on_disk": disk_usage(store.path),
+            "lost_shards": store.missing_shards(),  # flagged done, files gone (a copy cut short)
             "writer": None if store.complete else writer(store.path),  # who is writing it now
             "created": m["created"], "id": m.get("id"), "versions": m["versions"]}  # (id: newer stores)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .console import say
 from .errors import UserError, disk_full
 from .readback import InFlight
 from .sources import Split
@@ -119,6 +120,8 @@ class ShardWriter:
     def __exit__(self, kind, error, trace) -> None:
         """Write what is queued and wait for it, even after an error elsewhere (Ctrl-C): no
         shard may be written once the store's lock is let go. Then raise a write's error."""
+        if kind is not None and self.error is None and self.queue.qsize():
+            say(f"writing the {self.queue.qsize()} shard(s) already computed before stopping ...")
         self.queue.put(None)
         self.thread.join()
         if self.error and kind is None:

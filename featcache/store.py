@@ -205,7 +205,8 @@ def open_store(path: Location, mode: str = "r") -> Store:
     p = normalize(path)
     if not exists(p):
         raise UserError(f"no store at {path}: the path does not exist. Create one with "
-                        "`featcache extract`.")
+                        "`featcache extract` (where it found an identical store beside --out, it "
+                        "reused that one and said so: `featcache ls` lists them).")
     try:
         group = zarr.open_group(str(p), mode=mode)
         meta = group.attrs[ATTR]

@@ -66,7 +66,7 @@ class ShardLoader:
     (the first loop epoch 0, the next epoch 1, ...). `len(loader)` is the number of batches an
     epoch gives. Unreadable inputs (label -1) are left out."""
 
-    def __init__(self, store: Store, split: str, batch_size: int, shuffle: bool, seed: int = 0,
+    def __init__(self, store: Store, split: str, batch_size: int, shuffle: bool = False, seed: int = 0,
                  buffer_bytes: int = BUFFER_BYTES, layers: list[int] | None = None,
                  device: str | torch.device = "cpu", reader: str = "auto", recycle: bool = False):
         """`layers`: positions among the store's taps to hand out (None: all of them).

@@ -11,8 +11,10 @@ from pathlib import Path
 from featcache import location
 from featcache.console import note
 from featcache.errors import UserError
+from featcache.precision import pick_device
+from featcache.store import Store, open_store
 
-from .classifier import ModelSpec
+from .classifier import ModelSpec, auto_variant
 from .plots import plot_pareto
 from .train import ONE_PASS, FitConfig, FitResult, train_many
 
@@ -76,8 +78,8 @@ def sweep(base: FitConfig, grid: dict[str, list], out_root: Path | str) -> list[
     `grid` maps FitConfig fields to lists of values, e.g. {"method": ["losa", "linear"],
     "rank": [4, 16], "lr": [1e-3, 3e-3]}; what one data pass shares (ONE_PASS: cache,
     batch_size, epochs, device, precision) cannot vary."""
-    configs = expand(base, grid, out_root)
     out_root = Path(out_root)
+    configs = _continue_equal_runs(expand(base, grid, out_root), out_root)
     results: list[FitResult] = []
     for seed in sorted({c.seed for c in configs}):
         results += train_many([c for c in configs if c.seed == seed])
@@ -97,6 +99,44 @@ def sweep(base: FitConfig, grid: dict[str, list], out_root: Path | str) -> list[
     plot_pareto(score, out_root / "pareto.png", title=f"{location.name(base.cache)}: test accuracy "
                 "(val without a test split) against trainable parameters")
     return results
+
+
+def _continue_equal_runs(configs: list[FitConfig], out_root: Path) -> list[FitConfig]:
+    """Point a configuration that a run of an earlier grid in out_root holds under another
+    name at that run, rather than train it again: names hold what a grid varies, so the run
+    `--rank 4,8 --lr 1e-3,3e-3` named losa-rank4-lr0.001 is `--rank 4 --lr 1e-3,1e-2`'s
+    losa-lr0.001."""
+    if not configs or not out_root.is_dir():
+        return configs
+    store = open_store(configs[0].cache)
+    keys = [f.name for f in fields(FitConfig) if f.name != "out"]
+    earlier = {}
+    for path in sorted(out_root.glob("*/config.json")):
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if (path.parent / "checkpoint.pt").is_file() and saved.get("store", {}).get("id") == store.meta.get("id"):
+            earlier[path.parent] = {k: saved.get(k) for k in keys}
+    out = []
+    for c in configs:
+        run = next((r for r, saved in earlier.items() if saved == _as_recorded(c, store, keys)), None)
+        if run is not None and run != Path(c.out) and not (Path(c.out) / "checkpoint.pt").exists():
+            note(f"{Path(c.out).name}: {run} holds this configuration (another grid named it); "
+                 "continuing that run, not training it again.")
+            c = replace(c, out=run)
+        out.append(c)
+    return out
+
+
+def _as_recorded(cfg: FitConfig, store: Store, keys: list[str]) -> dict:
+    """The configuration as its run's config.json records it (Trainer: auto resolved, the
+    cache made absolute)."""
+    cache = location.normalize(cfg.cache)
+    cfg = replace(cfg, device=pick_device(cfg.device), variant=auto_variant(store.layout)
+                  if cfg.method == "losa" and cfg.variant == "auto" else cfg.variant)
+    recorded = {**cfg.to_json(), "cache": str(cache if location.is_url(cache) else cache.resolve())}
+    return {k: recorded[k] for k in keys}
 
 
 def _earlier_rows(out_root: Path, now: list[FitResult]) -> list[dict]:

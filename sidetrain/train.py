@@ -275,9 +275,9 @@ class Trainer:
         differ = sorted(k for k in saved.keys() | config.keys()
                         if k != "out" and saved.get(k) != config.get(k))
         if differ:
-            began = f" (it was trained on {saved.get('device')}: --device {saved.get('device')} continues it)"
+            began = f"; it was trained on {saved.get('device')}: --device {saved.get('device')} continues it"
             raise UserError(f"{self.run} holds a run with another configuration (it differs in "
-                            f"{', '.join(differ)}{began if 'device' in differ else ''}); use another "
+                            f"{', '.join(differ)}){began if 'device' in differ else ''}. Use another "
                             "--out or delete that folder.")
         if now and not was:  # a run from before stores had an id: told apart from now on
             (self.run / "config.json").write_text(json.dumps(self.config_json, indent=2))
@@ -526,9 +526,11 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
     for t in trainers:
         if t.best_state:
             t.model.load_state_dict(t.best_state)
-    if "test" in store.splits and not store.split("test").complete:
+    if "test" not in store.splits:
+        note(f"{store.path} has no test split: each configuration is scored on val only.")
+    elif not store.split("test").complete:
         note(f"the test split of {store.path} is incomplete: not scored.")
-    elif "test" in store.splits:
+    else:
         ok = [t for t in trainers if t.best_state]
         _pass(ShardLoader(store, "test", shuffle=False, **load), 0, ok, union, train=False)
         for t in ok:

@@ -194,6 +194,9 @@ def test_a_sweep_trains_each_configuration_as_fit_would(fp32_store, tmp_path):
         "losa-rank2-lr0.001", "losa-rank2-lr0.01", "losa-rank4-lr0.001", "losa-rank4-lr0.01",
         "mlp-lr0.001", "linear-lr0.001", "linear-lr0.01", "linear-lr0.1"]
     assert rows[-1]["val_acc"] == again[-1].val_acc and rows[0]["val_acc"] == results[0].val_acc
+    # a grid that names a configuration differently ("losa": nothing varies) continues its run
+    (same,) = sweep(base, {"rank": [2]}, moved)
+    assert same.run == moved / "losa-rank2-lr0.001" and not (moved / "losa").exists()
 
 
 def test_a_sweep_varies_taps_and_drops_options_a_method_lacks(fp32_store, tmp_path, capsys):
