@@ -228,8 +228,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     lost = store.missing_shards() if store is not None else {}
     if lost:  # (not mended here: its inputs may have changed since, and a reader may not write)
         raise UserError(damaged(out, lost))
+    left = None if store is None else sum(map(_left, map(store.split, ds.splits)))  # samples to write
     if store is not None and not store.complete:  # what a resume has left to do, and to write
-        left = sum(map(_left, map(store.split, ds.splits)))
         say(f"{out} is part-written: {left:,} samples ({human_bytes(left * plan.bytes_per_sample)}) "
             f"are left to extract{' by its parts' if cfg.shard else ''}.")
         began, kind = store.meta.get("device"), torch.device(cfg.device).type
@@ -279,7 +279,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
             "--no-reuse to extract anyway (after changing files in place without renaming them).")
         result.path, result.status, result.complete = twin, "reused", True
         return result
-    plan.check_fits(cfg.force, None if store is None else sum(map(_left, map(store.split, names))))
+    plan.check_fits(cfg.force, left)
     device = torch.device(cfg.device)
     backbone.model.to(device)
     calibration = partial(_calibration, cfg, backbone, images, names[0], taps, device)  # if a store is made

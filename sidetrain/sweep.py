@@ -11,12 +11,11 @@ from pathlib import Path
 from featcache import location
 from featcache.console import note
 from featcache.errors import UserError
-from featcache.precision import pick_device
-from featcache.store import Store, open_store
+from featcache.store import open_store
 
-from .classifier import ModelSpec, auto_variant
+from .classifier import ModelSpec
 from .plots import plot_pareto
-from .train import ONE_PASS, FitConfig, FitResult, train_many
+from .train import ONE_PASS, FitConfig, FitResult, recorded, resolved, train_many
 
 # options that only some methods have: the others get the default (and no name part), so a
 # grid over them does not train the same probe once per value
@@ -120,23 +119,14 @@ def _continue_equal_runs(configs: list[FitConfig], out_root: Path) -> list[FitCo
             earlier[path.parent] = {k: saved.get(k) for k in keys}
     out = []
     for c in configs:
-        run = next((r for r, saved in earlier.items() if saved == _as_recorded(c, store, keys)), None)
+        now = recorded(resolved(c, store))
+        run = next((r for r, saved in earlier.items() if saved == {k: now[k] for k in keys}), None)
         if run is not None and run != Path(c.out) and not (Path(c.out) / "checkpoint.pt").exists():
             note(f"{Path(c.out).name}: {run} holds this configuration (another grid named it); "
                  "continuing that run, not training it again.")
             c = replace(c, out=run)
         out.append(c)
     return out
-
-
-def _as_recorded(cfg: FitConfig, store: Store, keys: list[str]) -> dict:
-    """The configuration as its run's config.json records it (Trainer: auto resolved, the
-    cache made absolute)."""
-    cache = location.normalize(cfg.cache)
-    cfg = replace(cfg, device=pick_device(cfg.device), variant=auto_variant(store.layout)
-                  if cfg.method == "losa" and cfg.variant == "auto" else cfg.variant)
-    recorded = {**cfg.to_json(), "cache": str(cache if location.is_url(cache) else cache.resolve())}
-    return {k: recorded[k] for k in keys}
 
 
 def _earlier_rows(out_root: Path, now: list[FitResult]) -> list[dict]:

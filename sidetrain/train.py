@@ -204,14 +204,27 @@ def _check_store(cfg: FitConfig, store: Store) -> None:
              f"{' ...' if len(absent) > 10 else ''}.")
 
 
+def resolved(cfg: FitConfig, store: Store) -> FitConfig:
+    """The configuration as trained: the device and LoSA's auto variant picked (recorded so,
+    whatever auto comes to mean later)."""
+    if cfg.method == "losa" and cfg.variant == "auto":
+        cfg = replace(cfg, variant=auto_variant(store.layout))
+    return replace(cfg, device=pick_device(cfg.device))
+
+
+def recorded(cfg: FitConfig) -> dict:
+    """A resolved configuration as its run's config.json holds it: the cache absolute, so
+    that eval finds it from any folder."""
+    cache = location.normalize(cfg.cache)
+    return {**cfg.to_json(), "cache": str(cache if is_url(cache) else cache.resolve())}
+
+
 class Trainer:
     """One configuration's model, optimiser, schedule, best epoch and checkpoints."""
 
     def __init__(self, cfg: FitConfig, store: Store, steps_per_epoch: int):
         self.run = cfg.run_dir()
-        if cfg.method == "losa" and cfg.variant == "auto":  # recorded as trained, whatever auto means later
-            cfg = replace(cfg, variant=auto_variant(store.layout))
-        self.cfg = cfg
+        self.cfg = cfg = resolved(cfg, store)
         self.device = torch.device(cfg.device)
         self.positions = select_taps(store, cfg.taps)
         self.model = build_classifier(cfg.spec(), store, cfg.seed, len(self.positions)).to(self.device)
@@ -243,8 +256,7 @@ class Trainer:
         self.eval_sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, correct
         self.eval_n = 0
         self.clock = Clock()
-        cache = location.normalize(cfg.cache)  # absolute: eval finds it from any folder
-        self.config_json = {**cfg.to_json(), "cache": str(cache if is_url(cache) else cache.resolve()),
+        self.config_json = {**recorded(cfg),
                             "blocks": [store.taps[p] for p in self.positions],
                             "trainable_params": self.params, "data_order": DATA_ORDER,
                             # id: which extraction of the store (it may be made again)
