@@ -225,11 +225,13 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     if store is not None:
         notes.append(changed_inputs_note(store, digests, "the store holds them as they were. "
                                          "Delete it, or extract to another --out, to extract them again."))
-    lost = store.missing_shards() if store is not None else {}
+    splits = {} if store is None else {name: store.split(name) for name in store.splits}  # read once
+    lost = {name: gone for name, split in splits.items() if (gone := split.lost_shards(out))}
     if lost:  # (not mended here: its inputs may have changed since, and a reader may not write)
         raise UserError(damaged(out, lost))
-    left = None if store is None else sum(map(_left, map(store.split, ds.splits)))  # samples to write
-    if store is not None and not store.complete:  # what a resume has left to do, and to write
+    left = None if store is None else sum(map(_left, splits.values()))  # samples to write
+    complete = store is not None and all(split.complete for split in splits.values())
+    if store is not None and not complete:  # what a resume has left to do, and to write
         say(f"{out} is part-written: {left:,} samples ({human_bytes(left * plan.bytes_per_sample)}) "
             f"are left to extract{' by its parts' if cfg.shard else ''}.")
         began, kind = store.meta.get("device"), torch.device(cfg.device).type
@@ -238,7 +240,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                  f"from {began}'s in their low bits (as with another --batch-size).")
     for text in filter(None, notes):
         note(text)
-    if store is not None and store.complete and store.meta["complete"] and not cfg.dry_run:
+    if complete and store.meta["complete"] and not cfg.dry_run:
         refuse_unreadable(store, list(ds.splits))  # (no lock taken: a reader may rerun it)
         result.status, result.complete = "already complete", True
         return result

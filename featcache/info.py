@@ -8,12 +8,15 @@ from .store import Store, disk_usage
 
 def store_info(store: Store) -> dict:
     m = store.meta
-    splits = {}
+    splits, lost = {}, {}  # (each split read once: its labels and keys are the cost)
     for name in store.splits:
         s = store.split(name)
         splits[name] = {"n": s.n, "read": int((s.labels >= 0).sum()), "skipped": s.attrs["skipped"],
                         "shards_done": int(s.done.sum()), "shards": len(s.done),
                         "complete": s.complete}
+        if gone := s.lost_shards(store.path):
+            lost[name] = gone
+    complete = all(split["complete"] for split in splits.values())  # (Store.complete, not read again)
     return {"path": store.path, "format_version": m["format_version"],
             "model": m["model"]["name"], "weights": m["weights"], "taps": m["taps"],
             "layout": m["layout"], "dtype": m["dtype"], "precision": store.precision,
@@ -21,7 +24,7 @@ def store_info(store: Store) -> dict:
             "dataset": m["dataset"], "classes": m["classes"], "shard_size": m["shard_size"],
             "batch_size": m.get("batch_size"),  # (absent in the earliest stores)
             "device": m.get("device"),  # the kind it was begun on (absent in stores before 2026-11-28)
-            "splits": splits, "complete": store.complete, "bytes_on_disk": disk_usage(store.path),
-            "lost_shards": store.missing_shards(),  # flagged done, files gone (a copy cut short)
-            "writer": None if store.complete else writer(store.path),  # who is writing it now
+            "splits": splits, "complete": complete, "bytes_on_disk": disk_usage(store.path),
+            "lost_shards": lost,  # flagged done, files gone (a copy cut short)
+            "writer": None if complete else writer(store.path),  # who is writing it now
             "created": m["created"], "id": m.get("id"), "versions": m["versions"]}  # (id: newer stores)
