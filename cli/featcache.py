@@ -134,6 +134,7 @@ def extract_cmd(
         r = extract(cfg)
     summary = {"path": str(r.path), "status": r.status, "complete": r.complete,
                "twin": r.twin and str(r.twin), "bytes": r.plan.total,
+               "left": r.left, "left_bytes": r.left * r.plan.bytes_per_sample,
                "written": r.written, "skipped": r.skipped, "seconds": round(r.seconds, 2)}
     if as_json:
         emit_json(summary)

@@ -104,6 +104,7 @@ class ExtractResult:
     status: Status = "written"
     complete: bool = False  # whether the store is complete now (a --shard part may leave it not)
     twin: Location | None = None  # an identical complete store that a run returns instead
+    left: int = 0  # samples the store had left to extract when this run began (all, for a new one)
 
 
 def _lists(d: dict) -> dict:
@@ -230,6 +231,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     if lost:  # (not mended here: its inputs may have changed since, and a reader may not write)
         raise UserError(damaged(out, lost))
     left = None if store is None else sum(map(_left, splits.values()))  # samples to write
+    result.left = sum(plan.splits.values()) if left is None else left
     complete = store is not None and all(split.complete for split in splits.values())
     if store is not None and not complete:  # what a resume has left to do, and to write
         say(f"{out} is part-written: {left:,} samples ({human_bytes(left * plan.bytes_per_sample)}) "

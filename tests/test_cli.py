@@ -47,7 +47,8 @@ def test_extract_info_fit_from_the_command_line(tmp_path, monkeypatch, run_cli):
     assert len(info["id"]) == 32  # this extraction's id, which runs record
     r = run_cli("featcache", "extract", "--model", "vit_tiny", "--random-init", "--img-size", "32",
                 "--dataset", "demo", "--limit", "10", "--out", "t", "--dry-run", "--json")
-    assert json.loads(r.stdout)["twin"] == "s"  # the store a real run would reuse
+    planned = json.loads(r.stdout)
+    assert planned["twin"] == "s" and planned["left"] == 30  # the store a real run would reuse
     r = run_cli("featcache", "extract", "--model", "vit_tiny", "--random-init", "--img-size", "32",
                 "--dataset", "demo", "--limit", "10", "--out", "t", "--dry-run")
     assert r.stdout.startswith("dry run: t, would reuse s (")

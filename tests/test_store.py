@@ -267,6 +267,7 @@ def test_a_store_begun_on_another_kind_of_device_is_continued_with_a_note(tmp_pa
     root.attrs["featcache"] = {**root.attrs["featcache"], "device": "cuda", "complete": False}  # as if
     root["train"]["done"][0] = False  # begun on a GPU machine, and cut short there
     capsys.readouterr()
-    assert extract(cfg).status == "resumed"  # (no GPU here: on the CPU; a resume is not refused)
+    r = extract(cfg)
+    assert (r.status, r.left, sum(r.written.values())) == ("resumed", 2, 2)  # (no GPU here: not refused)
     said = " ".join(capsys.readouterr().err.split())
     assert "was begun on cuda; this run continues it on cpu" in said and "is part-written: 2 samples" in said

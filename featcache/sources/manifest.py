@@ -42,7 +42,7 @@ def _splits(path: Path, rows: list[dict], first: int) -> dict[str, list[int]]:
     """Row indices per split, in sorted order (--limit and --per-class draw from one seeded
     generator split after split: this order fixes what stores made before hold); all rows
     are train when the manifest names no splits. Other tools' names for train, val and test
-    (validation, Train, ...) are read as ours, and said so."""
+    (validation, Train, ...) are read as ours, and said so, also beside ours."""
     names = [str(r.get("split") or "").strip() for r in rows]
     if not any(names):
         return {"train": list(range(len(rows)))}
@@ -53,12 +53,7 @@ def _splits(path: Path, rows: list[dict], first: int) -> dict[str, list[int]]:
                         "--val-fraction of train is held out as val).")
     ours = {name: our_split_name(name) for name in set(names)}
     renamed = sorted(f"'{a}' as '{b}'" for a, b in ours.items() if a != b)
-    if renamed:
-        clash = [b for b in set(ours.values()) if list(ours.values()).count(b) > 1]
-        if clash:
-            both = sorted(a for a, b in ours.items() if b == clash[0])
-            raise UserError(f"{path} has splits {' and '.join(map(repr, both))}, which both mean "
-                            f"'{clash[0]}': merge or rename them.")
+    if renamed:  # 'Train' beside 'train' is one split spelt two ways: merged, and said so
         note(f"{path}: split {', '.join(renamed)}.")
     names = [ours[name] for name in names]
     return {s: [i for i, name in enumerate(names) if name == s] for s in sorted(set(names))}
