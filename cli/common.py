@@ -6,6 +6,7 @@ import errno
 import json
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import typer
@@ -23,6 +24,9 @@ def run(app: typer.Typer) -> None:
     """Run `app`; a UserError becomes `error: ...` on one stderr line and exit status 2, a
     full or read-only disk one line and status 1, Ctrl-C exit status 130 with a line on what
     was kept."""
+    # A dataset's large photos (a 10k x 10k scan) are no attack on the user who chose them:
+    # PIL's warning above 89 MP goes; its refusal above 179 MP skips the image, with a reason.
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
     try:
         app()
     except UserError as e:

@@ -507,6 +507,8 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
     torch.set_flush_denormal(True)
     store = open_store(first.cache)
     _check_store(first, store)
+    if store.layout.frames == 1 and any(c.method == "losa" and not c.temporal for c in configs):
+        note(f"--no-temporal applies to video stores; {store.path} holds images: it changes nothing.")
     steps = len(ShardLoader(store, "train", first.batch_size, shuffle=True, seed=first.seed))
     trainers = [Trainer(c, store, steps) for c in configs]
     for t in trainers:  # once every model is built: an invalid configuration leaves no folder

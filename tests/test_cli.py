@@ -124,3 +124,20 @@ def test_listing_and_describing_stores_load_neither_torch_nor_timm(fp32_store):
     done = subprocess.run([sys.executable, "-c", code, str(fp32_store)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_large_images_are_read_without_pil_warnings_and_too_large_ones_skipped(tmp_path, monkeypatch,
+                                                                                run_cli, recwarn):
+    from PIL import Image
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (40, 40), (60 * i, 0, 0)).save(tmp_path / "imgs" / c / f"{i}.png")
+    Image.new("RGB", (60, 60)).save(tmp_path / "imgs" / "a" / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40x40 is large (a warning), 60x60 too large
+    r = run_cli("featcache", "extract", "--model", "vit_tiny", "--random-init", "--img-size", "32",
+                "--dataset", str(tmp_path / "imgs"), "--out", str(tmp_path / "s"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+    skipped = {k: v for split in json.loads(r.stdout)["skipped"].values() for k, v in split.items()}
+    assert list(skipped) == ["a/huge.png"] and "exceeds limit" in skipped["a/huge.png"]

@@ -288,17 +288,18 @@ def test_training_reads_values_back_per_epoch_not_per_step(fp32_store, tmp_path,
     assert counts[0] == counts[1] > 0
 
 
-def test_a_class_without_training_samples_and_an_unused_precision_are_pointed_out(fp32_store, tmp_path, capsys):
+def test_a_class_without_training_samples_and_options_without_effect_are_pointed_out(fp32_store, tmp_path, capsys):
     import shutil
     import zarr
     store = tmp_path / "store"
     shutil.copytree(fp32_store, store)
     labels = zarr.open_array(str(store / "train" / "labels"), mode="r+")
     labels[:] = np.where(labels[:] == 0, 1, labels[:])  # class 0 only in val and test
-    fit(FitConfig(cache=store, method="linear", epochs=1, batch_size=8, precision="bf16", out=tmp_path / "run"))
+    fit(FitConfig(cache=store, rank=2, temporal=False, epochs=1, batch_size=8, precision="bf16", out=tmp_path / "run"))
     note = " ".join(capsys.readouterr().err.split())
     assert f"1 class(es) have no training sample, so the head cannot learn them: {open_store(store).classes[0]}." in note
     assert "--precision bf16 applies on CUDA; on cpu training runs in fp32" in note
+    assert "--no-temporal applies to video stores; " in note  # (an image store)
 
 
 def test_loader_layers_are_positions_among_the_taps(fp32_store):
