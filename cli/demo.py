@@ -24,7 +24,9 @@ app = make_app(__doc__.splitlines()[0])
 out = Console()
 
 
-def weights_available(model: str, weights: Optional[Path]) -> tuple[bool, str]:
+def which_weights(model: str, weights: Optional[Path]) -> tuple[bool, str]:
+    """(random_init, where the weights come from): the weights file given, else timm's
+    pretrained weights where they load (the cache, or online), else random ones, said so."""
     if weights is not None:
         return False, f"weights from {weights}"
     try:
@@ -45,7 +47,7 @@ def demo(
     runs_root: Path = typer.Option(Path("runs"), help="Where the run folders go."),
 ) -> None:
     """Extract the demo set with MODEL, then train and compare a linear probe and LoSA."""
-    random_init, source = weights_available(model, weights)
+    random_init, source = which_weights(model, weights)
     out.rule("featcache + sidetrain demo")
     out.print(f"backbone: {model} at {img_size} px, {source}")
     if random_init:

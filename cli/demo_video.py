@@ -19,7 +19,7 @@ from featcache.sources.moving_clips import write_moving_clips
 from sidetrain import FitConfig, train_many
 
 from .common import clear_stale_demo_runs, make_app, run
-from .demo import weights_available
+from .demo import which_weights
 from .tables import results_table
 
 app = make_app(__doc__.splitlines()[0])
@@ -45,10 +45,10 @@ def demo_video(
 ) -> None:
     """Generate moving-object clips, extract them with MODEL, and compare the frame-averaged
     probe with LoSA without and with temporal mixing."""
-    random_init, source = weights_available(model, weights)
+    random_init, source = which_weights(model, weights)
     out.rule("featcache + sidetrain video demo: which way does it move?")
     out.print(f"backbone: {model} at {img_size} px, {frames} frames per clip, {source}")
-    data = data_root / f"moving-{img_size}px-{clips}"
+    data = data_root / f"moving-{img_size}px-{clips}x{2 * frames}f"  # (clips of 2 x frames frames)
     if not data.exists():
         write_moving_clips(data, {"train": clips, "val": clips // 3, "test": 2 * clips // 3},
                            size=img_size, length=2 * frames)

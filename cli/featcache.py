@@ -84,7 +84,7 @@ def extract_cmd(
     img_size: Optional[int] = typer.Option(None, help="Input resolution instead of the model's "
                                            "pretrained one (a multiple of the patch size)."),
     crop_pct: Optional[float] = typer.Option(None, help="Override the pretrained config's center-crop fraction."),
-    interpolation: Optional[str] = typer.Option(None, help="Override the resize interpolation (bilinear, bicubic)."),
+    interpolation: Optional[str] = typer.Option(None, help="Override the resize interpolation (nearest, bilinear, bicubic, box, hamming, lanczos)."),
     mean: Optional[str] = typer.Option(None, help="Override the normalisation mean: three comma-separated numbers."),
     std: Optional[str] = typer.Option(None, help="Override the normalisation std: three comma-separated numbers."),
     taps: str = typer.Option("all", help="Blocks to keep: all, every:K, last:M, or indices like 3,7,11."),
@@ -128,6 +128,8 @@ def extract_cmd(
         mean=_triple("--mean", mean), std=_triple("--std", std), force=force, dry_run=dry_run,
         shard=_part(shard), reuse=reuse)
     if dask:
+        if cfg.shard is not None:
+            raise UserError("--dask runs every part itself (one --shard K/N per worker): leave out --shard.")
         from featcache.distribute import extract_on_dask
         r = extract_on_dask(cfg, dask)
     else:

@@ -180,7 +180,7 @@ def eval_cmd(run_dir: Path = typer.Option(..., "--run", help="A run folder from 
                                                  "taps and classes. Default: the one the run was trained on."),
              device: str = typer.Option("auto", help=HELP["device"]),
              as_json: bool = typer.Option(False, "--json", help=HELP["json"])) -> None:
-    """Accuracy of a trained adapter on every split of a store."""
+    """Accuracy of a trained adapter on every complete split of a store."""
     accs = evaluate_run(run_dir, cache, device)
     store = run_store(run_dir, cache)
     counts = {split: int((store.split(split).labels >= 0).sum()) for split in accs}

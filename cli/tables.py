@@ -18,8 +18,10 @@ def results_table(results: list[FitResult], title: str | None = None, names: boo
                      no_wrap=col == "run")
     for r in results:
         row = [r.run.name] if names else [r.method, str(r.rank or "-")]
-        row += [f"{r.params:,}", str(r.best_epoch),
-                f"{100 * r.val_acc:.1f}%", "-" if r.test_acc is None else f"{100 * r.test_acc:.1f}%",
-                f"{r.seconds:.1f} s" + (" (stopped: NaN)" if r.failed else "")]
+        kept = r.best_epoch >= 0  # (not when it stopped before its first epoch's end)
+        row += [f"{r.params:,}", str(r.best_epoch) if kept else "-",
+                f"{100 * r.val_acc:.1f}%" if kept else "-",
+                "-" if r.test_acc is None else f"{100 * r.test_acc:.1f}%",
+                f"{r.seconds:.1f} s" + (" (stopped: NaN/inf)" if r.failed else "")]
         t.add_row(*row)
     return t

@@ -5,6 +5,7 @@ its traceback.
 """
 
 import errno
+import math
 import numbers
 
 
@@ -25,7 +26,8 @@ def is_int(value: object) -> bool:
 
 
 def is_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    """A finite real number (an --lr of inf or nan would train nothing)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def disk_full(e: BaseException) -> bool:

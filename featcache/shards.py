@@ -84,14 +84,15 @@ BUGS = (TypeError, AttributeError, NameError, KeyError, IndexError, AssertionErr
 
 
 class ShardWriter:
-    """Writes finished shards on a background thread so the backbone never waits on I/O."""
+    """Writes finished shards on a background thread so the backbone never waits on I/O.
+    Use it as a context manager: the thread runs from `with` until the exit has written
+    every queued shard."""
 
     def __init__(self, store: Store):
         self.store = store
         self.queue: queue.Queue = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        self.thread = threading.Thread(target=self._run, daemon=True)  # started by `with`
 
     def _run(self) -> None:
         while (shard := self.queue.get()) is not None:
@@ -115,6 +116,7 @@ class ShardWriter:
         self.queue.put(shard)
 
     def __enter__(self) -> ShardWriter:
+        self.thread.start()
         return self
 
     def __exit__(self, kind, error, trace) -> None:

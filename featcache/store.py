@@ -1,7 +1,8 @@
 """The store, format version 1: a Zarr v3 group holding every tapped block's tokens.
 
     <root>/            attrs["featcache"]: format_version, model, weights, transform, taps,
-                       layout, dtype, classes, dataset, shard_size, versions, created, complete
+                       layout, dtype, precision, classes, dataset, splits, id, content_key, ...
+                       (every attribute: docs/store-format.md)
       backbone/        frozen pieces sidetrain needs: norm.weight/bias, fc_norm.weight/bias
       channel_scale    (L, D) float32, int8 stores only (see codec.py)
       <split>/         attrs["featcache"]: n, fingerprint, complete, skipped {key: reason}
@@ -10,7 +11,7 @@
         scales (N, L, T)     float32, int8 stores only
         labels (N,)          int64; -1 marks a sample that could not be read
         keys   (N,)          string: relative path or source id
-        done   (N/S,)        bool: set only after that shard's tokens, labels, keys are written
+        done   (ceil(N/S),)  bool: set only after that shard's tokens, labels, keys are written
 
 docs/store-format.md describes it for readers without this package.
 """
@@ -22,6 +23,7 @@ import math
 import numbers
 import uuid
 from dataclasses import dataclass
+from functools import cached_property
 from importlib.metadata import version
 from pathlib import Path
 
@@ -58,9 +60,15 @@ class SplitArrays:
     tokens: zarr.Array
     scales: zarr.Array | None  # int8 only: one scale per token per layer
     labels: np.ndarray
-    keys: np.ndarray
+    key_array: zarr.Array
     done: np.ndarray
     attrs: dict
+
+    @cached_property
+    def keys(self) -> np.ndarray:
+        """Read on first use: strings cost the most to read (seconds for a million samples),
+        and training, the loaders and most checks never need them."""
+        return self.key_array[:]
 
     @property
     def n(self) -> int:
@@ -141,7 +149,7 @@ class Store:
                             f"{', '.join(self.splits)}).")
         g = self.group[name]
         return SplitArrays(name=name, tokens=g["tokens"], scales=g.get("scales"), labels=g["labels"][:],
-                           keys=g["keys"][:], done=g["done"][:], attrs=dict(g.attrs[ATTR]))
+                           key_array=g["keys"], done=g["done"][:], attrs=dict(g.attrs[ATTR]))
 
     def read_tokens(self, split: str, rows: int | slice | list[int] | np.ndarray = slice(None)) -> np.ndarray:
         """Tokens of some rows of a split as float32 ((n,) L, T, D), whatever the store's dtype.

@@ -9,7 +9,7 @@ LoSA with zero-initialised mixers starts exactly at the probe on the same head i
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -39,9 +39,6 @@ class ModelSpec:
     temporal: bool = True  # video: mix over frames as well as within them
     prefix_mixing: str = "join"  # join (prefix tokens in each frame's token mixer) | channel
     mlp_hidden: int = 512  # hidden width of the "mlp" head
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class Classifier(nn.Module):

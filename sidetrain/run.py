@@ -53,10 +53,21 @@ def run_config(run: Path | str) -> dict:
     if inside:
         raise UserError(f"{run} holds runs (a sweep's?): pass one of them, e.g. --run {run / inside[0]} "
                         f"({len(inside)}: {', '.join(inside[:5])}{' ...' if len(inside) > 5 else ''}).")
+    failed = _failed(run)
+    if failed and not (run / "adapter.safetensors").is_file():
+        raise UserError(f"{run} stopped before its first epoch finished, so it holds no model: {failed}")
     if not (run / "config.json").is_file() or not (run / "adapter.safetensors").is_file():
         raise UserError(f"{run} is not a finished sidetrain run (needs config.json and "
                         "adapter.safetensors); train one with `sidetrain fit`.")
     return json.loads((run / "config.json").read_text())
+
+
+def _failed(run: Path) -> str | None:
+    """Why the run stopped, as its summary.json says (None: it did not, or there is none)."""
+    try:
+        return json.loads((run / "summary.json").read_text()).get("failed")
+    except (OSError, ValueError):
+        return None
 
 
 def _spec(config: dict) -> ModelSpec:
@@ -76,7 +87,10 @@ def check_store(config: dict, store: Store) -> list[int]:
     """The store must hold the features the run was trained on; returns the tap positions."""
     s = config["store"]
     diffs = [_difference(k, s[k], store.meta[k])
-             for k in ("model", "layout", "classes", "transform") if store.meta[k] != s[k]]
+             for k in ("model", "layout", "classes") if store.meta[k] != s[k]]
+    if _eval_transform(s["transform"]) != _eval_transform(store.meta["transform"]):
+        diffs.append(_difference("transform", _eval_transform(s["transform"]),
+                                 _eval_transform(store.meta["transform"])))
     if store.meta["weights"]["sha256"] != s["weights"]["sha256"]:
         diffs.append("weights: the store was extracted with other weights (sha256 differs)")
     missing = [b for b in config["blocks"] if b not in store.taps]
@@ -90,6 +104,13 @@ def check_store(config: dict, store: Store) -> list[int]:
              f"{store.path} holds tokens computed in {store.precision}: scores may "
              "differ slightly from those on the training store.")
     return [store.taps.index(b) for b in config["blocks"]]
+
+
+def _eval_transform(transform: dict) -> dict:
+    """The transform every stored sample went through: --views' augmentation of the train
+    split (its policy and seed) is left out, so a run trained on augmented views is scored
+    on any store of the same features."""
+    return {k: v for k, v in transform.items() if k not in ("views", "view_policy", "view_seed")}
 
 
 def _difference(name: str, run: object, store: object) -> str:
@@ -181,8 +202,7 @@ def _transforms(transform_config: dict, sampling: FrameSampling | None
     """The store's extraction transform, for an image in memory (PIL of any mode, or a uint8
     array), and a reader of one file as the extraction read it: an image (C, H, W) or a clip
     of frames picked by `sampling` (F, C, H, W)."""
-    plain = {k: v for k, v in transform_config.items()
-             if k not in ("views", "view_policy", "view_seed", "video")}
+    plain = {k: v for k, v in _eval_transform(transform_config).items() if k != "video"}
     transform = Compose([_pil, to_rgb, timm.data.create_transform(
         **{**plain, "input_size": tuple(plain["input_size"])}, is_training=False)])
     kind = f"a video clip (the run was trained on clips of {sampling.frames} frames)" if sampling \

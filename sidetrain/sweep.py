@@ -14,6 +14,7 @@ from featcache.errors import UserError
 from featcache.store import open_store
 
 from .classifier import ModelSpec
+from .loader import DATA_ORDER
 from .plots import plot_pareto
 from .train import ONE_PASS, FitConfig, FitResult, recorded, resolved, train_many
 
@@ -115,7 +116,8 @@ def _continue_equal_runs(configs: list[FitConfig], out_root: Path) -> list[FitCo
             saved = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if (path.parent / "checkpoint.pt").is_file() and saved.get("store", {}).get("id") == store.meta.get("id"):
+        if ((path.parent / "checkpoint.pt").is_file() and saved.get("data_order") == DATA_ORDER
+                and saved.get("store", {}).get("id") == store.meta.get("id")):  # (what resume also asks)
             earlier[path.parent] = {k: saved.get(k) for k in keys}
     out = []
     for c in configs:

@@ -182,7 +182,7 @@ def _check_store(cfg: FitConfig, store: Store) -> None:
     if store.meta["weights"]["source"].startswith("random-init"):
         note(f"{store.path} was extracted with RANDOM backbone weights "
              "(--random-init): what trains on it only shows that the pipeline runs.")
-    if cfg.precision != "fp32" and not cfg.device.startswith("cuda"):
+    if side_precision(cfg.precision, cfg.device) != cfg.precision:
         note(f"--precision {cfg.precision} applies on CUDA; on "
              f"{cfg.device} training runs in fp32.")
     labels = store.split("train").labels
@@ -270,7 +270,7 @@ class Trainer:
         ckpt = self.run / "checkpoint.pt"
         if not ckpt.is_file():
             self.run.mkdir(parents=True, exist_ok=True)
-            (self.run / "config.json").write_text(json.dumps(self.config_json, indent=2))
+            _write_json(self.run / "config.json", self.config_json)
             return
         saved = json.loads((self.run / "config.json").read_text())
         if saved.get("cache") == str(self.cfg.cache):  # a run from before caches were absolute
@@ -292,12 +292,13 @@ class Trainer:
                             f"{', '.join(differ)}){began if 'device' in differ else ''}. Use another "
                             "--out or delete that folder.")
         if now and not was:  # a run from before stores had an id: told apart from now on
-            (self.run / "config.json").write_text(json.dumps(self.config_json, indent=2))
-        state = torch.load(ckpt, map_location=self.device, weights_only=False)
+            _write_json(self.run / "config.json", self.config_json)
+        # tensors and plain containers only: a run folder shared in a lab runs no one's code
+        state = torch.load(ckpt, map_location=self.device, weights_only=True)
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
         self.scaler.load_state_dict(state["scaler"])
-        for k in ("step", "epoch", "seconds", "history", "best", "best_state", "rng", "failed"):
+        for k in ("step", "epoch", "seconds", "history", "best", "best_state", "rng"):
             setattr(self, k, state[k])
         self.rng = [t.cpu() for t in self.rng]  # map_location moved them; torch takes them on the CPU
         say(f"{self.run} is complete ({self.epoch} epochs): scoring its best epoch again; "
@@ -308,10 +309,10 @@ class Trainer:
         state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
                  "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
                  "seconds": self.seconds, "history": self.history, "best": self.best,
-                 "best_state": self.best_state, "rng": self.rng, "failed": self.failed}
+                 "best_state": self.best_state, "rng": self.rng}  # (written while no loss failed)
         _write_whole(self.run / "checkpoint.pt", lambda f: torch.save(state, f))
-        with open(self.run / "metrics.jsonl", "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in self.history)
+        _write_whole(self.run / "metrics.jsonl", lambda f: f.write(
+            "".join(json.dumps(row) + "\n" for row in self.history).encode()))
 
     @property
     def active(self) -> bool:
@@ -400,16 +401,19 @@ class Trainer:
         self._checkpoint()
 
     def finish(self, test_acc: float | None) -> FitResult:
-        # as bytes, then written as any file: safetensors' own save_file makes it readable by
-        # its owner alone (0600), whatever the umask, and a lab's colleagues could not load it
-        adapter = save({k: v.contiguous().cpu() for k, v in self.best_state.items()},
-                       metadata={"config": json.dumps(self.config_json), "epoch": str(self.best["epoch"])})
-        _write_whole(self.run / "adapter.safetensors", lambda f: f.write(adapter))
+        """Write the best epoch's adapter (none when no epoch finished: eval and predict then
+        say the run is unfinished) and summary.json."""
+        if self.best_state:
+            # as bytes, then written as any file: safetensors' own save_file makes it readable by
+            # its owner alone (0600), whatever the umask, and a lab's colleagues could not load it
+            adapter = save({k: v.contiguous().cpu() for k, v in self.best_state.items()},
+                           metadata={"config": json.dumps(self.config_json), "epoch": str(self.best["epoch"])})
+            _write_whole(self.run / "adapter.safetensors", lambda f: f.write(adapter))
         result = FitResult(run=self.run, config=self.cfg, params=self.params,
                            best_epoch=self.best["epoch"], val_acc=self.best["val_acc"],
                            test_acc=test_acc, seconds=self.seconds, history=self.history,
                            failed=self.failed)
-        _write_whole(self.run / "summary.json", lambda f: f.write(json.dumps(result.to_json(), indent=2).encode()))
+        _write_json(self.run / "summary.json", result.to_json())
         plot_curves(self.history, self.run / "curves.png", title=self.run.name)
         return result
 
@@ -430,6 +434,10 @@ def _write_whole(path: Path, write: Callable[[BinaryIO], object]) -> None:
                         f"{human_bytes(free)} free on the disk). The run keeps its last checkpoint: "
                         "free some space and rerun the same command to resume.") from None
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: object) -> None:
+    _write_whole(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 def _get_rng(device: torch.device) -> list[torch.Tensor]:

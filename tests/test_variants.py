@@ -279,7 +279,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fp32_store, tmp_path,
     monkeypatch.setattr(train_module.Trainer, "train_batch", poisoned)
     with pytest.raises(UserError, match="loss became nan at epoch 2"):
         fit(FitConfig(cache=fp32_store, rank=4, epochs=4, batch_size=8, out=tmp_path / "nan"))
-    state = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert len((tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()) == 2
     # the best epoch kept is scored on test, as any run's
@@ -293,6 +293,15 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fp32_store, tmp_path,
     with pytest.raises(UserError, match=r"val loss became nan at epoch 1; lower --lr. Kept the best "
                                         r"epoch before it \(epoch 0, val acc"):
         fit(FitConfig(cache=fp32_store, rank=4, epochs=4, batch_size=8, out=tmp_path / "val-nan"))
+    # stopped in its first epoch: no model is kept, and eval says why rather than load none
+    monkeypatch.setattr(train_module.Trainer, "eval_batch", evaluate)
+    monkeypatch.setattr(train_module.Trainer, "train_batch", lambda self, x, labels: original(
+        self, x * float("nan"), labels))
+    with pytest.raises(UserError, match="No epoch finished before it: nothing is kept"):
+        fit(FitConfig(cache=fp32_store, rank=4, epochs=4, batch_size=8, out=tmp_path / "nan0"))
+    assert not (tmp_path / "nan0" / "adapter.safetensors").exists()
+    with pytest.raises(UserError, match="stopped before its first epoch finished, so it holds no model: loss"):
+        evaluate_run(tmp_path / "nan0")
 
 
 def test_a_nan_loss_stops_training_within_check_every_steps(fp32_store, tmp_path, monkeypatch):
@@ -309,7 +318,7 @@ def test_a_nan_loss_stops_training_within_check_every_steps(fp32_store, tmp_path
     with pytest.raises(UserError, match=r"loss became nan at epoch 1 \(by step 8\); lower --lr. Kept the best epoch before it \(epoch 0"):
         fit(FitConfig(cache=fp32_store, rank=4, epochs=4, batch_size=4, out=tmp_path / "nan"))
     assert steps[-1] == 7  # 6 steps an epoch: stopped after step 7's check, not at the epoch's end
-    assert torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
 
 def test_eval_matches_training_and_refuses_foreign_stores(fp32_store, tmp_path, run_cli):
@@ -325,6 +334,9 @@ def test_eval_matches_training_and_refuses_foreign_stores(fp32_store, tmp_path, 
     extract(ExtractConfig(dataset="demo", out=other, limit=8, **{**TINY, "seed": 7}))
     with pytest.raises(UserError, match="weights"):
         evaluate_run(r.run, other)
+    views = tmp_path / "views"  # the same features, its train split augmented: scored, not refused
+    extract(ExtractConfig(dataset="demo", out=views, limit=8, views=2, split=["train", "val"], **TINY))
+    assert set(evaluate_run(r.run, views)) == {"train", "val"}
     few = tmp_path / "few"  # the same backbone, fewer taps, larger images: each difference named
     extract(ExtractConfig(dataset="demo", out=few, limit=8, taps="last:2", **{**TINY, "img_size": 48}))
     with pytest.raises(UserError) as refused:

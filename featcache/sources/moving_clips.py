@@ -9,6 +9,7 @@ vertical (50 %); a side network needs temporal mixing to get further. Written as
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -54,15 +55,20 @@ def write_moving_clips(root: Path, per_class: dict[str, int], size: int = 64, le
     """Write root/<split>/<direction>/<n>.mp4, `per_class[split]` clips per direction.
 
     Sprites are the embedded demo's Fashion-MNIST items, scaled to a quarter of the canvas.
+    The clips go to root.part, renamed to root once all are written: a run stopped half-way
+    leaves no root that a later one would take as whole.
     """
     from PIL import Image
     rng = np.random.default_rng(seed)
     items = np.load(DEMO_FILE)["train_images"]
     s = max(size // 4, 8)
+    part = root.with_name(root.name + ".part")
+    shutil.rmtree(part, ignore_errors=True)
     for split, n in per_class.items():
         for name, direction in DIRECTIONS.items():
             for k in range(n):
                 sprite = np.asarray(Image.fromarray(items[rng.integers(len(items))]).resize((s, s)))
-                write_video(root / split / name / f"{k:04d}.mp4",
+                write_video(part / split / name / f"{k:04d}.mp4",
                             _clip(sprite, direction, size, length, rng), fps)
+    part.rename(root)
     return root
