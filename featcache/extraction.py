@@ -226,20 +226,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     if store is not None:
         notes.append(changed_inputs_note(store, digests, "the store holds them as they were. "
                                          "Delete it, or extract to another --out, to extract them again."))
-    splits = {} if store is None else {name: store.split(name) for name in store.splits}  # read once
-    lost = {name: gone for name, split in splits.items() if (gone := split.lost_shards(out))}
-    if lost:  # (not mended here: its inputs may have changed since, and a reader may not write)
-        raise UserError(damaged(out, lost))
-    left = None if store is None else sum(map(_left, splits.values()))  # samples to write
+    left, complete = (None, False) if store is None else _left_to_write(store, plan, cfg)
     result.left = sum(plan.splits.values()) if left is None else left
-    complete = store is not None and all(split.complete for split in splits.values())
-    if store is not None and not complete:  # what a resume has left to do, and to write
-        say(f"{out} is part-written: {left:,} samples ({human_bytes(left * plan.bytes_per_sample)}) "
-            f"are left to extract{' by its parts' if cfg.shard else ''}.")
-        began, kind = store.meta.get("device"), torch.device(cfg.device).type
-        if began not in (None, kind) and not cfg.dry_run:
-            note(f"{out} was begun on {began}; this run continues it on {kind}, whose tokens differ "
-                 f"from {began}'s in their low bits (as with another --batch-size).")
     for text in filter(None, notes):
         note(text)
     if complete and store.meta["complete"] and not cfg.dry_run:
@@ -249,23 +237,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     names = list(ds.splits)
     images = make_images(ds.splits, backbone.data_config, "train" if cfg.views > 1 else None, cfg.seed)
     refuse_unreadable_inputs(images, names)  # (a dry run too: wrong paths are found at once)
-
-    def current(there: Location) -> bool:  # a twin of inputs regenerated since, or damaged, is passed over
-        twin = open_store(there)
-        stale = changed_inputs_note(twin, digests, "not reused.")
-        if twin.missing_shards():
-            stale = f"{there} holds the same content but has lost shard files: not reused."
-        if stale:
-            note(stale)
-        return not stale
-
-    try:
-        twin = None if existed or not cfg.reuse else identical_store(out, settings["content_key"], current)
-    except UserError:  # a bucket that cannot be listed: a dry run needs no credentials
-        if not cfg.dry_run:
-            raise
-        twin = None
-    result.twin = twin
+    result.twin = twin = None if existed or not cfg.reuse else _find_twin(out, settings, digests, cfg.dry_run)
     if cfg.dry_run:
         if twin is not None:
             say(f"{twin} already holds this: a real run would reuse it and write nothing "
@@ -287,13 +259,14 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     device = torch.device(cfg.device)
     backbone.model.to(device)
     calibration = partial(_calibration, cfg, backbone, images, names[0], taps, device)  # if a store is made
-    told = store is not None  # (a store another part lays out meanwhile has notes untold)
+    told = store is not None  # its notes are said; a store another part laid out since has its own
     with StoreLock(out, cfg.shard):
         with meta_lock(out):  # the parts of a sharded run create the store once
             store, notes = open_or_create(out, settings, ds, backbone, plan, cfg.shard_size, calibration,
                                           digests)
-        for text in [] if told else notes:
-            note(text)
+        if not told:
+            for text in notes:
+                note(text)
         batches = shard_batches(store, names, cfg.batch_size, cfg.shard)
         if batches:
             result.status = "resumed" if existed else "written"
@@ -325,6 +298,46 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
 def _left(split: SplitArrays) -> int:
     """Samples in the shards of a split that are not done."""
     return int((~split.done[np.arange(split.n) // split.shard_size]).sum())
+
+
+def _left_to_write(store: Store, plan: StorePlan, cfg: ExtractConfig) -> tuple[int, bool]:
+    """(the samples an existing store has left to extract, whether its splits are complete),
+    what is left said; a store that has lost shard files is refused (not mended here: its
+    inputs may have changed since, and a reader may not write)."""
+    splits = {name: store.split(name) for name in store.splits}  # (each read once)
+    lost = {name: gone for name, split in splits.items() if (gone := split.lost_shards(store.path))}
+    if lost:
+        raise UserError(damaged(store.path, lost))
+    left = sum(map(_left, splits.values()))
+    complete = all(split.complete for split in splits.values())
+    if not complete:
+        say(f"{store.path} is part-written: {left:,} samples ({human_bytes(left * plan.bytes_per_sample)}) "
+            f"are left to extract{' by its parts' if cfg.shard else ''}.")
+        began, kind = store.meta.get("device"), torch.device(cfg.device).type
+        if began not in (None, kind) and not cfg.dry_run:
+            note(f"{store.path} was begun on {began}; this run continues it on {kind}, whose tokens "
+                 f"differ from {began}'s in their low bits (as with another --batch-size).")
+    return left, complete
+
+
+def _find_twin(out: Location, settings: dict, digests: dict, dry_run: bool) -> Location | None:
+    """A complete store elsewhere in the cache root with the same content key, whose
+    sampled inputs still hold the same bytes and whose shard files are all there."""
+    def current(there: Location) -> bool:
+        twin = open_store(there)
+        stale = changed_inputs_note(twin, digests, "not reused.")
+        if twin.missing_shards():
+            stale = f"{there} holds the same content but has lost shard files: not reused."
+        if stale:
+            note(stale)
+        return not stale
+
+    try:
+        return identical_store(out, settings["content_key"], current)
+    except UserError:  # a bucket that cannot be listed: a dry run needs no credentials
+        if not dry_run:
+            raise
+        return None
 
 
 def _mark_finished(out: Location, names: list[str]) -> Store:
