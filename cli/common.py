@@ -22,8 +22,8 @@ def make_app(help: str) -> typer.Typer:
 
 def run(app: typer.Typer) -> None:
     """Run `app`; a UserError becomes `error: ...` on one stderr line and exit status 2, a
-    full or read-only disk one line and status 1, Ctrl-C exit status 130 with a line on what
-    was kept."""
+    full or read-only disk or a folder the user may not read or write one line and status 1,
+    Ctrl-C exit status 130 with a line on what was kept."""
     # A dataset's large photos (a 10k x 10k scan) are no attack on the user who chose them:
     # PIL's warning above 89 MP goes; its refusal above 179 MP skips the image, with a reason.
     warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
@@ -32,6 +32,11 @@ def run(app: typer.Typer) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except PermissionError as e:  # a colleague's folder, in a shared cache or runs root
+        print(f"error: permission denied: {e.filename}. To read a colleague's store or run, ask "
+              "them to share it (`chmod -R g+rX` for the group, a+rX for all); to write, pick a "
+              "folder you may write (--out).", file=sys.stderr)
+        sys.exit(1)
     except OSError as e:  # where the disk fills up or is read-only is no bug of ours: one line
         if not disk_full(e) and e.errno != errno.EROFS:
             raise

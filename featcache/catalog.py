@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .console import note
 from .errors import UserError
 from .location import Location, filesystem, is_url, join, normalize, read_json
 from .store import ATTR, disk_usage
@@ -21,7 +22,12 @@ def find_stores(root: Location) -> list[dict]:
 
     def walk(d: Path, depth: int) -> None:
         meta_file = d / "zarr.json"
-        if meta_file.is_file():  # a zarr node: a store, or not ours; never looked inside
+        try:
+            is_node = meta_file.is_file()
+        except PermissionError:  # a colleague's private folder in a shared cache root
+            note(f"{d}: not readable by you (permission denied): left out.")
+            return
+        if is_node:  # a zarr node: a store, or not ours; never looked inside
             try:
                 meta = _store_meta(json.loads(meta_file.read_text()))
             except (OSError, ValueError):
@@ -32,7 +38,8 @@ def find_stores(root: Location) -> list[dict]:
         if depth < MAX_DEPTH:
             try:
                 children = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
-            except OSError:  # an unreadable folder in a shared cache root: skip it
+            except OSError as e:  # an unreadable folder in a shared cache root
+                note(f"{d}: not readable by you ({e.strerror.lower()}): left out.")
                 return
             for child in children:
                 walk(child, depth + 1)

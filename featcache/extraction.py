@@ -29,7 +29,7 @@ from .console import console, escape, note, say
 from .errors import UserError, is_int, is_number, require
 from .images import VIEW_POLICY, Images, collate, make_images, repeat
 from .location import Location, exists, is_url, join, normalize
-from .lock import StoreLock, meta_lock, writer
+from .lock import StoreLock, meta_lock, refuse_if_written, writer
 from .models import Backbone, TokenLayout, load_backbone
 from .plan import StorePlan, human_bytes, make_plan
 from .precision import PRECISIONS, pick_device
@@ -159,7 +159,9 @@ def _check(cfg: ExtractConfig) -> None:
         require(value is None or len(value) == 3 and all(map(is_number, value)), option,
                 "three numbers (red, green, blue)", value)
     if cfg.shard is not None and not 0 <= cfg.shard[0] < cfg.shard[1]:
-        raise UserError(f"--shard K/N needs 0 <= K < N, not {cfg.shard[0]}/{cfg.shard[1]}")
+        k, n = cfg.shard
+        raise UserError(f"--shard K/N counts parts from 0: 0/{n} to {n - 1}/{n}, not {k}/{n}" if n >= 1
+                        else f"--shard K/N needs N of at least 1, not {k}/{n}")
 
 
 def _calibration(cfg: ExtractConfig, backbone: Backbone, images: Images, first: str, taps: list[int],
@@ -196,6 +198,11 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
             note(text)
     if cfg.views > 1 and ds.video:
         raise UserError("--views is for images; a video dataset keeps one view per clip.")
+    given = [f"--{k}" for k in ("frames", "sampling", "fps") if getattr(cfg, k) != getattr(ExtractConfig, k)]
+    if given and not ds.video:
+        one = len(given) == 1
+        note(f"{', '.join(given)} {'is' if one else 'are'} for videos; {ds.name} holds images: "
+             f"{'it changes' if one else 'they change'} nothing.")
     if cfg.views > 1 and "train" in ds.splits:
         ds.splits["train"] = repeat(ds.splits["train"], cfg.views)
     out = normalize(cfg.out) if cfg.out else Path("cache") / ds.name
@@ -226,6 +233,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     if store is not None:
         notes.append(changed_inputs_note(store, digests, "the store holds them as they were. "
                                          "Delete it, or extract to another --out, to extract them again."))
+    if store is not None and not cfg.dry_run:
+        refuse_if_written(out, cfg.shard)  # (before it says what it would do)
     left, complete = (None, False) if store is None else _left_to_write(store, plan, cfg)
     result.left = sum(plan.splits.values()) if left is None else left
     for text in filter(None, notes):

@@ -28,6 +28,7 @@ from .location import Location, is_url
 
 LOCK_NAME = ".featcache.lock"
 META_LOCK = ".featcache.meta.lock"
+PARTS = "the parts of a --shard run"  # who holds the lock shared, unnamed
 TAKE_PATIENCE = 0.5  # seconds a writer retries a lock before it is refused (see _lock)
 
 # A flock belongs to the open file, which a forked child (a DataLoader worker) shares: after
@@ -65,11 +66,11 @@ class StoreLock:
             raise
         if not _lock(f, mode, patience=TAKE_PATIENCE):
             f.seek(0)
-            holder = f.read().strip() or "another process"
+            # an exclusive writer names itself; the --shard parts share the lock unnamed
+            holder = f.read().strip() or (PARTS if mode == fcntl.LOCK_EX else "another process")
             f.close()
             self.release()
-            raise UserError(f"{self.dir} is being written by another featcache process ({holder}). "
-                            "Wait for it to finish, or stop it first.") from None
+            raise _busy(self.dir, holder) from None
         if mode == fcntl.LOCK_EX:
             f.seek(0)
             f.truncate()
@@ -133,6 +134,19 @@ def _held_exclusively(lock_file: Path) -> str | None:
         return f.read().strip() or "another process"
 
 
+def _busy(store_dir: Location, holder: str) -> UserError:
+    return UserError(f"{store_dir} is being written by another featcache process ({holder}). "
+                     "Wait for it to finish, or stop it first.")
+
+
+def refuse_if_written(store_dir: Location, part: tuple[int, int] | None) -> None:
+    """Refuse at once, before any work, what StoreLock would refuse later: a store that
+    another process writes (for a --shard part: one that is not a part)."""
+    holder = writer(store_dir)
+    if holder and not (part and part[1] > 1 and holder == PARTS):
+        raise _busy(store_dir, holder)
+
+
 def _live_parts(store_dir: Path) -> set[int]:
     """The N of every --shard K/N part writing the store now."""
     return {int(p.name.rsplit("of", 1)[1]) for p in store_dir.glob(f"{LOCK_NAME}.*of*")
@@ -145,7 +159,7 @@ def writer(store_dir: Location) -> str | None:
     if is_url(store_dir):
         return None
     return _held_exclusively(Path(store_dir) / LOCK_NAME) or (
-        "the parts of a --shard run" if _live_parts(Path(store_dir)) else None)
+        PARTS if _live_parts(Path(store_dir)) else None)
 
 
 def _open(lock_file: Path):

@@ -211,13 +211,18 @@ def open_store(path: Location, mode: str = "r") -> Store:
 
     `path` is a folder or an fsspec URL (location.py)."""
     p = normalize(path)
-    if not exists(p):
-        raise UserError(f"no store at {path}: the path does not exist. Create one with "
-                        "`featcache extract` (where it found an identical store beside --out, it "
-                        "reused that one and said so: `featcache ls` lists them).")
     try:
+        if not exists(p):
+            raise UserError(f"no store at {path}: the path does not exist. Create one with "
+                            "`featcache extract` (where it found an identical store beside --out, it "
+                            "reused that one and said so: `featcache ls` lists them).")
         group = zarr.open_group(str(p), mode=mode)
         meta = group.attrs[ATTR]
+    except PermissionError as e:
+        raise UserError(f"cannot read {path}: permission denied ({e.filename}). Its owner can share "
+                        f"it with `chmod -R a+rX {path}` (or g+rX for a group).") from None
+    except UserError:
+        raise
     except Exception:
         raise UserError(f"{path} is not a featcache store (no Zarr group with featcache "
                         "attributes): give the folder that `featcache extract` wrote (its --out).") from None

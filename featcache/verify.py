@@ -30,6 +30,12 @@ class VerifyReport:
         return not self.problems
 
 
+def _few(items) -> str:
+    """The first ten of a list of shards or samples, and how many there are in all."""
+    items = [int(i) for i in items]
+    return str(items) if len(items) <= 10 else f"{str(items[:10])[:-1]}, ... ({len(items)} in all)]"
+
+
 def verify(store: Store, progress: Progress | None = None) -> VerifyReport:
     report = VerifyReport(store.path)
     classes = len(store.classes)
@@ -39,7 +45,7 @@ def verify(store: Store, progress: Progress | None = None) -> VerifyReport:
         split = store.split(name)
         if not split.done.all():
             missing = np.flatnonzero(~split.done)
-            report.problems.append(f"{name}: {len(missing)} shard(s) never finished: {missing[:10].tolist()}")
+            report.problems.append(f"{name}: {len(missing)} shard(s) never finished: {_few(missing)}")
         bad = (split.labels < -1) | (split.labels >= classes)
         if bad.any():
             report.problems.append(f"{name}: {bad.sum()} label(s) outside -1..{classes - 1}")
@@ -51,7 +57,7 @@ def verify(store: Store, progress: Progress | None = None) -> VerifyReport:
             report.problems.append(f"{name}: labels of -1 do not match the recorded skipped inputs")
         lost = set(split.lost_shards(store.path))
         if lost:
-            report.problems.append(f"{name}: shard(s) {sorted(lost)[:10]} flagged done have no file "
+            report.problems.append(f"{name}: shard(s) {_few(sorted(lost))} flagged done have no file "
                                    "(the store was damaged or copied in part)")
         s = split.shard_size
         task = progress.add_task(f"verify {name}", total=len(split.done)) if progress else None
@@ -70,11 +76,11 @@ def verify(store: Store, progress: Progress | None = None) -> VerifyReport:
                        None if store.channel_scale is None else torch.from_numpy(store.channel_scale))
             nonfinite = (~torch.isfinite(z)).flatten(1).any(1).numpy()
             if nonfinite.any():
-                report.problems.append(f"{name}: samples {(lo + np.flatnonzero(nonfinite))[:10].tolist()} "
+                report.problems.append(f"{name}: samples {_few(lo + np.flatnonzero(nonfinite))} "
                                        "hold NaN or Inf")
             empty = (z.flatten(1) == 0).all(1).numpy() & (split.labels[lo:hi] >= 0)
             if empty.any():
-                report.problems.append(f"{name}: samples {(lo + np.flatnonzero(empty))[:10].tolist()} "
+                report.problems.append(f"{name}: samples {_few(lo + np.flatnonzero(empty))} "
                                        "are all zeros (missing data)")
             report.shards += 1
             stored = int((split.labels[lo:hi] >= 0).sum())

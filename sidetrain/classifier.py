@@ -41,6 +41,24 @@ class ModelSpec:
     mlp_hidden: int = 512  # hidden width of the "mlp" head
 
 
+# Options that only some methods have. The others keep the defaults (`common`), so a probe's
+# record holds no rank it never had, and probes that differ only there are one and the same.
+ONLY_FOR = {**dict.fromkeys(("rank", "variant", "order", "zero_init", "temporal", "prefix_mixing"),
+                            ("losa",)),
+            "dropout": ("losa", "mlp"), "mlp_hidden": ("mlp",)}
+
+
+def unused_options(method: str) -> list[str]:
+    """The options in ONLY_FOR that `method` has no use for."""
+    return [k for k, methods in ONLY_FOR.items() if method not in methods]
+
+
+def common(spec):
+    """`spec` (a ModelSpec, or a FitConfig) with the options its method does not use at
+    their defaults."""
+    return replace(spec, **{k: getattr(ModelSpec, k) for k in unused_options(spec.method)})
+
+
 class Classifier(nn.Module):
     """Readout (frozen norms) -> head, with LoSA's side network before the readout for
     "losa". A method without a side network is a probe: fit trains its head alone on the

@@ -26,6 +26,7 @@ from featcache.location import Location, exists, join
 from featcache.models import TokenLayout, load_backbone
 from featcache.precision import autocast, pick_device
 from featcache.sources.base import to_rgb
+from featcache.sources.imagefolder import IMAGE_SUFFIXES
 from featcache.sources.video import FrameSampling, TooShort, read_clip
 from featcache.store import Store, open_store
 
@@ -211,6 +212,9 @@ def _transforms(transform_config: dict, sampling: FrameSampling | None
     def read(path: Path | str) -> torch.Tensor:
         if Path(path).is_dir():
             raise UserError(f"{path} is a folder: pass the files in it (e.g. {path}/*)")
+        if sampling and Path(path).suffix.lower() in IMAGE_SUFFIXES:  # (decoders would say "too short")
+            raise UserError(f"{path} is an image, and the run was trained on clips of "
+                            f"{sampling.frames} frames: pass video files")
         try:
             if sampling:
                 return torch.stack([transform(f) for f in read_clip(path, sampling)])

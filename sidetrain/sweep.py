@@ -13,16 +13,11 @@ from featcache.console import note
 from featcache.errors import UserError
 from featcache.store import open_store
 
-from .classifier import ModelSpec
+from .classifier import ONLY_FOR, common, unused_options
 from .loader import DATA_ORDER
 from .plots import plot_pareto
 from .train import ONE_PASS, FitConfig, FitResult, recorded, resolved, train_many
 
-# options that only some methods have: the others get the default (and no name part), so a
-# grid over them does not train the same probe once per value
-ONLY_FOR = {**dict.fromkeys(("rank", "variant", "order", "zero_init", "temporal", "prefix_mixing"),
-                            ("losa",)),
-            "dropout": ("losa", "mlp"), "mlp_hidden": ("mlp",)}
 FIXED = ONE_PASS + ("out",)  # a sweep runs one pass per seed and names each run's folder
 
 
@@ -52,9 +47,8 @@ def expand(base: FitConfig, grid: dict[str, list], out_root: Path | str) -> list
     varying = [k for k, v in grid.items() if len(v) > 1]
     configs, seen = [], set()
     for values in itertools.product(*grid.values()):
-        cfg = replace(base, **dict(zip(grid, values)))
-        ignored = [k for k, methods in ONLY_FOR.items() if cfg.method not in methods]
-        cfg = replace(cfg, **{k: getattr(ModelSpec, k) for k in ignored})
+        cfg = common(replace(base, **dict(zip(grid, values))))  # (no name part for an unused option)
+        ignored = unused_options(cfg.method)
         name = "-".join([cfg.method] + [f"{k}{getattr(cfg, k)}" for k in varying
                                         if k != "method" and k not in ignored])
         if name in seen:

@@ -37,8 +37,8 @@ from featcache.plan import human_bytes
 from featcache.precision import PRECISIONS, autocast, pick_device
 from featcache.store import Store, open_store
 
-from .classifier import (ModelSpec, auto_variant, build_classifier, input_layers, select_taps,
-                         trainable_parameters)
+from .classifier import (ModelSpec, auto_variant, build_classifier, common, input_layers,
+                         select_taps, trainable_parameters, unused_options)
 from .clock import Clock, mark
 from .loader import DATA_ORDER, ShardLoader
 from .plots import plot_curves
@@ -206,10 +206,10 @@ def _check_store(cfg: FitConfig, store: Store) -> None:
 
 def resolved(cfg: FitConfig, store: Store) -> FitConfig:
     """The configuration as trained: the device and LoSA's auto variant picked (recorded so,
-    whatever auto comes to mean later)."""
+    whatever auto comes to mean later), the options its method does not use at their defaults."""
     if cfg.method == "losa" and cfg.variant == "auto":
         cfg = replace(cfg, variant=auto_variant(store.layout))
-    return replace(cfg, device=pick_device(cfg.device))
+    return replace(common(cfg), device=pick_device(cfg.device))
 
 
 def recorded(cfg: FitConfig) -> dict:
@@ -248,6 +248,7 @@ class Trainer:
         self.history: list[dict] = []
         self.best: dict = {"val_acc": -1.0, "val_loss": math.inf, "epoch": -1}
         self.best_state: dict[str, torch.Tensor] = {}
+        self.written = False  # whether the run folder holds this run's adapter and summary
         self.failed: str | None = None
         self.rng = _get_rng(self.device)  # own dropout stream: a sweep trains as `fit` would
         # sums kept on the device and read once per epoch (and every CHECK_EVERY steps): a
@@ -277,6 +278,8 @@ class Trainer:
             saved["cache"] = self.config_json["cache"]
         if saved.get("variant") == "auto" and self.cfg.method == "losa":  # from before auto was resolved
             saved["variant"] = self.cfg.variant
+        for k in unused_options(self.cfg.method):  # recorded as given, before they were left out
+            saved[k] = self.config_json[k]
         was, now = saved.get("store", {}).get("id"), self.config_json["store"].get("id")
         if was and now and was != now and saved.get("cache") == self.config_json["cache"]:
             raise UserError(f"{self.run} was trained on an earlier extraction of {self.cfg.cache}: "
@@ -301,6 +304,9 @@ class Trainer:
         for k in ("step", "epoch", "seconds", "history", "best", "best_state", "rng"):
             setattr(self, k, state[k])
         self.rng = [t.cpu() for t in self.rng]  # map_location moved them; torch takes them on the CPU
+        # a finished run is scored again, not rewritten (a colleague's may be read-only)
+        self.written = self.epoch >= self.cfg.epochs and all(
+            (self.run / f).is_file() for f in ("adapter.safetensors", "summary.json"))
         say(f"{self.run} is complete ({self.epoch} epochs): scoring its best epoch again; "
             "use another --out to train anew." if self.epoch >= self.cfg.epochs else
             f"resuming {self.run} after epoch {self.epoch - 1}")
@@ -402,17 +408,19 @@ class Trainer:
 
     def finish(self, test_acc: float | None) -> FitResult:
         """Write the best epoch's adapter (none when no epoch finished: eval and predict then
-        say the run is unfinished) and summary.json."""
+        say the run is unfinished) and summary.json, unless a finished run has them."""
+        result = FitResult(run=self.run, config=self.cfg, params=self.params,
+                           best_epoch=self.best["epoch"], val_acc=self.best["val_acc"],
+                           test_acc=test_acc, seconds=self.seconds, history=self.history,
+                           failed=self.failed)
+        if self.written:
+            return result
         if self.best_state:
             # as bytes, then written as any file: safetensors' own save_file makes it readable by
             # its owner alone (0600), whatever the umask, and a lab's colleagues could not load it
             adapter = save({k: v.contiguous().cpu() for k, v in self.best_state.items()},
                            metadata={"config": json.dumps(self.config_json), "epoch": str(self.best["epoch"])})
             _write_whole(self.run / "adapter.safetensors", lambda f: f.write(adapter))
-        result = FitResult(run=self.run, config=self.cfg, params=self.params,
-                           best_epoch=self.best["epoch"], val_acc=self.best["val_acc"],
-                           test_acc=test_acc, seconds=self.seconds, history=self.history,
-                           failed=self.failed)
         _write_json(self.run / "summary.json", result.to_json())
         plot_curves(self.history, self.run / "curves.png", title=self.run.name)
         return result
@@ -497,6 +505,10 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
     one pass over the data per epoch. Returns one FitResult per configuration, in order."""
     for c in configs:
         _check_config(c)
+        unused = [k for k in unused_options(c.method) if getattr(c, k) != getattr(ModelSpec, k)]
+        if unused:
+            note(f"{c.method} has no use for {', '.join('--' + k.replace('_', '-') for k in unused)}: "
+                 "left out of its run.")
     configs = [replace(c, device=pick_device(c.device)) for c in configs]  # as run and recorded
     first = configs[0]
     for c in configs[1:]:

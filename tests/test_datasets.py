@@ -231,3 +231,8 @@ def test_a_class_of_one_sample_named_like_another_is_pointed_out(tmp_path, capsy
     assert "at most 2 samples" not in note(tail)
     gap = [str(1 + int(label[-1])) for label in labels]  # integer labels from 1: class 0 is empty
     assert "at most 2 samples" not in note(gap)
+
+
+def test_video_options_on_images_are_said_to_change_nothing(capsys):
+    extract(ExtractConfig(dataset="demo", limit=2, frames=4, dry_run=True, **TINY))
+    assert "--frames is for videos; demo holds images: it changes nothing." in " ".join(capsys.readouterr().err.split())

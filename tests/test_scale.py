@@ -58,7 +58,7 @@ def test_n_processes_fill_one_store_bit_for_bit(single, tmp_path):
         np.testing.assert_array_equal(value, expected[name], err_msg=name)
 
 
-def test_a_part_alone_leaves_the_store_incomplete(tmp_path):
+def test_a_part_alone_leaves_the_store_incomplete(tmp_path, capsys):
     cfg = dict(dataset="demo", out=tmp_path / "p", limit=12, shard_size=4, **TINY)
     r = extract(ExtractConfig(shard=(0, 2), **cfg))
     assert r.status == "written" and not r.complete and not open_store(tmp_path / "p").complete
@@ -69,6 +69,11 @@ def test_a_part_alone_leaves_the_store_incomplete(tmp_path):
     with StoreLock(tmp_path / "p", (1, 2)), pytest.raises(  # the other part under way
             UserError, match="is incomplete: it is being written now by the parts of a --shard run"):
         fit(train)
+    with StoreLock(tmp_path / "p", (1, 2)):  # a plain run is refused at once, before it says what is left
+        capsys.readouterr()
+        with pytest.raises(UserError, match=r"written by another featcache process \(the parts of a --shard run\)"):
+            extract(ExtractConfig(**cfg))
+        assert "part-written" not in capsys.readouterr().err
     r = extract(ExtractConfig(shard=(1, 2), **cfg))
     assert r.status == "resumed" and r.complete  # the store existed; this part completed it
     assert open_store(tmp_path / "p").complete

@@ -114,8 +114,23 @@ def test_fit_writes_a_complete_run(fp32_store, tmp_path):
     assert config["variant"] == summary["config"]["variant"] == r.config.variant == "B"
     config["variant"] = "auto"  # a run from before: continued, not refused as another configuration
     (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    written = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "run").iterdir() if f.name != "config.json"}
     again = fit(FitConfig(cache=fp32_store, method="losa", rank=4, epochs=2, batch_size=8, out=tmp_path / "run"))
     assert (again.val_acc, again.test_acc) == (r.val_acc, r.test_acc)
+    # scored again, not written again (a colleague's finished run may be read-only)
+    assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / "run").iterdir() if f.name != "config.json"} == written
+
+
+def test_a_probe_records_and_compares_only_the_options_it_has(fp32_store, tmp_path, capsys):
+    r = fit(FitConfig(cache=fp32_store, method="linear", rank=3, variant="C", epochs=1, batch_size=8,
+                      out=tmp_path / "probe"))
+    assert "linear has no use for --rank, --variant: left out of its run." in " ".join(capsys.readouterr().err.split())
+    config = json.loads((tmp_path / "probe" / "config.json").read_text())
+    assert (config["rank"], config["variant"], r.rank) == (16, "auto", None)
+    config["rank"] = 3  # as runs recorded it before: continued, not refused as another configuration
+    (tmp_path / "probe" / "config.json").write_text(json.dumps(config))
+    again = fit(FitConfig(cache=fp32_store, method="linear", epochs=1, batch_size=8, out=tmp_path / "probe"))
+    assert again.val_acc == r.val_acc
 
 
 def test_the_best_val_epoch_is_kept_not_the_last(fp32_store, tmp_path, monkeypatch):

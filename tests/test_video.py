@@ -74,7 +74,7 @@ def test_a_folder_mixing_images_and_videos_is_refused(clips, tmp_path):
     import shutil
     root = shutil.copytree(clips, tmp_path / "mixed")
     Image.new("RGB", (32, 32)).save(root / "train" / "up" / "cover.jpg")
-    with pytest.raises(UserError, match="mixes 1 images and 16 videos"):
+    with pytest.raises(UserError, match=r"mixes 1 image\(s\) and 16 video\(s\) \(e.g. train/up/cover.jpg\)"):
         open_dataset(str(root))
 
 
@@ -122,6 +122,9 @@ def test_a_manifest_with_start_and_end_cuts_clips(tmp_path):
     assert train.keys == ["ramp.mp4#t=0,1", "ramp.mp4#t=1,2"] and ds.video.frames == 2
     red = [[np.asarray(f)[..., 0].mean() for f in train.open(i)] for i in range(2)]
     np.testing.assert_allclose(red, [[2 * 12, 7 * 12], [12 * 12, 17 * 12]], atol=4)  # frames 2,7 | 12,17
+    (tmp_path / "m.csv").write_text("path,label,start,end\nramp.mp4,a,0,1\nramp.mp4,b,0.5,0.2\n")
+    with pytest.raises(UserError, match="row 3: the clip runs from start 0.5 s to end 0.2 s"):
+        open_dataset(str(tmp_path / "m.csv"), video=FrameSampling(2))  # at once, not as a skipped clip
 
 
 def test_temporal_mixing_sees_frame_order_and_spatial_mixing_does_not(video_store):
@@ -151,8 +154,10 @@ def test_temporal_mixing_sees_frame_order_and_spatial_mixing_does_not(video_stor
 def test_predict_on_video_files_equals_the_cached_path(clips, video_store, tmp_path):
     r = fit(FitConfig(cache=video_store, rank=4, epochs=2, batch_size=4, out=tmp_path / "run"))
     assert_predict_equals_cached(r.run, video_store, [clips / k for k in open_store(video_store).split("val").keys])
-    (missing,) = predict(r.run, [tmp_path / "missing.mp4"])
+    Image.new("RGB", (32, 32)).save(tmp_path / "frame.png")
+    missing, image = predict(r.run, [tmp_path / "missing.mp4", tmp_path / "frame.png"])
     assert "as a video clip (the run was trained on clips of" in missing["error"]
+    assert "frame.png is an image, and the run was trained on clips of 4 frames" in image["error"]
     import av  # frames in memory: picked and transformed as the store's were
 
     path = clips / open_store(video_store).split("val").keys[0]

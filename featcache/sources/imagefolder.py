@@ -57,11 +57,13 @@ def open_imagefolder(root: Path, video: FrameSampling = FrameSampling()) -> Data
         if not found[split][0]:
             raise UserError(f"no images or videos found under {folder} (suffixes: "
                             f"{', '.join(sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES))}).")
-    videos = [k for keys, _ in found.values() for k in keys if Path(k).suffix.lower() in VIDEO_SUFFIXES]
-    total = sum(len(keys) for keys, _ in found.values())
-    if 0 < len(videos) < total:
-        raise UserError(f"{root} mixes {total - len(videos)} images and {len(videos)} videos (e.g. "
-                        f"{videos[0]}); a dataset holds one kind: move the others out.")
+    keys = [k for split_keys, _ in found.values() for k in split_keys]
+    videos = [k for k in keys if Path(k).suffix.lower() in VIDEO_SUFFIXES]
+    if 0 < len(videos) < len(keys):
+        images = [k for k in keys if Path(k).suffix.lower() not in VIDEO_SUFFIXES]
+        fewer = min(images, videos, key=len)  # the strays, most likely
+        raise UserError(f"{root} mixes {len(images)} image(s) and {len(videos)} video(s) (e.g. "
+                        f"{', '.join(fewer[:3])}); a dataset holds one kind: move the others out.")
     kind = "video" if videos else "image"
     ds = Dataset(name=root.name, source=f"{kind}folder:{root}", classes=classes,
                  video=video if videos else None)

@@ -97,6 +97,10 @@ def open_manifest(path: Path, data_root: Path | None, video: FrameSampling = Fra
         raise UserError(f"{path} mixes images and videos (row {n}); one manifest holds one kind.")
     spans = [(_seconds(path, n, r.get("start")), _seconds(path, n, r.get("end")))
              for n, r in enumerate(rows, first)]
+    for n, (start, end) in enumerate(spans, first):
+        if (start or 0) < 0 or None not in (start, end) and end <= start:
+            raise UserError(f"{path} row {n}: the clip runs from start {start} s to end {end} s: "
+                            "start must be 0 or more, and end after it.")
     # the root too when named: the same manifest then reads other files
     source = f"manifest:{path.resolve()}" + (f" under {root}" if data_root else "")
     ds = Dataset(name=path.stem, source=source, classes=classes,
