@@ -141,3 +141,34 @@ def test_large_images_are_read_without_pil_warnings_and_too_large_ones_skipped(t
     assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
     skipped = {k: v for split in json.loads(r.stdout)["skipped"].values() for k, v in split.items()}
     assert list(skipped) == ["a/huge.png"] and "exceeds limit" in skipped["a/huge.png"]
+
+
+def test_folders_one_may_not_read_or_write_are_one_line(fp32_store, tmp_path, monkeypatch, run_cli):
+    """(Tests run as root, whom permissions never stop: the errors are raised as the OS would.)"""
+    import shutil
+    root = tmp_path / "lab"
+    shutil.copytree(fp32_store, root / "mine")
+    shutil.copytree(fp32_store, root / "theirs")
+    is_file = Path.is_file
+
+    def private(path):
+        if "theirs" in path.parts:
+            raise PermissionError(13, "Permission denied", str(path))
+        return is_file(path)
+
+    monkeypatch.setattr(Path, "is_file", private)
+    r = run_cli("featcache", "ls", str(root))
+    assert r.returncode == 0 and "mine" in r.stdout and "theirs" not in r.stdout
+    assert f"{root / 'theirs'}: not readable by you (permission denied): left out." in " ".join(r.stderr.split())
+    monkeypatch.setattr(Path, "is_file", is_file)
+
+    def mkdir(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    r = run_cli("sidetrain", "fit", "--cache", str(root / "mine"), "--rank", "4", "--out", str(tmp_path / "run"))
+    assert r.returncode == 1 and r.stderr.splitlines()[-1].startswith(f"error: permission denied: {tmp_path / 'run'}. ")
+    import zarr
+    monkeypatch.setattr(zarr, "open_group", lambda path, mode: mkdir(Path(path) / "zarr.json"))
+    r = run_cli("featcache", "info", str(root / "theirs"))
+    assert r.returncode == 2 and f"error: cannot read {root / 'theirs'}: permission denied" in r.stderr
