@@ -145,7 +145,7 @@ def extract_cmd(
     twin = f", would reuse {r.twin}" if r.status == "dry run" and r.twin else ""
     print(f"{r.status}: {r.path}{twin} (the store: {human_bytes(r.plan.total)})"
           + (f", {sum(r.written.values()):,} samples in {r.seconds:.1f} s" if r.written else "")
-          + (f" ({skipped:,} unreadable inputs skipped)" if skipped else ""))
+          + (f" ({skipped:,} unreadable input(s) skipped)" if skipped else ""))
 
 
 def _part(text: Optional[str]) -> Optional[tuple[int, int]]:
@@ -247,13 +247,18 @@ def ls_cmd(root: str = typer.Argument("cache", metavar="ROOT", help="Folder or U
     if not stores:
         print(f"no stores under {root}")
     for s in stores:  # plain lines, never wrapped: easy to grep
-        splits = " ".join(f"{k}={v}" + (f" ({s['unreadable_inputs'][k]} unreadable inputs)"
+        splits = " ".join(f"{k}={v}" + (f" ({s['unreadable_inputs'][k]} unreadable input(s))"
                                         if s["unreadable_inputs"][k] else "")
                           for k, v in s["splits"].items())
         dtype = s["dtype"] + ("" if s["precision"] == "fp32" else f" ({s['precision']} forward)")
-        weights = ("RANDOM weights" if s["weights"].startswith("random-init") else  # file:NAME
-                   "pretrained" if s["weights"].startswith("timm:") else s["weights"])
-        frames = f" x {s['frames']} frames" if s["frames"] else ""
+        source = s["weights"]  # timm:TAG, file:NAME or random-init:seed=N
+        weights = (f"RANDOM weights, {source.split(':', 1)[1]}" if source.startswith("random-init") else
+                   "pretrained" if source.startswith("timm:") else source)
+        frames = ""
+        if s["frames"]:
+            video = s["sampling"] or {}
+            how = video.get("sampling", "") + (f" {video['fps']:g} fps" if video.get("fps") else "")
+            frames = f" x {s['frames']} frames" + (f" ({how})" if how else "")
         print(f"{s['path']}  {s['model']} ({weights})  {s['img_size']} px{frames}  {s['dataset']} "
               f"({s['classes']} classes)  {splits}  {dtype}  {s['taps']} taps  "
               f"{human_bytes(s['bytes_on_disk'])}  {'complete' if s['complete'] else 'INCOMPLETE'}")

@@ -100,6 +100,7 @@ def _summary(path: Location, meta: dict) -> dict:
     return {"path": str(path), "model": meta["model"]["name"], "weights": meta["weights"]["source"],
             "img_size": meta["transform"]["input_size"][-1],
             "frames": layout["frames"] if "video" in meta["transform"] else None,
+            "sampling": meta["transform"].get("video"),  # (video stores: frames, sampling, fps)
             "dataset": meta["dataset"]["name"], "classes": len(meta["classes"]),
             "splits": splits, "unreadable_inputs": unreadable, "dtype": meta["dtype"], "precision": meta.get("precision", "fp32"),
             "taps": len(meta["taps"]),

@@ -211,7 +211,7 @@ def test_ls_and_info_describe_stores(fp32_store, tmp_path, run_cli):
     r = run_cli("featcache", "ls", str(fp32_store.parent))
     line = next(l for l in r.stdout.splitlines() if l.startswith(str(fp32_store) + " "))
     assert "train=24 val=24 test=24" in line and "fp32" in line and line.endswith("complete")
-    assert "(RANDOM weights)  32 px  demo (10 classes)" in line
+    assert "(RANDOM weights, seed=0)  32 px  demo (10 classes)" in line
     r = run_cli("featcache", "info", str(fp32_store))
     assert "vit_tiny_patch16_224" in r.stdout and "5 = 1 prefix + 1 x 2 x 2" in r.stdout
     assert "fp32 (the backbone's forward), batch 4" in r.stdout and "10: t-shirt/top, trouser" in r.stdout

@@ -43,7 +43,7 @@ def test_frame_sampling():
     assert seg.indices(100, 10.0, start=2.0, end=4.0) == [22, 27, 32, 37]  # frames 20..39
     assert FrameSampling(3, "uniform").indices(9, 30.0) == [3, 4, 5]  # consecutive, centred
     assert FrameSampling(3, "uniform", fps=10).indices(30, 30.0) == [12, 15, 18]
-    with pytest.raises(TooShort, match="too short: 3 frames"):
+    with pytest.raises(TooShort, match="too short: 3 frame\\(s\\)"):
         seg.indices(3, 25.0)
     with pytest.raises(UserError, match="--fps needs --sampling uniform"):
         FrameSampling(4, "segment", fps=5)
@@ -105,7 +105,7 @@ def test_bad_empty_and_short_videos_are_skipped_and_recorded(tmp_path):
     r = extract(ExtractConfig(dataset=str(root), out=tmp_path / "s", frames=F, **TINY))
     skipped = {k: why for s in r.skipped.values() for k, why in s.items()}
     assert sorted(skipped) == ["train/down/short.mp4", "train/up/corrupt.mp4", "train/up/empty.mp4"]
-    assert "too short: 3 frames" in skipped["train/down/short.mp4"]
+    assert "too short: 3 frame(s)" in skipped["train/down/short.mp4"]
     store = open_store(r.path)
     labels = np.concatenate([store.split(s).labels[:] for s in store.splits])
     assert (labels == -1).sum() == 3 and (labels >= 0).sum() == 8
@@ -195,3 +195,8 @@ def test_only_temporal_mixing_tells_which_way_things_move(tmp_path):
         FitConfig(method="losa", lr=3e-3, temporal=True, out=tmp_path / "time", **common)])
     assert probe.test_acc < 0.45 and space.test_acc < 0.45
     assert time.test_acc > max(probe.test_acc, space.test_acc) + 0.3
+
+
+def test_ls_tells_video_stores_by_their_frames_and_sampling(video_store, run_cli):
+    (line,) = run_cli("featcache", "ls", str(video_store.parent)).stdout.splitlines()
+    assert f"32 px x {F} frames (segment)  moving (4 classes)" in line

@@ -61,13 +61,13 @@ class FrameSampling:
         span = hi - lo
         if self.sampling == "segment":
             if span < self.frames:
-                raise TooShort(f"too short: {max(span, 0)} frames, --frames {self.frames} needs "
+                raise TooShort(f"too short: {max(span, 0)} frame(s), --frames {self.frames} needs "
                                f"at least {self.frames}")
             return [lo + int(span * (2 * k + 1) / (2 * self.frames)) for k in range(self.frames)]
         step = native_fps / self.fps if self.fps else 1.0
         need = (self.frames - 1) * step + 1
         if span < need:
-            raise TooShort(f"too short: {max(span, 0)} frames, {self.frames} frames at "
+            raise TooShort(f"too short: {max(span, 0)} frame(s), {self.frames} frames at "
                            f"{self.fps or native_fps:g} fps need {int(np.ceil(need))}")
         first = lo + (span - need) / 2
         return [int(first + k * step + 0.5) for k in range(self.frames)]  # half up: even gaps
