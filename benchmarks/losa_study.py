@@ -34,6 +34,7 @@ from PIL import Image
 from featcache import ExtractConfig, extract
 from featcache.sources.idx import read_idx
 from sidetrain import FitConfig, train_many
+from sidetrain.classifier import common
 from sidetrain.plots import plot_pareto
 
 from common import RESULTS, backbone_args
@@ -119,7 +120,7 @@ def configurations(cache: Path, epochs: int, seed: int, runs: Path, only: tuple[
         for v in ROWS[row]:
             name = "".join(c for c in row.replace(" ", "_") if c.isalnum() or c in "_-.") + \
                 (f"_lr{v['lr']}" if "lr" in v else "") + f"_s{seed}"
-            out.append((row, replace(base, **v, out=runs / name)))
+            out.append((row, common(replace(base, **v, out=runs / name))))  # (probes: no variant)
     return out
 
 
