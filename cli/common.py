@@ -33,7 +33,7 @@ def run(app: typer.Typer) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except PermissionError as e:  # a colleague's folder, in a shared cache or runs root
-        print(f"error: permission denied: {e.filename}. To read a colleague's store or run, ask "
+        print(f"error: permission denied: {e.filename or e}. To read a colleague's store or run, ask "
               "them to share it (`chmod -R g+rX` for the group, a+rX for all); to write, pick a "
               "folder you may write (--out).", file=sys.stderr)
         sys.exit(1)

@@ -23,26 +23,21 @@ def find_stores(root: Location) -> list[dict]:
     def walk(d: Path, depth: int) -> None:
         meta_file = d / "zarr.json"
         try:
-            is_node = meta_file.is_file()
-        except PermissionError:  # a colleague's private folder in a shared cache root
-            note(f"{d}: not readable by you (permission denied): left out.")
-            return
-        if is_node:  # a zarr node: a store, or not ours; never looked inside
-            try:
-                meta = _store_meta(json.loads(meta_file.read_text()))
-            except (OSError, ValueError):
-                meta = None
-            if meta:
-                found.append(_summary(d, meta))
-            return
-        if depth < MAX_DEPTH:
-            try:
-                children = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
-            except OSError as e:  # an unreadable folder in a shared cache root
-                note(f"{d}: not readable by you ({e.strerror.lower()}): left out.")
+            if meta_file.is_file():  # a zarr node: a store, or not ours; never looked inside
+                try:
+                    meta = _store_meta(json.loads(meta_file.read_text()))
+                except ValueError:
+                    meta = None
+                if meta:
+                    found.append(_summary(d, meta))
                 return
-            for child in children:
-                walk(child, depth + 1)
+            children = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")
+                              ) if depth < MAX_DEPTH else []
+        except OSError as e:  # a colleague's private folder in a shared cache root
+            note(f"{d}: cannot be read ({(e.strerror or str(e)).lower()}): left out.")
+            return
+        for child in children:
+            walk(child, depth + 1)
 
     walk(root, 0)
     return found

@@ -133,7 +133,7 @@ def extract_on_dask(cfg: ExtractConfig, address: str) -> ExtractResult:
     for r in results:
         if isinstance(r, UserError):
             raise r
-    merged = ExtractResult(path=out, plan=plan.plan, seconds=time.perf_counter() - t0)
+    merged = ExtractResult(path=out, plan=plan.plan, seconds=time.perf_counter() - t0, left=plan.left)
     written, skipped = _stored(out)
     for split in written:
         if written[split] > written_before.get(split, 0):

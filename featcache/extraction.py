@@ -104,7 +104,8 @@ class ExtractResult:
     status: Status = "written"
     complete: bool = False  # whether the store is complete now (a --shard part may leave it not)
     twin: Location | None = None  # an identical complete store that a run returns instead
-    left: int = 0  # samples the store had left to extract when this run began (all, for a new one)
+    left: int = 0  # samples the store had left to extract when this run began (all, for a new
+    # one; by all its parts, for a --shard part; none, when a twin is reused)
 
 
 def _lists(d: dict) -> dict:
@@ -262,7 +263,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
             "precision, same input paths and labels, and the inputs it sampled hold the same "
             f"bytes): reusing it, and {out} is not written. Train from {twin}, or pass "
             "--no-reuse to extract anyway (after changing files in place without renaming them).")
-        result.path, result.status, result.complete = twin, "reused", True
+        result.path, result.status, result.complete, result.left = twin, "reused", True, 0
         return result
     plan.check_fits(cfg.force, left)
     device = torch.device(cfg.device)

@@ -66,8 +66,10 @@ class StoreLock:
             raise
         if not _lock(f, mode, patience=TAKE_PATIENCE):
             f.seek(0)
-            # an exclusive writer names itself; the --shard parts share the lock unnamed
-            holder = f.read().strip() or (PARTS if mode == fcntl.LOCK_EX else "another process")
+            # an exclusive writer names itself; the --shard parts share the lock unnamed (and
+            # leave the line of the last exclusive writer in place)
+            parts = mode == fcntl.LOCK_EX and name == LOCK_NAME and _live_parts(self.dir)
+            holder = PARTS if parts else f.read().strip() or "another process"
             f.close()
             self.release()
             raise _busy(self.dir, holder) from None
@@ -91,8 +93,7 @@ class StoreLock:
             other = next((m for m in _live_parts(self.dir) if m != n), None)
             if other is not None:  # parts of another N would write one another's shards
                 self.release()
-                raise UserError(f"{self.dir} is being written by the parts of a --shard K/{other} "
-                                f"run: every part must use the same N as those (this one: {k}/{n}).")
+                raise _other_parts(self.dir, other, self.part)
         return self
 
     def release(self) -> None:
@@ -139,12 +140,29 @@ def _busy(store_dir: Location, holder: str) -> UserError:
                      "Wait for it to finish, or stop it first.")
 
 
+def _other_parts(store_dir: Location, other: int, part: tuple[int, int]) -> UserError:
+    return UserError(f"{store_dir} is being written by the parts of a --shard K/{other} run: every "
+                     f"part must use the same N as those (this one: {part[0]}/{part[1]}).")
+
+
 def refuse_if_written(store_dir: Location, part: tuple[int, int] | None) -> None:
     """Refuse at once, before any work, what StoreLock would refuse later: a store that
-    another process writes (for a --shard part: one that is not a part)."""
-    holder = writer(store_dir)
-    if holder and not (part and part[1] > 1 and holder == PARTS):
-        raise _busy(store_dir, holder)
+    another process writes (for a --shard part: one that is not a part of the same N, or
+    the same part run twice). StoreLock still decides: it may be taken in between."""
+    if is_url(store_dir):
+        return
+    d = Path(store_dir)
+    holder, parts = _held_exclusively(d / LOCK_NAME), _live_parts(d)
+    if part is None or part[1] == 1:
+        if holder or parts:
+            raise _busy(d, holder or PARTS)
+        return
+    twin = _held_exclusively(d / f"{LOCK_NAME}.{part[0]}of{part[1]}")
+    if holder or twin:
+        raise _busy(d, holder or twin)
+    other = next((m for m in parts if m != part[1]), None)
+    if other is not None:
+        raise _other_parts(d, other, part)
 
 
 def _live_parts(store_dir: Path) -> set[int]:

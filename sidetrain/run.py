@@ -54,7 +54,7 @@ def run_config(run: Path | str) -> dict:
     if inside:
         raise UserError(f"{run} holds runs (a sweep's?): pass one of them, e.g. --run {run / inside[0]} "
                         f"({len(inside)}: {', '.join(inside[:5])}{' ...' if len(inside) > 5 else ''}).")
-    failed = _failed(run)
+    failed = _failed(run) if not (run / "checkpoint.pt").is_file() else None  # (else it goes on)
     if failed and not (run / "adapter.safetensors").is_file():
         raise UserError(f"{run} stopped before its first epoch finished, so it holds no model: {failed}")
     if not (run / "config.json").is_file() or not (run / "adapter.safetensors").is_file():

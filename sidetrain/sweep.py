@@ -16,7 +16,7 @@ from featcache.store import open_store
 from .classifier import ONLY_FOR, common, unused_options
 from .loader import DATA_ORDER
 from .plots import plot_pareto
-from .train import ONE_PASS, FitConfig, FitResult, recorded, resolved, train_many
+from .train import ONE_PASS, FitConfig, FitResult, recorded, resolved, train_many, upgraded
 
 FIXED = ONE_PASS + ("out",)  # a sweep runs one pass per seed and names each run's folder
 
@@ -112,11 +112,13 @@ def _continue_equal_runs(configs: list[FitConfig], out_root: Path) -> list[FitCo
             continue
         if ((path.parent / "checkpoint.pt").is_file() and saved.get("data_order") == DATA_ORDER
                 and saved.get("store", {}).get("id") == store.meta.get("id")):  # (what resume also asks)
-            earlier[path.parent] = {k: saved.get(k) for k in keys}
+            earlier[path.parent] = saved
     out = []
     for c in configs:
         now = recorded(resolved(c, store))
-        run = next((r for r, saved in earlier.items() if saved == {k: now[k] for k in keys}), None)
+        same = {k: now[k] for k in keys}
+        run = next((r for r, saved in earlier.items()
+                    if {k: v for k, v in upgraded(saved, c, now).items() if k in keys} == same), None)
         if run is not None and run != Path(c.out) and not (Path(c.out) / "checkpoint.pt").exists():
             note(f"{Path(c.out).name}: {run} holds this configuration (another grid named it); "
                  "continuing that run, not training it again.")

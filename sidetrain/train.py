@@ -219,6 +219,20 @@ def recorded(cfg: FitConfig) -> dict:
     return {**cfg.to_json(), "cache": str(cache if is_url(cache) else cache.resolve())}
 
 
+def upgraded(saved: dict, cfg: FitConfig, now: dict) -> dict:
+    """A run's config.json as this version records it, to compare with `now` (this version's
+    record of `cfg`, resolved): runs recorded before caches were absolute, before auto was
+    resolved, or with the options their method does not use, are the same runs."""
+    saved = dict(saved)
+    if saved.get("cache") == str(cfg.cache):  # before caches were absolute
+        saved["cache"] = now["cache"]
+    if saved.get("variant") == "auto" and now["method"] == "losa":  # before auto was resolved
+        saved["variant"] = now["variant"]
+    for k in unused_options(now["method"]):  # recorded as given, before they were left out
+        saved[k] = now[k]
+    return saved
+
+
 class Trainer:
     """One configuration's model, optimiser, schedule, best epoch and checkpoints."""
 
@@ -248,7 +262,7 @@ class Trainer:
         self.history: list[dict] = []
         self.best: dict = {"val_acc": -1.0, "val_loss": math.inf, "epoch": -1}
         self.best_state: dict[str, torch.Tensor] = {}
-        self.written = False  # whether the run folder holds this run's adapter and summary
+        self.finished = False  # whether the run folder held all its epochs when it was resumed
         self.failed: str | None = None
         self.rng = _get_rng(self.device)  # own dropout stream: a sweep trains as `fit` would
         # sums kept on the device and read once per epoch (and every CHECK_EVERY steps): a
@@ -272,14 +286,9 @@ class Trainer:
         if not ckpt.is_file():
             self.run.mkdir(parents=True, exist_ok=True)
             _write_json(self.run / "config.json", self.config_json)
+            self._clear_results()
             return
-        saved = json.loads((self.run / "config.json").read_text())
-        if saved.get("cache") == str(self.cfg.cache):  # a run from before caches were absolute
-            saved["cache"] = self.config_json["cache"]
-        if saved.get("variant") == "auto" and self.cfg.method == "losa":  # from before auto was resolved
-            saved["variant"] = self.cfg.variant
-        for k in unused_options(self.cfg.method):  # recorded as given, before they were left out
-            saved[k] = self.config_json[k]
+        saved = upgraded(json.loads((self.run / "config.json").read_text()), self.cfg, self.config_json)
         was, now = saved.get("store", {}).get("id"), self.config_json["store"].get("id")
         if was and now and was != now and saved.get("cache") == self.config_json["cache"]:
             raise UserError(f"{self.run} was trained on an earlier extraction of {self.cfg.cache}: "
@@ -294,8 +303,8 @@ class Trainer:
             raise UserError(f"{self.run} holds a run with another configuration (it differs in "
                             f"{', '.join(differ)}){began if 'device' in differ else ''}. Use another "
                             "--out or delete that folder.")
-        if now and not was:  # a run from before stores had an id: told apart from now on
-            _write_json(self.run / "config.json", self.config_json)
+        if now and not was and os.access(self.run / "config.json", os.W_OK):  # a run from before
+            _write_json(self.run / "config.json", self.config_json)  # stores had an id: told apart now
         # tensors and plain containers only: a run folder shared in a lab runs no one's code
         state = torch.load(ckpt, map_location=self.device, weights_only=True)
         self.model.load_state_dict(state["model"])
@@ -304,12 +313,19 @@ class Trainer:
         for k in ("step", "epoch", "seconds", "history", "best", "best_state", "rng"):
             setattr(self, k, state[k])
         self.rng = [t.cpu() for t in self.rng]  # map_location moved them; torch takes them on the CPU
-        # a finished run is scored again, not rewritten (a colleague's may be read-only)
-        self.written = self.epoch >= self.cfg.epochs and all(
-            (self.run / f).is_file() for f in ("adapter.safetensors", "summary.json"))
+        self.finished = self.epoch >= self.cfg.epochs
+        if not self.finished:
+            self._clear_results()
         say(f"{self.run} is complete ({self.epoch} epochs): scoring its best epoch again; "
             "use another --out to train anew." if self.epoch >= self.cfg.epochs else
             f"resuming {self.run} after epoch {self.epoch - 1}")
+
+    def _clear_results(self) -> None:
+        """Remove what an earlier attempt's end wrote (a loss that became NaN writes them):
+        while training goes on, eval and predict find no adapter, and an interrupted rerun
+        leaves no summary of another attempt behind."""
+        for name in ("adapter.safetensors", "summary.json"):
+            (self.run / name).unlink(missing_ok=True)
 
     def _checkpoint(self) -> None:
         state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
@@ -408,12 +424,17 @@ class Trainer:
 
     def finish(self, test_acc: float | None) -> FitResult:
         """Write the best epoch's adapter (none when no epoch finished: eval and predict then
-        say the run is unfinished) and summary.json, unless a finished run has them."""
+        say the run is unfinished) and summary.json, unless a finished run holds them as they
+        are (it is scored again, not rewritten: a colleague's run may be read-only)."""
         result = FitResult(run=self.run, config=self.cfg, params=self.params,
                            best_epoch=self.best["epoch"], val_acc=self.best["val_acc"],
                            test_acc=test_acc, seconds=self.seconds, history=self.history,
                            failed=self.failed)
-        if self.written:
+        summary = json.loads(json.dumps(result.to_json()))  # (as it reads back)
+        scores = ("best_epoch", "val_acc", "test_acc", "failed")  # (not the paths, as typed)
+        held = _read_json(self.run / "summary.json")
+        if self.finished and (self.run / "adapter.safetensors").is_file() and isinstance(held, dict) \
+                and all(held.get(k) == summary[k] for k in scores):
             return result
         if self.best_state:
             # as bytes, then written as any file: safetensors' own save_file makes it readable by
@@ -421,7 +442,7 @@ class Trainer:
             adapter = save({k: v.contiguous().cpu() for k, v in self.best_state.items()},
                            metadata={"config": json.dumps(self.config_json), "epoch": str(self.best["epoch"])})
             _write_whole(self.run / "adapter.safetensors", lambda f: f.write(adapter))
-        _write_json(self.run / "summary.json", result.to_json())
+        _write_json(self.run / "summary.json", summary)
         plot_curves(self.history, self.run / "curves.png", title=self.run.name)
         return result
 
@@ -442,6 +463,14 @@ def _write_whole(path: Path, write: Callable[[BinaryIO], object]) -> None:
                         f"{human_bytes(free)} free on the disk). The run keeps its last checkpoint: "
                         "free some space and rerun the same command to resume.") from None
     os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> object:
+    """A JSON file's content, or None when it is missing or not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _write_json(path: Path, obj: object) -> None:

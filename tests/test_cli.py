@@ -159,7 +159,7 @@ def test_folders_one_may_not_read_or_write_are_one_line(fp32_store, tmp_path, mo
     monkeypatch.setattr(Path, "is_file", private)
     r = run_cli("featcache", "ls", str(root))
     assert r.returncode == 0 and "mine" in r.stdout and "theirs" not in r.stdout
-    assert f"{root / 'theirs'}: not readable by you (permission denied): left out." in " ".join(r.stderr.split())
+    assert f"{root / 'theirs'}: cannot be read (permission denied): left out." in " ".join(r.stderr.split())
     monkeypatch.setattr(Path, "is_file", is_file)
 
     def mkdir(path, *args, **kwargs):

@@ -73,6 +73,10 @@ def test_a_part_alone_leaves_the_store_incomplete(tmp_path, capsys):
         capsys.readouterr()
         with pytest.raises(UserError, match=r"written by another featcache process \(the parts of a --shard run\)"):
             extract(ExtractConfig(**cfg))
+        with pytest.raises(UserError, match=r"another featcache process \(pid "):  # the same part twice
+            extract(ExtractConfig(shard=(1, 2), **cfg))
+        with pytest.raises(UserError, match=r"--shard K/2 run: every part must use the same N"):
+            extract(ExtractConfig(shard=(0, 3), **cfg))
         assert "part-written" not in capsys.readouterr().err
     r = extract(ExtractConfig(shard=(1, 2), **cfg))
     assert r.status == "resumed" and r.complete  # the store existed; this part completed it

@@ -285,8 +285,21 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fp32_store, tmp_path,
     # the best epoch kept is scored on test, as any run's
     summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
     assert summary["best_epoch"] == 1 and summary["test_acc"] == evaluate_run(tmp_path / "nan")["test"]
-    # weights gone bad by an epoch's end show in the val loss first: that stops it too
+    # the same command, the cause gone: it continues from the last good epoch, and no summary
+    # or adapter of the stopped attempt is left while it trains
     monkeypatch.setattr(train_module.Trainer, "train_batch", original)
+    end_epoch = train_module.Trainer.end_epoch
+
+    def look(self, *args):
+        assert not (self.run / "summary.json").exists() and not (self.run / "adapter.safetensors").exists()
+        end_epoch(self, *args)
+
+    monkeypatch.setattr(train_module.Trainer, "end_epoch", look)
+    again = fit(FitConfig(cache=fp32_store, rank=4, epochs=4, batch_size=8, out=tmp_path / "nan"))
+    monkeypatch.setattr(train_module.Trainer, "end_epoch", end_epoch)
+    summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
+    assert again.failed is None and summary["failed"] is None and len(summary["history"]) == 4
+    # weights gone bad by an epoch's end show in the val loss first: that stops it too
     evaluate = train_module.Trainer.eval_batch
     monkeypatch.setattr(train_module.Trainer, "eval_batch", lambda self, x, labels: evaluate(
         self, x * float("nan") if self.epoch >= 1 else x, labels))

@@ -125,6 +125,9 @@ def test_a_manifest_with_start_and_end_cuts_clips(tmp_path):
     (tmp_path / "m.csv").write_text("path,label,start,end\nramp.mp4,a,0,1\nramp.mp4,b,0.5,0.2\n")
     with pytest.raises(UserError, match="row 3: the clip runs from start 0.5 s to end 0.2 s"):
         open_dataset(str(tmp_path / "m.csv"), video=FrameSampling(2))  # at once, not as a skipped clip
+    (tmp_path / "m.csv").write_text("path,label,start,end\nramp.mp4,a,nan,1\n")
+    with pytest.raises(UserError, match="row 2: start/end must be seconds, not 'nan'"):
+        open_dataset(str(tmp_path / "m.csv"), video=FrameSampling(2))
 
 
 def test_temporal_mixing_sees_frame_order_and_spatial_mixing_does_not(video_store):

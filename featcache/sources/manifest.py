@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -63,9 +64,12 @@ def _seconds(path: Path, n: int, value) -> float | None:
     if value in (None, ""):
         return None
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
-        raise UserError(f"{path} row {n}: start/end must be seconds, not {value!r}") from None
+        seconds = math.nan
+    if not math.isfinite(seconds):
+        raise UserError(f"{path} row {n}: start/end must be seconds, not {value!r}")
+    return seconds
 
 
 def open_manifest(path: Path, data_root: Path | None, video: FrameSampling = FrameSampling()) -> Dataset:
@@ -98,7 +102,7 @@ def open_manifest(path: Path, data_root: Path | None, video: FrameSampling = Fra
     spans = [(_seconds(path, n, r.get("start")), _seconds(path, n, r.get("end")))
              for n, r in enumerate(rows, first)]
     for n, (start, end) in enumerate(spans, first):
-        if (start or 0) < 0 or None not in (start, end) and end <= start:
+        if all(is_video) and ((start or 0) < 0 or end is not None and end <= (start or 0)):
             raise UserError(f"{path} row {n}: the clip runs from start {start} s to end {end} s: "
                             "start must be 0 or more, and end after it.")
     # the root too when named: the same manifest then reads other files
