@@ -45,8 +45,9 @@ from .taps import forward_taps, parse_taps
 @dataclass
 class ExtractConfig:
     """What to extract, and how: the options of `featcache extract` (the same names, with
-    dashes for underscores; `featcache extract --help` explains each). `model` and
-    `dataset` are required; `out` defaults to ./cache/<dataset name>."""
+    dashes for underscores; `featcache extract --help` explains each; `--dask` is
+    featcache.distribute.extract_on_dask(cfg, address)). `model` and `dataset` are
+    required; `out` defaults to ./cache/<dataset name>."""
 
     model: str
     dataset: str | Path  # a name (demo, cifar10, vtab1k:dtd), a folder, or a manifest file
@@ -157,8 +158,11 @@ def _check(cfg: ExtractConfig) -> None:
     require(cfg.interpolation in (None, *INTERPOLATIONS), "--interpolation",
             f"one of {', '.join(INTERPOLATIONS)}", cfg.interpolation)
     for option, value in (("--mean", cfg.mean), ("--std", cfg.std)):
-        require(value is None or len(value) == 3 and all(map(is_number, value)), option,
-                "three numbers (red, green, blue)", value)
+        require(value is None or isinstance(value, (tuple, list)) and len(value) == 3
+                and all(map(is_number, value)), option, "three numbers (red, green, blue: in Python "
+                "a tuple, on the command line 0.5,0.5,0.5)", value)
+    require(cfg.shard is None or isinstance(cfg.shard, (tuple, list)) and len(cfg.shard) == 2
+            and all(map(is_int, cfg.shard)), "--shard", "K/N (in Python a tuple (K, N))", cfg.shard)
     if cfg.shard is not None and not 0 <= cfg.shard[0] < cfg.shard[1]:
         k, n = cfg.shard
         raise UserError(f"--shard K/N counts parts from 0: 0/{n} to {n - 1}/{n}, not {k}/{n}" if n >= 1

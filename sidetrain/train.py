@@ -149,7 +149,7 @@ def _check_config(cfg: FitConfig) -> None:
         raise UserError(f"training takes a FitConfig(cache=..., ...), not {type(cfg).__name__}")
     require(isinstance(cfg.cache, (str, Path)), "--cache", "a store's folder or URL", cfg.cache)
     for option, value in (("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size),
-                          ("--mlp-hidden", cfg.mlp_hidden)):
+                          ("--mlp-hidden", cfg.mlp_hidden), ("--rank", cfg.rank)):
         require(is_int(value) and value >= 1, option, "a whole number of at least 1", value)
     require(is_int(cfg.seed), "--seed", "a whole number", cfg.seed)
     require(is_number(cfg.lr) and cfg.lr > 0, "--lr", "a positive number", cfg.lr)

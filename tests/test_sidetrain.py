@@ -333,6 +333,8 @@ def test_loader_layers_are_positions_among_the_taps(fp32_store):
     ({"label_smoothing": 3}, "--label-smoothing must be at least 0 and below 1"),
     ({"epochs": 1.5}, "--epochs must be a whole number"),
     ({"lr": "1e-3"}, "--lr must be a positive number, not '1e-3'"),
+    ({"lr": float("inf")}, "--lr must be a positive number, not inf"),
+    ({"rank": "4"}, "--rank must be a whole number of at least 1, not '4'"),
     ({"device": "gpu"}, "--device must be auto, cpu, cuda or cuda:N"),
 ])
 def test_values_no_training_can_use_are_refused_before_any_folder(fp32_store, tmp_path, bad, why):

@@ -244,6 +244,8 @@ def test_a_store_from_before_precision_was_recorded_resumes_and_is_reused(tmp_pa
     ({"crop_pct": 0.0}, "--crop-pct must be a share above 0"),  # (it fell back to 0.9)
     ({"interpolation": "bicubik"}, "--interpolation must be one of nearest, bilinear, bicubic"),
     ({"mean": (0.5, 0.5)}, "--mean must be three numbers"),
+    ({"shard": "0/2"}, r"--shard must be K/N \(in Python a tuple \(K, N\)\)"),  # (not a TypeError)
+    ({"shard": (2, 2)}, "--shard K/N counts parts from 0: 0/2 to 1/2, not 2/2"),
     ({"device": "gpu"}, "--device must be auto, cpu, cuda or cuda:N"),
 ])
 def test_settings_that_cannot_work_are_refused_before_anything_is_written(tmp_path, bad, why):
