@@ -529,16 +529,16 @@ def _pass(loader: ShardLoader, epoch: int, trainers: list[Trainer], union: list[
     return batches, time.perf_counter() - t0
 
 
-def train_many(configs: list[FitConfig]) -> list[FitResult]:
-    """Train configurations that share ONE_PASS and the seed (which orders the batches) in
-    one pass over the data per epoch. Returns one FitResult per configuration, in order."""
+def _check_together(configs: list[FitConfig]) -> list[FitConfig]:
+    """Refuse configurations that cannot be trained in one pass, before anything is read;
+    return them with their device picked (as run and recorded)."""
     for c in configs:
         _check_config(c)
         unused = [k for k in unused_options(c.method) if getattr(c, k) != getattr(ModelSpec, k)]
         if unused:
             note(f"{c.method} has no use for {', '.join('--' + k.replace('_', '-') for k in unused)}: "
                  "left out of its run.")
-    configs = [replace(c, device=pick_device(c.device)) for c in configs]  # as run and recorded
+    configs = [replace(c, device=pick_device(c.device)) for c in configs]
     first = configs[0]
     for c in configs[1:]:
         diff = [k for k in ONE_PASS + ("seed",) if k != "cache" and getattr(c, k) != getattr(first, k)]
@@ -551,6 +551,31 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
     if same:
         raise UserError(f"several configurations would write the run folder {same[0]}: give "
                         "each its own `out` (sweep names them by what differs).")
+    return configs
+
+
+def _score_test(store: Store, trainers: list[Trainer], union: list[int], load: dict) -> list[float | None]:
+    """Each trainer's best epoch's test accuracy (None without a complete test split, or
+    when no epoch finished), from one pass over the test split."""
+    for t in trainers:
+        if t.best_state:
+            t.model.load_state_dict(t.best_state)
+    if "test" not in store.splits:
+        note(f"{store.path} has no test split: each configuration is scored on val only.")
+        return [None] * len(trainers)
+    if not store.split("test").complete:
+        note(f"the test split of {store.path} is incomplete: not scored.")
+        return [None] * len(trainers)
+    ok = [t for t in trainers if t.best_state]
+    _pass(ShardLoader(store, "test", shuffle=False, **load), 0, ok, union, train=False)
+    return [t.take_eval()[1] if t in ok else None for t in trainers]
+
+
+def train_many(configs: list[FitConfig]) -> list[FitResult]:
+    """Train configurations that share ONE_PASS and the seed (which orders the batches) in
+    one pass over the data per epoch. Returns one FitResult per configuration, in order."""
+    configs = _check_together(configs)
+    first = configs[0]
     # Denormal floats (GELU tails, LayerNorm gradients) made CPU steps 10x slower here
     # (measured: 5.4 s against 0.55 s per LoSA step); they carry no signal, so flush them.
     torch.set_flush_denormal(True)
@@ -585,20 +610,7 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
             row = t.history[-1]
             say(f"{t.run.name}  epoch {epoch:3d}  train loss {row['train_loss']:.4f}  "
                 f"val loss {row['val_loss']:.4f}  val acc {100 * row['val_acc']:.1f}%")
-    results_test: list[float | None] = [None] * len(trainers)
-    for t in trainers:
-        if t.best_state:
-            t.model.load_state_dict(t.best_state)
-    if "test" not in store.splits:
-        note(f"{store.path} has no test split: each configuration is scored on val only.")
-    elif not store.split("test").complete:
-        note(f"the test split of {store.path} is incomplete: not scored.")
-    else:
-        ok = [t for t in trainers if t.best_state]
-        _pass(ShardLoader(store, "test", shuffle=False, **load), 0, ok, union, train=False)
-        for t in ok:
-            results_test[trainers.index(t)] = t.take_eval()[1]
-    return [t.finish(acc) for t, acc in zip(trainers, results_test)]
+    return [t.finish(acc) for t, acc in zip(trainers, _score_test(store, trainers, union, load))]
 
 
 def fit(cfg: FitConfig) -> FitResult:
