@@ -133,6 +133,12 @@ def _earlier_rows(out_root: Path, now: list[FitResult]) -> list[dict]:
     the folder's record instead of replacing it, and runs on another store stay out of it."""
     names = {r.run.name for r in now}
     this = json.loads((now[0].run / "config.json").read_text())  # its cache, absolute, and store id
+    unfinished = sorted(p.parent.name for p in out_root.glob("*/config.json")
+                        if p.parent.name not in names and not (p.parent / "summary.json").is_file())
+    if unfinished:
+        note(f"{len(unfinished)} run(s) in {out_root} are unfinished and left out of sweep.json "
+             f"({', '.join(unfinished[:5])}{' ...' if len(unfinished) > 5 else ''}): the grid "
+             "that began them finishes them.")
     rows = []
     for summary in sorted(out_root.glob("*/summary.json")):
         run = summary.parent

@@ -131,3 +131,17 @@ def test_predict_on_the_gpu_runs_the_backbone_as_the_store_did(image_folder, tmp
     r = fit(FitConfig(cache=store, rank=2, epochs=2, batch_size=4, device="cuda", out=tmp_path / "run"))
     files = [image_folder / k for k in open_store(store).split("val").keys]
     assert_predict_equals_cached(r.run, store, files, device="cuda", atol=2e-3)
+
+
+def test_a_store_that_records_no_device_is_continued_on_the_gpu_with_a_note(tmp_path, capsys):
+    """Stores made before the device was recorded were begun on the CPU (the default then)."""
+    import zarr
+    cfg = dict(dataset="demo", out=tmp_path / "s", limit=4, shard_size=2, **TINY)
+    extract(ExtractConfig(**cfg))
+    root = zarr.open_group(str(tmp_path / "s"), mode="r+")
+    meta = {k: v for k, v in root.attrs["featcache"].items() if k != "device"}
+    root.attrs["featcache"] = {**meta, "complete": False}
+    root["train"]["done"][0] = False
+    capsys.readouterr()
+    assert extract(ExtractConfig(**{**cfg, "device": "cuda"})).status == "resumed"
+    assert "does not record the device it was begun on" in " ".join(capsys.readouterr().err.split())

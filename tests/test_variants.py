@@ -147,7 +147,7 @@ def test_zero_init_off_and_mlp_head(fp32_store):
     assert mlp(z).shape == (4, 10)
 
 
-def test_a_sweep_trains_each_configuration_as_fit_would(fp32_store, tmp_path):
+def test_a_sweep_trains_each_configuration_as_fit_would(fp32_store, tmp_path, capsys):
     base = FitConfig(cache=fp32_store, epochs=2, batch_size=8, dropout=0.1)
     # the four probes share one readout per batch (the mlp heads with dropout); each must
     # still train exactly as it would alone
@@ -188,7 +188,12 @@ def test_a_sweep_trains_each_configuration_as_fit_would(fp32_store, tmp_path):
     (moved / "elsewhere" / "config.json").write_text(json.dumps({**config, "cache": "/another/store"}))
     shutil.copytree(moved / "mlp-lr0.001", moved / "cut")  # and one whose summary was cut short
     (moved / "cut" / "summary.json").write_text('{"run": ')
+    shutil.copytree(moved / "mlp-lr0.001", moved / "half")  # and one not finished, named
+    (moved / "half" / "summary.json").unlink()
+    capsys.readouterr()
     again = sweep(base, {"method": ["linear"], "lr": [1e-3, 1e-2, 0.1]}, moved)
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"1 run(s) in {moved} are unfinished and left out of sweep.json (half)" in said
     rows = json.loads((moved / "sweep.json").read_text())
     assert [row["run"] for row in rows] == [
         "losa-rank2-lr0.001", "losa-rank2-lr0.01", "losa-rank4-lr0.001", "losa-rank4-lr0.01",
