@@ -30,9 +30,9 @@ HELP = {
     "order": "Mixer order: channel-token, token-channel, or alternate (channel mixing at odd "
              "layers, token mixing at even ones).",
     "head_input": "What the head reads: last4 (default: cls+mean of the last 4 taps, or of "
-                  "all when --taps leaves fewer; DINOv2's strong probe; the best for LoSA and probes in docs/losa.md), pool (the "
-                  "backbone's own feature), cls+mean (class and mean patch token) or all "
-                  "(cls+mean of every tap, Head2Toe-style).",
+                  "all when --taps leaves fewer; DINOv2's strong probe; the best for LoSA and "
+                  "probes in docs/losa.md), pool (the backbone's own feature), cls+mean (class "
+                  "and mean patch token) or all (cls+mean of every tap, Head2Toe-style).",
     "dropout": "Dropout on LoSA's updates (and in the MLP head).",
     "mlp_hidden": "Hidden width of the mlp head.",
     "lr": "Peak AdamW learning rate (linear warm-up, cosine decay to zero).",

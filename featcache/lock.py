@@ -157,9 +157,9 @@ def refuse_if_written(store_dir: Location, part: tuple[int, int] | None) -> None
         if holder or parts:
             raise _busy(d, holder or PARTS)
         return
-    twin = _held_exclusively(d / f"{LOCK_NAME}.{part[0]}of{part[1]}")
-    if holder or twin:
-        raise _busy(d, holder or twin)
+    same_part = _held_exclusively(d / f"{LOCK_NAME}.{part[0]}of{part[1]}")
+    if holder or same_part:
+        raise _busy(d, holder or same_part)
     other = next((m for m in parts if m != part[1]), None)
     if other is not None:
         raise _other_parts(d, other, part)

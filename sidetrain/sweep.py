@@ -110,7 +110,8 @@ def _continue_equal_runs(configs: list[FitConfig], out_root: Path) -> list[FitCo
             saved = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if ((path.parent / "checkpoint.pt").is_file() and saved.get("data_order") == DATA_ORDER
+        begun = any((path.parent / f).is_file() for f in ("checkpoint.pt", "adapter.safetensors"))
+        if (begun and saved.get("data_order") == DATA_ORDER
                 and saved.get("store", {}).get("id") == store.meta.get("id")):  # (what resume also asks)
             earlier[path.parent] = saved
     out = []

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
-from safetensors.torch import save
+from safetensors.torch import load_file, save
 
 from featcache import location
 from featcache.console import console, note, say
@@ -281,9 +281,13 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------
     def resume(self) -> None:
-        """Continue from the run folder's checkpoint, or start the folder."""
+        """Continue from the run folder's checkpoint (or score a finished run whose checkpoint
+        was deleted), or start the folder."""
         ckpt = self.run / "checkpoint.pt"
-        if not ckpt.is_file():
+        summary = _read_json(self.run / "summary.json")
+        final = ((self.run / "adapter.safetensors").is_file() and isinstance(summary, dict)
+                 and summary.get("failed") is None and summary.get("best_epoch", -1) >= 0)
+        if not ckpt.is_file() and not final:
             self.run.mkdir(parents=True, exist_ok=True)
             _write_json(self.run / "config.json", self.config_json)
             self._clear_results()
@@ -305,14 +309,20 @@ class Trainer:
                             "--out or delete that folder.")
         if now and not was and os.access(self.run / "config.json", os.W_OK):  # a run from before
             _write_json(self.run / "config.json", self.config_json)  # stores had an id: told apart now
-        # tensors and plain containers only: a run folder shared in a lab runs no one's code
-        state = torch.load(ckpt, map_location=self.device, weights_only=True)
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["opt"])
-        self.scaler.load_state_dict(state["scaler"])
-        for k in ("step", "epoch", "seconds", "history", "best", "best_state", "rng"):
-            setattr(self, k, state[k])
-        self.rng = [t.cpu() for t in self.rng]  # map_location moved them; torch takes them on the CPU
+        if ckpt.is_file():
+            # tensors and plain containers only: a run folder shared in a lab runs no one's code
+            state = torch.load(ckpt, map_location=self.device, weights_only=True)
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["opt"])
+            self.scaler.load_state_dict(state["scaler"])
+            for k in ("step", "epoch", "seconds", "history", "best", "best_state", "rng"):
+                setattr(self, k, state[k])
+            self.rng = [t.cpu() for t in self.rng]  # map_location moved them; torch takes them on the CPU
+        else:  # finished, its checkpoint deleted to save space: its best epoch, as the adapter holds it
+            self.best_state = load_file(str(self.run / "adapter.safetensors"), device=str(self.device))
+            self.history, self.seconds = summary["history"], summary["seconds"]
+            self.best = next(h for h in self.history if h["epoch"] == summary["best_epoch"])
+            self.epoch, self.step = self.cfg.epochs, self.history[-1]["step"]
         self.finished = self.epoch >= self.cfg.epochs
         if not self.finished:
             self._clear_results()

@@ -119,6 +119,11 @@ def test_fit_writes_a_complete_run(fp32_store, tmp_path):
     assert (again.val_acc, again.test_acc) == (r.val_acc, r.test_acc)
     # scored again, not written again (a colleague's finished run may be read-only)
     assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / "run").iterdir() if f.name != "config.json"} == written
+    (tmp_path / "run" / "checkpoint.pt").unlink()  # deleted once final, as the README allows: still finished
+    del written["checkpoint.pt"]
+    again = fit(FitConfig(cache=fp32_store, method="losa", rank=4, epochs=2, batch_size=8, out=tmp_path / "run"))
+    assert (again.val_acc, again.test_acc, again.best_epoch) == (r.val_acc, r.test_acc, r.best_epoch)
+    assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / "run").iterdir() if f.name != "config.json"} == written
 
 
 def test_a_probe_records_and_compares_only_the_options_it_has(fp32_store, tmp_path, capsys):
