@@ -332,9 +332,10 @@ def _left_to_write(store: Store, plan: StorePlan, cfg: ExtractConfig) -> tuple[i
             note(f"{store.path} was begun on {began}; this run continues it on {kind}, whose tokens "
                  f"differ from {began}'s in their low bits (as with another --batch-size).")
         elif began is None and kind != "cpu" and not cfg.dry_run:  # (older stores, whose default was cpu)
-            note(f"{store.path} does not record the device it was begun on (featcache's default was "
-                 f"the CPU then); if on the CPU, this run's tokens on {kind} differ from those in their "
-                 "low bits (as with another --batch-size): --device cpu continues it as it began.")
+            note(f"{store.path} does not record the device it was begun on (older featcache "
+                 f"defaulted to the CPU); if it was the CPU, this run's tokens on {kind} differ from "
+                 "those in their low bits (as with another --batch-size), and --device cpu continues "
+                 "it as it began.")
     return left, complete
 
 

@@ -8,7 +8,6 @@ predictions as the cached path. `load_predictor` is that model, for inputs of on
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -33,16 +32,13 @@ from featcache.store import Store, open_store
 from .classifier import Classifier, ModelSpec, input_layers, make_classifier
 from .endtoend import EndToEnd
 from .loader import ShardLoader
-from .train import side_precision
+from .train import require_readable, side_precision
 
 
 def load_run(run: Path | str) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json of the run, adapter weights)."""
-    config, adapter = run_config(run), Path(run) / "adapter.safetensors"
-    if not os.access(adapter, os.R_OK):  # (safetensors would say "No such file")
-        raise UserError(f"{adapter} is not readable by this user: its owner can share it with "
-                        f"`chmod a+r {adapter}` (runs made before 2026-11-28 were written 0600).")
-    return config, load_file(str(adapter))
+    config = run_config(run)
+    return config, load_file(str(require_readable(Path(run) / "adapter.safetensors")))
 
 
 def run_config(run: Path | str) -> dict:
@@ -54,12 +50,14 @@ def run_config(run: Path | str) -> dict:
     if inside:
         raise UserError(f"{run} holds runs (a sweep's?): pass one of them, e.g. --run {run / inside[0]} "
                         f"({len(inside)}: {', '.join(inside[:5])}{' ...' if len(inside) > 5 else ''}).")
-    failed = _failed(run) if not (run / "checkpoint.pt").is_file() else None  # (else it goes on)
+    failed = _failed(run)  # (a rerun that trains on removes it)
     if failed and not (run / "adapter.safetensors").is_file():
         raise UserError(f"{run} stopped before its first epoch finished, so it holds no model: {failed}")
     if not (run / "config.json").is_file() or not (run / "adapter.safetensors").is_file():
         raise UserError(f"{run} is not a finished sidetrain run (needs config.json and "
                         "adapter.safetensors); train one with `sidetrain fit`.")
+    if failed:
+        note(f"{run} stopped early: {failed}")
     return json.loads((run / "config.json").read_text())
 
 

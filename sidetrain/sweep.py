@@ -110,8 +110,7 @@ def _continue_equal_runs(configs: list[FitConfig], out_root: Path) -> list[FitCo
             saved = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        begun = any((path.parent / f).is_file() for f in ("checkpoint.pt", "adapter.safetensors"))
-        if (begun and saved.get("data_order") == DATA_ORDER
+        if (_begun(path.parent) and saved.get("data_order") == DATA_ORDER
                 and saved.get("store", {}).get("id") == store.meta.get("id")):  # (what resume also asks)
             earlier[path.parent] = saved
     out = []
@@ -120,12 +119,17 @@ def _continue_equal_runs(configs: list[FitConfig], out_root: Path) -> list[FitCo
         same = {k: now[k] for k in keys}
         run = next((r for r, saved in earlier.items()
                     if {k: v for k, v in upgraded(saved, c, now).items() if k in keys} == same), None)
-        if run is not None and run != Path(c.out) and not (Path(c.out) / "checkpoint.pt").exists():
+        if run is not None and run != Path(c.out) and not _begun(Path(c.out)):
             note(f"{Path(c.out).name}: {run} holds this configuration (another grid named it); "
                  "continuing that run, not training it again.")
             c = replace(c, out=run)
         out.append(c)
     return out
+
+
+def _begun(run: Path) -> bool:
+    """Whether a run folder holds training done (a checkpoint, or a finished run's adapter)."""
+    return any((run / f).is_file() for f in ("checkpoint.pt", "adapter.safetensors"))
 
 
 def _earlier_rows(out_root: Path, now: list[FitResult]) -> list[dict]:
@@ -147,7 +151,8 @@ def _earlier_rows(out_root: Path, now: list[FitResult]) -> list[dict]:
             continue
         try:
             config, row = json.loads((run / "config.json").read_text()), json.loads(summary.read_text())
-            same = (config["cache"], config["store"].get("id")) == (this["cache"], this["store"].get("id"))
+            cache = upgraded(config, now[0].config, this)["cache"]  # (older runs: as typed)
+            same = (cache, config["store"].get("id")) == (this["cache"], this["store"].get("id"))
             if same:
                 rows.append({**row, "run": run.name, "config": {**row["config"], "out": run.name}})
         except (OSError, ValueError, KeyError) as e:  # a run cut short, or from an older sidetrain

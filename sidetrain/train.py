@@ -282,16 +282,40 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------
     def resume(self) -> None:
         """Continue from the run folder's checkpoint (or score a finished run whose checkpoint
-        was deleted), or start the folder."""
-        ckpt = self.run / "checkpoint.pt"
+        was deleted), or start the folder. A folder that holds another configuration's work is
+        refused; nothing in it is removed here (see clear_results)."""
+        ckpt, adapter = self.run / "checkpoint.pt", self.run / "adapter.safetensors"
         summary = _read_json(self.run / "summary.json")
-        final = ((self.run / "adapter.safetensors").is_file() and isinstance(summary, dict)
-                 and summary.get("failed") is None and summary.get("best_epoch", -1) >= 0)
+        final = (adapter.is_file() and isinstance(summary, dict) and summary.get("failed") is None
+                 and summary.get("best_epoch", -1) >= 0)
+        held = ckpt.is_file() or adapter.is_file() or summary is not None  # (a stopped run's too)
+        if (self.run / "config.json").is_file() and held:
+            self._check_same_run()
         if not ckpt.is_file() and not final:
             self.run.mkdir(parents=True, exist_ok=True)
             _write_json(self.run / "config.json", self.config_json)
-            self._clear_results()
             return
+        if ckpt.is_file():
+            # tensors and plain containers only: a run folder shared in a lab runs no one's code
+            state = torch.load(ckpt, map_location=self.device, weights_only=True)
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["opt"])
+            self.scaler.load_state_dict(state["scaler"])
+            for k in ("step", "epoch", "seconds", "history", "best", "best_state", "rng"):
+                setattr(self, k, state[k])
+            self.rng = [t.cpu() for t in self.rng]  # map_location moved them; torch takes them on the CPU
+        else:  # finished, its checkpoint deleted to save space: its best epoch, as the adapter holds it
+            self.best_state = load_file(str(require_readable(adapter)), device=str(self.device))
+            self.history, self.seconds = summary["history"], summary["seconds"]
+            self.best = next(h for h in self.history if h["epoch"] == summary["best_epoch"])
+            self.epoch, self.step = self.cfg.epochs, self.history[-1]["step"]
+        self.finished = self.epoch >= self.cfg.epochs
+        say(f"{self.run} is complete ({self.epoch} epochs): scoring its best epoch again; "
+            "use another --out to train anew." if self.finished else
+            f"resuming {self.run} after epoch {self.epoch - 1}")
+
+    def _check_same_run(self) -> None:
+        """Refuse a run folder that holds another configuration, or an earlier extraction's run."""
         saved = upgraded(json.loads((self.run / "config.json").read_text()), self.cfg, self.config_json)
         was, now = saved.get("store", {}).get("id"), self.config_json["store"].get("id")
         if was and now and was != now and saved.get("cache") == self.config_json["cache"]:
@@ -307,32 +331,12 @@ class Trainer:
             raise UserError(f"{self.run} holds a run with another configuration (it differs in "
                             f"{', '.join(differ)}){began if 'device' in differ else ''}. Use another "
                             "--out or delete that folder.")
-        if now and not was and os.access(self.run / "config.json", os.W_OK):  # a run from before
-            _write_json(self.run / "config.json", self.config_json)  # stores had an id: told apart now
-        if ckpt.is_file():
-            # tensors and plain containers only: a run folder shared in a lab runs no one's code
-            state = torch.load(ckpt, map_location=self.device, weights_only=True)
-            self.model.load_state_dict(state["model"])
-            self.opt.load_state_dict(state["opt"])
-            self.scaler.load_state_dict(state["scaler"])
-            for k in ("step", "epoch", "seconds", "history", "best", "best_state", "rng"):
-                setattr(self, k, state[k])
-            self.rng = [t.cpu() for t in self.rng]  # map_location moved them; torch takes them on the CPU
-        else:  # finished, its checkpoint deleted to save space: its best epoch, as the adapter holds it
-            self.best_state = load_file(str(self.run / "adapter.safetensors"), device=str(self.device))
-            self.history, self.seconds = summary["history"], summary["seconds"]
-            self.best = next(h for h in self.history if h["epoch"] == summary["best_epoch"])
-            self.epoch, self.step = self.cfg.epochs, self.history[-1]["step"]
-        self.finished = self.epoch >= self.cfg.epochs
-        if not self.finished:
-            self._clear_results()
-        say(f"{self.run} is complete ({self.epoch} epochs): scoring its best epoch again; "
-            "use another --out to train anew." if self.epoch >= self.cfg.epochs else
-            f"resuming {self.run} after epoch {self.epoch - 1}")
+        if now and not was and os.access(self.run, os.W_OK):  # a run from before stores had an
+            _write_json(self.run / "config.json", self.config_json)  # id: told apart from now on
 
-    def _clear_results(self) -> None:
-        """Remove what an earlier attempt's end wrote (a loss that became NaN writes them):
-        while training goes on, eval and predict find no adapter, and an interrupted rerun
+    def clear_results(self) -> None:
+        """Remove what an earlier attempt's end wrote (a loss that became NaN writes them), once
+        training goes on: eval and predict find no adapter meanwhile, and an interrupted rerun
         leaves no summary of another attempt behind."""
         for name in ("adapter.safetensors", "summary.json"):
             (self.run / name).unlink(missing_ok=True)
@@ -441,10 +445,15 @@ class Trainer:
                            test_acc=test_acc, seconds=self.seconds, history=self.history,
                            failed=self.failed)
         summary = json.loads(json.dumps(result.to_json()))  # (as it reads back)
-        scores = ("best_epoch", "val_acc", "test_acc", "failed")  # (not the paths, as typed)
-        held = _read_json(self.run / "summary.json")
-        if self.finished and (self.run / "adapter.safetensors").is_file() and isinstance(held, dict) \
-                and all(held.get(k) == summary[k] for k in scores):
+        if self.finished and (self.run / "adapter.safetensors").is_file():  # its adapter is as it was
+            held = _read_json(self.run / "summary.json")
+            scores = ("best_epoch", "val_acc", "test_acc", "failed")  # (not the paths, as typed)
+            if isinstance(held, dict) and all(held.get(k) == summary[k] for k in scores):
+                return result
+            if not os.access(self.run, os.W_OK):  # (a test split completed since, say)
+                note(f"{self.run} is not yours to write: its summary.json keeps the scores it had.")
+            else:
+                _write_json(self.run / "summary.json", summary)
             return result
         if self.best_state:
             # as bytes, then written as any file: safetensors' own save_file makes it readable by
@@ -473,6 +482,14 @@ def _write_whole(path: Path, write: Callable[[BinaryIO], object]) -> None:
                         f"{human_bytes(free)} free on the disk). The run keeps its last checkpoint: "
                         "free some space and rerun the same command to resume.") from None
     os.replace(tmp, path)
+
+
+def require_readable(adapter: Path) -> Path:
+    """`adapter`, or why this user cannot read it (safetensors would say "No such file")."""
+    if not os.access(adapter, os.R_OK):
+        raise UserError(f"{adapter} is not readable by this user: its owner can share it with "
+                        f"`chmod a+r {adapter}` (runs made before 2026-11-28 were written 0600).")
+    return adapter
 
 
 def _read_json(path: Path) -> object:
@@ -601,6 +618,9 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
     load = dict(batch_size=first.batch_size, layers=union, device=first.device, recycle=True)
     train = ShardLoader(store, "train", shuffle=True, seed=first.seed, **load)
     val = ShardLoader(store, "val", shuffle=False, **load)
+    for t in trainers:  # every check passed: what trains again loses its earlier end
+        if t.active:
+            t.clear_results()
     for epoch in range(min(t.epoch for t in trainers), first.epochs):
         active = [t for t in trainers if t.active and t.epoch == epoch]
         if not active:

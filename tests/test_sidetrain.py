@@ -119,6 +119,11 @@ def test_fit_writes_a_complete_run(fp32_store, tmp_path):
     assert (again.val_acc, again.test_acc) == (r.val_acc, r.test_acc)
     # scored again, not written again (a colleague's finished run may be read-only)
     assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / "run").iterdir() if f.name != "config.json"} == written
+    stale = json.loads((tmp_path / "run" / "summary.json").read_text())  # scores changed since (a test
+    (tmp_path / "run" / "summary.json").write_text(json.dumps({**stale, "test_acc": None}))  # split completed)
+    fit(FitConfig(cache=fp32_store, method="losa", rank=4, epochs=2, batch_size=8, out=tmp_path / "run"))
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["test_acc"] == r.test_acc
+    written["summary.json"] = (tmp_path / "run" / "summary.json").stat().st_mtime_ns  # (its adapter not)
     (tmp_path / "run" / "checkpoint.pt").unlink()  # deleted once final, as the README allows: still finished
     del written["checkpoint.pt"]
     again = fit(FitConfig(cache=fp32_store, method="losa", rank=4, epochs=2, batch_size=8, out=tmp_path / "run"))

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from featcache import ExtractConfig, UserError, extract, open_store
 from featcache.models import TokenLayout
-from sidetrain import FitConfig, ModelSpec, build_classifier, evaluate_run, fit, load_predictor, predict, sweep
+from sidetrain import (FitConfig, ModelSpec, build_classifier, evaluate_run, fit, load_predictor, predict,
+                       sweep, train_many)
 from sidetrain.plots import plot_pareto
 from sidetrain.sweep import expand
 from sidetrain import train as train_module
@@ -290,6 +291,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fp32_store, tmp_path,
     # the best epoch kept is scored on test, as any run's
     summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
     assert summary["best_epoch"] == 1 and summary["test_acc"] == evaluate_run(tmp_path / "nan")["test"]
+    # a grid refused for another folder's sake removes nothing from this one
+    fit(FitConfig(cache=fp32_store, rank=4, epochs=1, batch_size=8, out=tmp_path / "other"))
+    with pytest.raises(UserError, match="other holds a run with another configuration"):
+        train_many([FitConfig(cache=fp32_store, rank=4, epochs=4, batch_size=8, out=tmp_path / "nan"),
+                    FitConfig(cache=fp32_store, rank=2, epochs=4, batch_size=8, out=tmp_path / "other")])
+    assert (tmp_path / "nan" / "adapter.safetensors").is_file() and (tmp_path / "nan" / "summary.json").is_file()
     # the same command, the cause gone: it continues from the last good epoch, and no summary
     # or adapter of the stopped attempt is left while it trains
     monkeypatch.setattr(train_module.Trainer, "train_batch", original)
@@ -320,6 +327,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fp32_store, tmp_path,
     assert not (tmp_path / "nan0" / "adapter.safetensors").exists()
     with pytest.raises(UserError, match="stopped before its first epoch finished, so it holds no model: loss"):
         evaluate_run(tmp_path / "nan0")
+    with pytest.raises(UserError, match="differs in lr"):  # (its advice, "lower --lr", needs another --out)
+        fit(FitConfig(cache=fp32_store, rank=4, epochs=4, batch_size=8, lr=1e-4, out=tmp_path / "nan0"))
 
 
 def test_a_nan_loss_stops_training_within_check_every_steps(fp32_store, tmp_path, monkeypatch):
