@@ -38,13 +38,16 @@ def _clip(sprite: np.ndarray, direction: tuple[int, int], size: int, length: int
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int) -> None:
-    """Frames (T, H, W, 3) uint8 as an H.264 mp4 (near lossless)."""
+    """Frames (T, H, W, 3) uint8 as a lossless H.264 mp4 (of their yuv420p conversion).
+    Lossless, so that a clip decodes to the same frames whatever bytes libx264 writes: at
+    crf 18 it wrote a few clips in a hundred differently from one run to the next (even with
+    one thread), which moved the video demo's scores."""
     import av
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.options = {"crf": "18"}
+        stream.options = {"qp": "0"}
         for f in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
         container.mux(stream.encode())
