@@ -32,7 +32,7 @@ from featcache.store import Store, open_store
 from .classifier import Classifier, ModelSpec, input_layers, make_classifier
 from .endtoend import EndToEnd
 from .loader import ShardLoader
-from .train import require_readable, side_precision
+from .train import read_json, require_readable, side_precision
 
 
 def load_run(run: Path | str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -63,10 +63,8 @@ def run_config(run: Path | str) -> dict:
 
 def _failed(run: Path) -> str | None:
     """Why the run stopped, as its summary.json says (None: it did not, or there is none)."""
-    try:
-        return json.loads((run / "summary.json").read_text()).get("failed")
-    except (OSError, ValueError):
-        return None
+    summary = read_json(run / "summary.json")
+    return summary.get("failed") if isinstance(summary, dict) else None
 
 
 def _spec(config: dict) -> ModelSpec:

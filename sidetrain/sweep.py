@@ -16,7 +16,7 @@ from featcache.store import open_store
 from .classifier import ONLY_FOR, common, unused_options
 from .loader import DATA_ORDER
 from .plots import plot_pareto
-from .train import ONE_PASS, FitConfig, FitResult, recorded, resolved, train_many, upgraded
+from .train import ONE_PASS, FitConfig, FitResult, read_json, recorded, resolved, train_many, upgraded
 
 FIXED = ONE_PASS + ("out",)  # a sweep runs one pass per seed and names each run's folder
 
@@ -106,11 +106,8 @@ def _continue_equal_runs(configs: list[FitConfig], out_root: Path) -> list[FitCo
     keys = [f.name for f in fields(FitConfig) if f.name != "out"]
     earlier = {}
     for path in sorted(out_root.glob("*/config.json")):
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if (_begun(path.parent) and saved.get("data_order") == DATA_ORDER
+        saved = read_json(path)
+        if (isinstance(saved, dict) and _begun(path.parent) and saved.get("data_order") == DATA_ORDER
                 and saved.get("store", {}).get("id") == store.meta.get("id")):  # (what resume also asks)
             earlier[path.parent] = saved
     out = []

@@ -285,7 +285,7 @@ class Trainer:
         was deleted), or start the folder. A folder that holds another configuration's work is
         refused; nothing in it is removed here (see clear_results)."""
         ckpt, adapter = self.run / "checkpoint.pt", self.run / "adapter.safetensors"
-        summary = _read_json(self.run / "summary.json")
+        summary = read_json(self.run / "summary.json")
         final = (adapter.is_file() and isinstance(summary, dict) and summary.get("failed") is None
                  and summary.get("best_epoch", -1) >= 0)
         held = ckpt.is_file() or adapter.is_file() or summary is not None  # (a stopped run's too)
@@ -446,7 +446,7 @@ class Trainer:
                            failed=self.failed)
         summary = json.loads(json.dumps(result.to_json()))  # (as it reads back)
         if self.finished and (self.run / "adapter.safetensors").is_file():  # its adapter is as it was
-            held = _read_json(self.run / "summary.json")
+            held = read_json(self.run / "summary.json")
             scores = ("best_epoch", "val_acc", "test_acc", "failed")  # (not the paths, as typed)
             if isinstance(held, dict) and all(held.get(k) == summary[k] for k in scores):
                 return result
@@ -492,7 +492,7 @@ def require_readable(adapter: Path) -> Path:
     return adapter
 
 
-def _read_json(path: Path) -> object:
+def read_json(path: Path) -> object:
     """A JSON file's content, or None when it is missing or not JSON."""
     try:
         return json.loads(path.read_text())
