@@ -1,6 +1,6 @@
 """The video task where time matters, over seeds: which way does the object move?
 
-    python benchmarks/video_study.py [--seeds 0,1,2] [--clips 60] [--epochs 20]
+    python benchmarks/video_study.py [--seeds 0,1,2] [--clips 60] [--epochs 20] [--head-input pool]
 
 Clips of a real Fashion-MNIST item moving left, right, up or down (featcache.sources.
 moving_clips; a move and its reverse give the same frames in another order), 8 frames per
@@ -9,7 +9,8 @@ demo-video` runs offline) and, when ../shared/weights has it, the real DINOv2 Vi
 56 px (4 x 4 patches, like the ViT-Ti). Rows: the frame-averaged linear probe, LoSA
 without temporal mixing, LoSA with it (variants A and B). Each seed draws new clips and a
 new initialisation; every row keeps its best val epoch and is scored on test once.
-Writes benchmarks/results/video_study.{json,md}.
+Writes benchmarks/results/video_study.{json,md} (another --head-input than pool, the head
+docs/losa.md's table reads: video_study-<head>.{json,md}).
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--clips", type=int, default=60, help="train clips per direction")
     ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--head-input", default="pool", help="what every head reads (sidetrain fit --head-input)")
     args = ap.parse_args()
+    head = "" if args.head_input == "pool" else f"-{args.head_input}"
     rows: dict[str, dict[str, list[float]]] = {}
     params: dict[str, int] = {}
     for seed in map(int, args.seeds.split(",")):
@@ -56,7 +59,8 @@ def main() -> None:
             tag = f"{kw['model']}-s{seed}"
             store = extract(ExtractConfig(dataset=str(data), out=WORK / "cache" / tag, frames=8,
                                           taps="every:2", seed=seed, **kw)).path
-            for r in train_many(video_configs(store, WORK / "runs" / tag, args.epochs, seed)):
+            configs = video_configs(store, WORK / "runs" / (tag + head), args.epochs, seed, args.head_input)
+            for r in train_many(configs):
                 rows.setdefault(name, {}).setdefault(r.run.name, []).append(r.test_acc)
                 params[r.run.name + name] = r.params
     lines = ["| backbone | configuration | trainable params | test acc (mean ± std) |",
@@ -68,9 +72,10 @@ def main() -> None:
                          f"{a.mean():.1f} ± {a.std():.1f} |")
     table = "\n".join(lines)
     print(table)
-    (RESULTS / "video_study.md").write_text(f"Seeds {args.seeds}, {machine()}\n\n{table}\n")
-    save("video_study", {"seeds": args.seeds, "clips": args.clips, "epochs": args.epochs,
-                         "machine": machine(), "test_acc": rows})
+    (RESULTS / f"video_study{head}.md").write_text(f"Seeds {args.seeds}, head input {args.head_input}, "
+                                                  f"{machine()}\n\n{table}\n")
+    save(f"video_study{head}", {"seeds": args.seeds, "clips": args.clips, "epochs": args.epochs,
+                                "head_input": args.head_input, "machine": machine(), "test_acc": rows})
 
 
 if __name__ == "__main__":

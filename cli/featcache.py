@@ -12,7 +12,7 @@ from rich.table import Table
 from featcache import UserError, open_store  # (extract and verify load torch: imported by their commands)
 from featcache.catalog import find_stores
 from featcache.info import store_info
-from featcache.location import is_url, normalize
+from featcache.location import is_url, normalize, usage
 from featcache.plan import human_bytes
 from featcache.store import damaged
 
@@ -134,8 +134,10 @@ def extract_cmd(
         r = extract_on_dask(cfg, dask)
     else:
         r = extract(cfg)
+    # what a local store takes on disk (its metadata included); the plan's figure otherwise
+    on_disk = usage(r.path) if r.status != "dry run" and not is_url(r.path) else None
     summary = {"path": str(r.path), "status": r.status, "complete": r.complete,
-               "twin": r.twin and str(r.twin), "bytes": r.plan.total,
+               "twin": r.twin and str(r.twin), "bytes": r.plan.total, "bytes_on_disk": on_disk,
                "left": r.left, "left_bytes": r.left * r.plan.bytes_per_sample,
                "written": r.written, "skipped": r.skipped, "seconds": round(r.seconds, 2)}
     if as_json:
@@ -143,7 +145,8 @@ def extract_cmd(
         return
     skipped = sum(map(len, r.skipped.values()))  # (extract named them, on stderr)
     twin = f", would reuse {r.twin}" if r.status == "dry run" and r.twin else ""
-    print(f"{r.status}: {r.path}{twin} (the store: {human_bytes(r.plan.total)})"
+    size = f"on disk: {human_bytes(on_disk)}" if on_disk is not None else f"the store: {human_bytes(r.plan.total)}"
+    print(f"{r.status}: {r.path}{twin} ({size})"
           + (f", {sum(r.written.values()):,} samples in {r.seconds:.1f} s" if r.written else "")
           + (f" ({skipped:,} unreadable input(s) skipped)" if skipped else ""))
 

@@ -36,7 +36,7 @@ from .precision import PRECISIONS, pick_device
 from .readback import Readback
 from .reuse import content_key, existing_store, identical_store, open_or_create, stored_batch_size
 from .shards import Shard, ShardWriter, shard_batches
-from .sources import Dataset, FrameSampling, open_dataset
+from .sources import KNOWN, Dataset, FrameSampling, open_dataset
 from .sources.video import decoder_name
 from .store import SplitArrays, Store, damaged, mark_complete, open_store
 from .taps import forward_taps, parse_taps
@@ -187,6 +187,23 @@ def _calibration(cfg: ExtractConfig, backbone: Backbone, images: Images, first: 
     return calibrate(forward_taps(backbone.model, collate(readable)[1].to(device), taps, cfg.precision))
 
 
+def _unused_options(cfg: ExtractConfig, ds: Dataset) -> list[str]:
+    """Options given that change nothing for this dataset: said, as silence reads as done."""
+    texts = []
+    given = [f"--{k}" for k in ("frames", "sampling", "fps") if getattr(cfg, k) != getattr(ExtractConfig, k)]
+    if given and not ds.video:
+        one = len(given) == 1
+        texts.append(f"{', '.join(given)} {'is' if one else 'are'} for videos; {ds.name} holds "
+                     f"images: {'it changes' if one else 'they change'} nothing.")
+    if cfg.val_fraction != ExtractConfig.val_fraction and "val" in ds.splits and not ds.val_from_train:
+        texts.append(f"--val-fraction holds val out of train; {ds.name} has its own val split: "
+                     "it changes nothing.")
+    if cfg.download and cfg.dataset not in KNOWN:
+        texts.append("--download fetches the named datasets (mnist, cifar10, places365, ...); "
+                     f"{ds.name} is read as it is: it changes nothing.")
+    return texts
+
+
 def extract(cfg: ExtractConfig) -> ExtractResult:
     """Run stage one as configured; see ExtractConfig and `featcache extract --help`."""
     if not isinstance(cfg, ExtractConfig):
@@ -203,11 +220,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
             note(text)
     if cfg.views > 1 and ds.video:
         raise UserError("--views is for images; a video dataset keeps one view per clip.")
-    given = [f"--{k}" for k in ("frames", "sampling", "fps") if getattr(cfg, k) != getattr(ExtractConfig, k)]
-    if given and not ds.video:
-        one = len(given) == 1
-        note(f"{', '.join(given)} {'is' if one else 'are'} for videos; {ds.name} holds images: "
-             f"{'it changes' if one else 'they change'} nothing.")
+    for text in _unused_options(cfg, ds):
+        note(text)
     if cfg.views > 1 and "train" in ds.splits:
         ds.splits["train"] = repeat(ds.splits["train"], cfg.views)
     out = normalize(cfg.out) if cfg.out else Path("cache") / ds.name

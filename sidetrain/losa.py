@@ -202,7 +202,9 @@ class LoSA(nn.Module):
         width, tokens = layout.width, mixed_tokens(layout, prefix)
         if not 1 <= rank <= min(width, tokens):
             raise UserError(f"--rank {rank} is out of range: it must be between 1 and "
-                            f"min(width {width}, tokens per frame {tokens}) = {min(width, tokens)}.")
+                            f"min(width {width}, tokens per frame {tokens}) = {min(width, tokens)}"
+                            + (f"; pass --rank {min(width, tokens)} or less, or extract larger "
+                               "images (more tokens)." if rank > tokens else "."))
         self.variant = variant
         self.mixers = nn.ModuleList(
             LowRankMixer(layout, rank, _steps(order, i), zero_init, temporal, prefix)

@@ -40,9 +40,11 @@ def test_extract_info_fit_from_the_command_line(tmp_path, monkeypatch, run_cli):
     r = cli("featcache", "extract", "--model", "vit_tiny", "--random-init", "--img-size", "32",
             "--dataset", "demo", "--limit", "10", "--out", "s", "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["written"] == {"train": 10, "val": 10, "test": 10}
+    written = json.loads(r.stdout)
+    assert written["written"] == {"train": 10, "val": 10, "test": 10}
     monkeypatch.chdir(tmp_path)
     info = json.loads(run_cli("featcache", "info", "s", "--json").stdout)
+    assert written["bytes_on_disk"] == info["bytes_on_disk"] > written["bytes"]  # the plan counts tokens only
     assert info["complete"] and info["splits"]["train"]["n"] == 10 and info["dtype"] == "fp16"
     assert len(info["id"]) == 32  # this extraction's id, which runs record
     r = run_cli("featcache", "extract", "--model", "vit_tiny", "--random-init", "--img-size", "32",

@@ -233,6 +233,13 @@ def test_a_class_of_one_sample_named_like_another_is_pointed_out(tmp_path, capsy
     assert "at most 2 samples" not in note(gap)
 
 
-def test_video_options_on_images_are_said_to_change_nothing(capsys):
-    extract(ExtractConfig(dataset="demo", limit=2, frames=4, dry_run=True, **TINY))
-    assert "--frames is for videos; demo holds images: it changes nothing." in " ".join(capsys.readouterr().err.split())
+def test_options_without_effect_are_said_to_change_nothing(capsys, tmp_path):
+    extract(ExtractConfig(dataset="demo", limit=2, frames=4, val_fraction=0.5, download=True,
+                          dry_run=True, **TINY))
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--frames is for videos; demo holds images: it changes nothing." in err
+    assert "demo has its own val split: it changes nothing." in err
+    assert "demo is read as it is: it changes nothing." in err
+    folder = make_image_folder(tmp_path / "f", classes=2, per_class=4)  # no val: --val-fraction makes it
+    extract(ExtractConfig(dataset=str(folder), val_fraction=0.5, dry_run=True, **TINY))
+    assert "changes nothing" not in capsys.readouterr().err

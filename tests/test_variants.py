@@ -69,6 +69,14 @@ def test_keep_gives_the_last_refined_layers_and_sums_stay_in_full_precision(vari
         assert side(z).dtype == torch.float32
 
 
+def test_a_rank_above_the_tokens_names_the_largest_that_fits():
+    """What tiny test images meet first: ViT-Ti at 32 px has 5 tokens, the default rank 16."""
+    layout = TokenLayout(prefix_tokens=1, class_token=True, register_tokens=0, grid=(2, 2),
+                         frames=1, width=192, pool="token")
+    with pytest.raises(UserError, match=r"tokens per frame 5\) = 5; pass --rank 5 or less"):
+        LoSA(2, layout, rank=16)
+
+
 def test_norm_linear_gives_layernorm_then_linear_and_their_gradients():
     """It keeps half of what LayerNorm + Linear keep for backward, with the same results."""
     norm, linear = torch.nn.LayerNorm(8).double(), torch.nn.Linear(8, 3).double()

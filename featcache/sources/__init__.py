@@ -76,6 +76,7 @@ def open_dataset(spec: str | Path, seed: int = 0, val_fraction: float = 0.2, lim
         train, val = stratified_split(ds.splits["train"].labels, val_fraction, np.random.default_rng(seed))
         whole = ds.splits.pop("train")
         ds.splits = {"train": whole.subset(train), "val": whole.subset(val), **ds.splits}
+        ds.val_from_train = True
     empty = [name for name, s in ds.splits.items() if len(s) == 0]
     if empty:
         raise UserError(f"{ds.name}: split(s) {', '.join(empty)} would be empty (too few images per "

@@ -103,6 +103,7 @@ class Dataset:
     classes: list[str]
     splits: dict[str, Split] = field(default_factory=dict)  # train, val, test, then others
     video: FrameSampling | None = None  # how clips become frames; None: an image dataset
+    val_from_train: bool = False  # val was held out of train (--val-fraction), not given
 
 
 def stratified_pick(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:

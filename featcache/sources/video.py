@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -76,10 +79,30 @@ class FrameSampling:
 Picker = Callable[[int, float], list[int]]  # (frame count, native fps) -> frame numbers
 
 
+_STDERR = threading.Lock()  # one redirect at a time: two would restore each other's /dev/null
+
+
+@contextmanager
+def _no_stderr() -> Iterator[None]:
+    """File descriptor 2 to /dev/null: decord's C++ logger writes "ERROR opening: ..." there
+    for every clip it cannot open, which PyAV then reads or the skip note explains."""
+    with _STDERR:
+        sys.stderr.flush()
+        saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def _decode_decord(path: Path, pick: Picker) -> np.ndarray:
     import decord
     decord.logging.set_level(decord.logging.QUIET)  # ffmpeg's own lines: the skip records why
-    reader = decord.VideoReader(str(path), num_threads=1)
+    with _no_stderr():
+        reader = decord.VideoReader(str(path), num_threads=1)
     indices = pick(len(reader), float(reader.get_avg_fps()))
     return reader.get_batch(indices).asnumpy()
 
