@@ -169,22 +169,28 @@ def _check(cfg: ExtractConfig) -> None:
                         else f"--shard K/N needs N of at least 1, not {k}/{n}")
 
 
+CALIBRATION = 32  # int8: the channel scales are the absmax over this many inputs
+
+
 def _calibration(cfg: ExtractConfig, backbone: Backbone, images: Images, first: str, taps: list[int],
                  device: torch.device) -> np.ndarray | None:
-    """int8 only: channel scales from the first batch of the first split, `first`
-    (deterministic)."""
+    """int8 only: channel scales from the first CALIBRATION readable inputs of the first
+    split, `first` (deterministic), in forwards of --batch-size: the content key leaves the
+    batch size out, so the scales must not depend on it."""
     if cfg.dtype != "int8":
         return None
     readable = []
-    for i in range(len(images.splits[0])):  # the first batch_size readable images
+    for i in range(len(images.splits[0])):
         item = images[(0, i)]
         if item[1] is not None:
             readable.append(item)
-        if len(readable) == cfg.batch_size:
+        if len(readable) == CALIBRATION:
             break
     if not readable:
         raise UserError(f"int8 calibration found no readable image in split '{first}'.")
-    return calibrate(forward_taps(backbone.model, collate(readable)[1].to(device), taps, cfg.precision))
+    batches = [readable[i:i + cfg.batch_size] for i in range(0, len(readable), cfg.batch_size)]
+    return np.max([calibrate(forward_taps(backbone.model, collate(b)[1].to(device), taps, cfg.precision))
+                   for b in batches], axis=0)
 
 
 def _unused_options(cfg: ExtractConfig, ds: Dataset) -> list[str]:

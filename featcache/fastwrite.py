@@ -23,20 +23,26 @@ import zarr
 from .fastread import MemmapReader
 
 
-def shard_bytes(samples: np.ndarray, shard: int) -> np.ndarray:
-    """The file of a shard of `shard` samples whose first len(samples) are given (the last
-    shard of an array may be short: its missing chunks are marked absent in the index)."""
+def shard_bytes(samples: np.ndarray, shard: int) -> np.ndarray | None:
+    """The file of a shard of `shard` samples whose first len(samples) are given, or None
+    where every sample is all zeros. As zarr does, a chunk that holds only the fill value (0:
+    an unreadable input's row) is left out and marked absent in the index, as are the
+    missing chunks of a short last shard; a shard with no chunk left has no file."""
     n, size = len(samples), samples[0].nbytes
+    flat = np.ascontiguousarray(samples).reshape(n, -1).view(np.uint8)
+    kept = np.flatnonzero(flat.any(axis=1))  # (stops at a sample's first nonzero byte)
+    if not len(kept):
+        return None
     stride = size + 4
-    out = np.empty(n * stride + 16 * shard + 4, np.uint8)
-    rows = out[:n * stride].reshape(n, stride)
-    rows[:, :size] = np.ascontiguousarray(samples).reshape(n, -1).view(np.uint8)
+    out = np.empty(len(kept) * stride + 16 * shard + 4, np.uint8)
+    rows = out[:len(kept) * stride].reshape(len(kept), stride)
+    rows[:, :size] = flat if len(kept) == n else flat[kept]
     sums = np.array([crc32c.crc32c(row[:size]) for row in rows], dtype="<u4")
-    rows[:, size:] = sums.view(np.uint8).reshape(n, 4)
+    rows[:, size:] = sums.view(np.uint8).reshape(len(kept), 4)
     index = np.full((shard, 2), 2**64 - 1, dtype="<u8")  # absent: fastread.EMPTY
-    index[:n, 0] = np.arange(n, dtype=np.uint64) * stride
-    index[:n, 1] = stride
-    tail = out[n * stride:]
+    index[kept, 0] = np.arange(len(kept), dtype=np.uint64) * stride
+    index[kept, 1] = stride
+    tail = out[len(kept) * stride:]
     tail[:-4] = index.reshape(-1).view(np.uint8)
     tail[-4:] = np.array([crc32c.crc32c(tail[:-4])], dtype="<u4").view(np.uint8)
     return out
@@ -54,10 +60,14 @@ def write_samples(array: zarr.Array, folder: Path | None, lo: int, samples: np.n
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # an earlier try at this shard, killed
         stale.unlink(missing_ok=True)
+    data = shard_bytes(samples.astype(array.dtype, copy=False), shard)
+    if data is None:  # (zarr deletes such a shard's file)
+        path.unlink(missing_ok=True)
+        return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:  # (not ndarray.tofile: a full disk is then errno ENOSPC, not a short write)
-            f.write(shard_bytes(samples.astype(array.dtype, copy=False), shard).data)
+            f.write(data.data)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk keeps no half shard

@@ -5,7 +5,8 @@ exactly the features the backbone's own classifier would. Their tensors are
 non-persistent buffers: they belong to the store, not to the adapter file.
 
 Head inputs (docs/losa.md "Baselines"):
-- pool:     fc_norm(pool(norm(x_L))), the backbone's own feature (D)
+- pool:     fc_norm(pool(norm(x_L))), the backbone's own feature (D; a distilled DeiT's
+            averages its class and distillation tokens)
 - cls+mean: class token and mean patch token of norm(x_L) (2D)
 - last4:    cls+mean of each of the last 4 tapped blocks, DINOv2's strong probe (8D)
 - all:      cls+mean of every tapped block, Head2Toe-style (2D x L)
@@ -65,10 +66,21 @@ class Readout(nn.Module):
         mean = torch.zeros(layout.tokens)
         mean[layout.prefix_tokens:] = 1 / (layout.tokens - layout.prefix_tokens)
         if head_input == "pool":
-            columns = [cls] if layout.pool == "token" else [mean]
+            columns = [self._token_pool(layout, cls) if layout.pool == "token" else mean]
         else:
             columns = [cls, mean] if layout.class_token else [mean]
         self.register_buffer("pooling", torch.stack(columns, 1), persistent=False)
+
+    @staticmethod
+    def _token_pool(layout: TokenLayout, cls: torch.Tensor) -> torch.Tensor:
+        """The backbone's token pooling: its class token, or, in a distilled DeiT (a
+        distillation token after the class token, no registers), the two averaged, as timm's
+        pre-logits feature is."""
+        if layout.frame_prefix - layout.class_token - layout.register_tokens != 1:
+            return cls
+        both = cls / 2
+        both[1:layout.prefix_tokens:layout.frame_prefix] = cls[0:layout.prefix_tokens:layout.frame_prefix] / 2
+        return both
 
     def features(self, layers: int, width: int) -> int:
         if self.head_input == "pool":

@@ -45,6 +45,15 @@ def test_int8_copes_with_outlier_channels():
     assert (naive > 2 * ours).all()  # measured: 1.6 % against 0.6 %
 
 
+def test_int8_channel_scales_do_not_depend_on_the_batch_size(tmp_path):
+    """The content key leaves the batch size out: two stores that differ only in it are
+    twins, so their scales (the absmax over the first 32 inputs) must agree."""
+    scales = [open_store(extract(ExtractConfig(dataset="demo", split=["train"], limit=40, dtype="int8",
+                                               out=tmp_path / f"b{b}", **{**TINY, "batch_size": b},
+                                               reuse=False)).path).channel_scale for b in (4, 32)]
+    np.testing.assert_allclose(scales[0], scales[1], rtol=1e-5)
+
+
 def test_bf16_roundtrip():
     z = torch.randn(4, 2, 5, 32) * 10
     q, s = encode(z, "bf16")

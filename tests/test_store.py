@@ -58,23 +58,26 @@ class _Full:
 @pytest.mark.parametrize("dtype,tail", [("float16", (2, 3, 4)), ("float32", (2, 3)), ("int8", (2, 3))])
 def test_shards_written_directly_are_the_bytes_zarr_writes(tmp_path, dtype, tail, monkeypatch):
     """The extractor writes local shard files itself (fastwrite.py): they must be zarr's own,
-    for full shards and a short last one, and a range that is not a whole shard goes
-    through zarr."""
-    x = (np.random.default_rng(0).random((7, *tail)) * 100 + 1).astype(dtype)  # no all-zero sample
+    for full shards, a short last one and the all-zero rows of unreadable inputs (zarr
+    leaves them out, and writes no file for a shard of nothing else), and a range that is
+    not a whole shard goes through zarr."""
+    x = (np.random.default_rng(0).random((10, *tail)) * 100 + 1).astype(dtype)
+    x[1] = x[6:9] = 0  # shard 0 lacks a sample, shard 2 has none; shard 3 is 1 sample long
     arrays = {}
     for name in ("zarr", "direct"):
         g = zarr.open_group(str(tmp_path / name), mode="w")
-        arrays[name] = g.create_array("t", shape=(7, *tail), dtype=dtype, chunks=(1, *tail),
+        arrays[name] = g.create_array("t", shape=(10, *tail), dtype=dtype, chunks=(1, *tail),
                                       shards=(3, *tail), compressors=[zarr.codecs.Crc32cCodec()],
                                       fill_value=0)
     folder = tmp_path / "direct" / "t"
     assert MemmapReader.supports(arrays["direct"], folder)
-    for lo in (0, 3, 6):
+    for lo in (0, 3, 6, 9):
         arrays["zarr"][lo:lo + 3] = x[lo:lo + 3]
         write_samples(arrays["direct"], folder, lo, x[lo:lo + 3])
     files = sorted(p.relative_to(tmp_path / "zarr" / "t") for p in (tmp_path / "zarr" / "t" / "c").rglob("*")
                    if p.is_file())
-    assert len(files) == 3
+    assert [f.parts[1] for f in files] == ["0", "1", "3"]
+    assert sorted(p.relative_to(folder) for p in (folder / "c").rglob("*") if p.is_file()) == files
     for f in files:
         assert (folder / f).read_bytes() == (tmp_path / "zarr" / "t" / f).read_bytes(), f
     assert not list(folder.rglob("*.tmp"))
