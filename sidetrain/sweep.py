@@ -73,7 +73,7 @@ def sweep(base: FitConfig, grid: dict[str, list], out_root: Path | str) -> list[
     "rank": [4, 16], "lr": [1e-3, 3e-3]}; what one data pass shares (ONE_PASS: cache,
     batch_size, epochs, device, precision) cannot vary."""
     out_root = Path(out_root)
-    configs = _continue_equal_runs(expand(base, grid, out_root), out_root)
+    configs = _continue_equal_runs(_once_each(expand(base, grid, out_root)), out_root)
     results: list[FitResult] = []
     for seed in sorted({c.seed for c in configs}):
         results += train_many([c for c in configs if c.seed == seed])
@@ -93,6 +93,24 @@ def sweep(base: FitConfig, grid: dict[str, list], out_root: Path | str) -> list[
     plot_pareto(score, out_root / "pareto.png", title=f"{location.name(base.cache)}: test accuracy "
                 "(val without a test split) against trainable parameters")
     return results
+
+
+def _once_each(configs: list[FitConfig]) -> list[FitConfig]:
+    """One run per configuration as trained: `--variant auto,B` is B twice on an image store."""
+    if len(configs) < 2:
+        return configs
+    store = open_store(configs[0].cache)
+    first: dict[str, str] = {}
+    out = []
+    for c in configs:
+        key = json.dumps({k: v for k, v in recorded(resolved(c, store)).items() if k != "out"}, sort_keys=True)
+        if key in first:
+            note(f"{Path(c.out).name} is {first[key]} on this store (the same configuration once "
+                 "resolved): trained once, as the latter.")
+            continue
+        first[key] = Path(c.out).name
+        out.append(c)
+    return out
 
 
 def _continue_equal_runs(configs: list[FitConfig], out_root: Path) -> list[FitConfig]:

@@ -228,6 +228,10 @@ def test_a_sweep_varies_taps_and_drops_options_a_method_lacks(fp32_store, tmp_pa
     alone = fit(FitConfig(**{**vars(results[1].config), "out": tmp_path / "alone"}))
     assert alone.params < results[0].params and alone.params == results[1].params
     assert alone.history[-1]["val_loss"] == pytest.approx(results[1].history[-1]["val_loss"], abs=1e-6)
+    capsys.readouterr()
+    (once,) = sweep(base, {"variant": ["auto", "B"]}, tmp_path / "auto")  # auto is B on images
+    assert once.run.name == "losa-variantauto" and once.config.variant == "B"
+    assert "losa-variantB is losa-variantauto on this store" in " ".join(capsys.readouterr().err.split())
 
 
 def test_killed_fit_resumes_to_the_uninterrupted_result(fp32_store, tmp_path, monkeypatch):
