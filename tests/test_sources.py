@@ -29,6 +29,22 @@ def test_train_val_test_folders_are_used_as_given(tmp_path):
     assert ds.splits["test"].keys[0] == "test/class0/img00.png"
 
 
+def test_split_folders_by_other_names_are_splits_not_classes(tmp_path, capsys):
+    for split, n in (("Train", 4), ("valid", 2), ("testing", 3), ("extra", 1)):
+        make_image_folder(tmp_path / "d" / split, per_class=n)
+    ds = open_dataset(str(tmp_path / "d"))
+    assert {k: len(v) for k, v in ds.splits.items()} == {"train": 12, "val": 6, "test": 9}
+    assert ds.classes == ["class0", "class1", "class2"] and ds.splits["val"].keys[0] == "valid/class0/img00.png"
+    err = " ".join(capsys.readouterr().err.split())
+    assert "split folder(s) Train/ as train, testing/ as test, valid/ as val." in err
+    assert "extra/ beside the split folders is not a split" in err and "left out" in err
+    make_image_folder(tmp_path / "d" / "val", per_class=1)
+    with pytest.raises(UserError, match=r"2 folders for the val split \(val, valid\)"):
+        open_dataset(str(tmp_path / "d"))
+    make_image_folder(tmp_path / "t" / "test", per_class=2)  # an evaluation set: test alone
+    assert list(open_dataset(str(tmp_path / "t")).splits) == ["test"]
+
+
 def test_limit_is_class_balanced_and_demo_is_real():
     ds = open_dataset("demo", limit=20)
     assert np.bincount(ds.splits["train"].labels).tolist() == [2] * 10

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..console import note
 from ..errors import UserError
-from .base import SPLIT_NAMES, Dataset, FileSplit
+from .base import SPLIT_ALIASES, SPLIT_NAMES, Dataset, FileSplit, our_split_name
 from .video import VIDEO_SUFFIXES, FrameSampling, VideoSplit
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -34,14 +35,41 @@ def _scan(root: Path, folder: Path, classes: list[str], suffixes: set[str]
     return keys, np.array(labels, dtype=np.int64)
 
 
+def _split_folders(root: Path) -> dict[str, Path]:
+    """The split level's folders by our split name (train/, Valid/, testing/ ...), or {}
+    where the top level holds the classes. A folder beside the splits is left out, and said."""
+    top = _class_dirs(root)
+    splits: dict[str, list[str]] = {}
+    for name in top:
+        if our_split_name(name) in SPLIT_NAMES:
+            splits.setdefault(our_split_name(name), []).append(name)
+    if not splits:
+        return {}
+    twice = {s: names for s, names in splits.items() if len(names) > 1}
+    if twice:
+        s, names = next(iter(twice.items()))
+        raise UserError(f"{root} has {len(names)} folders for the {s} split ({', '.join(names)}): "
+                        "merge them or move one out.")
+    renamed = sorted(f"{names[0]}/ as {s}" for s, names in splits.items() if names[0] != s)
+    if renamed:
+        note(f"{root}: split folder(s) {', '.join(renamed)}.")
+    others = [name for name in top if our_split_name(name) not in SPLIT_NAMES]
+    if others:
+        note(f"{root}: {', '.join(f'{o}/' for o in others[:5])}{' ...' if len(others) > 5 else ''} "
+             f"beside the split folders {'is' if len(others) == 1 else 'are'} not a split "
+             f"({', '.join(SPLIT_NAMES)}, or {', '.join(SPLIT_ALIASES)}): left out.")
+    return {s: root / names[0] for s, names in sorted(splits.items(), key=lambda kv: SPLIT_NAMES.index(kv[0]))}
+
+
 def open_imagefolder(root: Path, video: FrameSampling = FrameSampling()) -> Dataset:
     """Read a class-per-folder tree of images (or of videos, sampled by `video`) with its
-    train/val/test level if it has one; without one, every file is in train."""
+    train/val/test level if it has one (other tools' names too: Validation, testing ...);
+    without one, every file is in train."""
     root = root.resolve()
-    present = [s for s in SPLIT_NAMES if (root / s).is_dir()]
-    if "train" in present:
-        classes = _class_dirs(root / "train")
-        folders = {s: root / s for s in present}
+    folders = _split_folders(root)
+    if folders:  # the classes: train's, or, without a train split, all that the splits hold
+        classes = _class_dirs(folders["train"]) if "train" in folders else sorted(
+            {c for f in folders.values() for c in _class_dirs(f)})
     else:
         classes = _class_dirs(root)
         folders = {"train": root}
@@ -52,7 +80,7 @@ def open_imagefolder(root: Path, video: FrameSampling = FrameSampling()) -> Data
     for split, folder in folders.items():
         extra = set(_class_dirs(folder)) - set(classes)
         if extra:
-            raise UserError(f"{folder} has classes not in {root / 'train'}: {sorted(extra)[:5]}")
+            raise UserError(f"{folder} has classes not in {folders['train']}: {sorted(extra)[:5]}")
         found[split] = _scan(root, folder, classes, IMAGE_SUFFIXES | VIDEO_SUFFIXES)
         if not found[split][0]:
             raise UserError(f"no images or videos found under {folder} (suffixes: "
