@@ -32,6 +32,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from .errors import UserError
+from .fastread import checked_read
 from .fastwrite import write_samples
 from .layout import TokenLayout
 from .location import Location, exists, is_url, join, normalize, usage
@@ -163,12 +164,12 @@ class Store:
             self.split(split)  # (which says which splits there are)
         g = self.group[split]  # (not split(): it reads every label and key)
         take = (lambda a: a[rows]) if isinstance(rows, slice) else (lambda a: a.oindex[np.asarray(rows)])
-        x = take(g["tokens"])
+        x = checked_read(g["tokens"], take)
         if self.dtype == "bf16":
             return (x.astype(np.uint32) << 16).view(np.float32)
         x = x.astype(np.float32, copy=False)
         if self.dtype == "int8":
-            x *= take(g["scales"])[..., None]  # (in the loader's order: the same float32 bits)
+            x *= checked_read(g["scales"], take)[..., None]  # (in the loader's order: the same float32 bits)
             x *= self.channel_scale[None, :, None, :]
         return x
 

@@ -174,6 +174,11 @@ def test_verify_finds_corruption_and_missing_shards(tmp_path, run_cli):
     (out / "test" / "tokens" / "c" / "2" / "0" / "0" / "0").unlink()  # a partial copy, say
     problems = verify(open_store(out)).problems
     assert any("val: shard 1" in p for p in problems), problems
+    for reader in ("memmap", "zarr"):  # training stops at the altered bytes, as verify does
+        with pytest.raises(UserError, match="val/tokens: .* fails its checksum: the store is damaged"):
+            list(ShardLoader(open_store(out), "val", batch_size=4, reader=reader))
+    with pytest.raises(UserError, match="fails its checksum"):
+        open_store(out).read_tokens("val")
     assert any(p.startswith("test: shard(s) [2] flagged done have no file") for p in problems), problems
     r = run_cli("featcache", "verify", str(out))
     assert r.returncode == 1 and "FAILED" in r.stdout
