@@ -22,6 +22,26 @@ DTYPES = ("fp16", "bf16", "int8", "fp32")
 _TINY = 1e-12
 
 
+FP16_MAX = 65504.0
+
+
+def span(z: torch.Tensor) -> torch.Tensor:
+    """(min, max) of a batch's float tokens, on its device (one pass; NaN propagates), for
+    `out_of_range` to look at once the batch is back on the host."""
+    return torch.stack(torch.aminmax(z)).float()
+
+
+def out_of_range(lo: float, hi: float, dtype: str) -> str | None:
+    """Why tokens spanning lo..hi cannot be stored as `dtype`, or None."""
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return ("the backbone's tokens hold NaN or Inf (with --precision fp16 its forward "
+                "overflows: use bf16 or fp32; else check the weights file)")
+    if dtype == "fp16" and max(-lo, hi) > FP16_MAX:
+        return (f"the backbone's tokens reach {max(-lo, hi):.4g}, beyond fp16's largest "
+                f"{FP16_MAX:.0f}: extract with --dtype bf16 (as small, with fp32's range)")
+    return None
+
+
 def calibrate(z: torch.Tensor) -> np.ndarray:
     """Per-layer, per-channel absmax of a batch (B, L, T, D) -> (L, D) channel scale."""
     return z.abs().amax(dim=(0, 2)).clamp_min(1e-6).float().cpu().numpy()

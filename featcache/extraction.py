@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from .checks import (changed_inputs_note, input_digests, no_train_note, one_class_note,
                      rare_classes_note, refuse_unreadable, refuse_unreadable_inputs)
-from .codec import DTYPES, calibrate, encode
+from .codec import DTYPES, calibrate, encode, span
 from .console import console, escape, note, say
 from .errors import UserError, is_int, is_number, require
 from .images import VIEW_POLICY, Images, collate, make_images, repeat
@@ -430,9 +430,11 @@ def _run(cfg: ExtractConfig, backbone: Backbone, store: Store, images: Images, d
                     _flush(writer, shard, result)
                 shard = Shard.empty(names[sid], ds.splits[names[sid]], first // sizes[sid],
                                     sizes[sid], shape, cfg.dtype)
-            encoded = None if batch is None else readback.start(list(encode(
-                forward_taps(model, batch.to(device, non_blocking=True), taps, cfg.precision),
-                cfg.dtype, channel_scale)))
+            if batch is not None:
+                z = forward_taps(model, batch.to(device, non_blocking=True), taps, cfg.precision)
+                encoded = readback.start([*encode(z, cfg.dtype, channel_scale), span(z)])
+            else:
+                encoded = None
             if pending:
                 shard.fill(*pending)
             pending = (items, encoded, ok, reasons)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .codec import out_of_range
 from .console import say
 from .errors import UserError, disk_full
 from .readback import InFlight
@@ -52,6 +53,7 @@ class Shard:
     scales: np.ndarray | None
     labels: np.ndarray
     keys: list[str]
+    dtype: str  # as the store holds tokens: what range they may span
     skipped: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -59,13 +61,19 @@ class Shard:
         lo, hi = index * size, min((index + 1) * size, len(split))
         scales = np.zeros((hi - lo, *shape[:2]), np.float32) if dtype == "int8" else None
         return cls(name, index, lo, np.zeros((hi - lo, *shape), STORAGE[dtype]), scales,
-                   split.labels[lo:hi].copy(), split.keys[lo:hi])
+                   split.labels[lo:hi].copy(), split.keys[lo:hi], dtype)
 
     def fill(self, items: list, encoded: InFlight | None, ok: np.ndarray, reasons: list[str]) -> None:
         """Rows `items` (of which `ok` were read; `reasons` says why the others were not)."""
         rows = np.array([i for _, i in items]) - self.lo
         if encoded is not None:
-            tokens, scales = encoded.collect()
+            tokens, scales, (lo, hi) = encoded.collect()
+            why = out_of_range(float(lo), float(hi), self.dtype)
+            if why:
+                more = int(ok.sum()) - 1
+                raise UserError(f"split {self.split}, input {self.keys[rows[ok][0]]}"
+                                f"{f' or one of the {more} after it in its batch' if more else ''}: "
+                                f"{why}. Then extract again into another --out, or delete this one.")
             self.tokens[rows[ok]] = tokens
             if self.scales is not None:
                 self.scales[rows[ok]] = scales

@@ -49,6 +49,8 @@ CHECK_EVERY = 100  # steps between reads of the running loss: each read waits fo
 # what configurations trained in one pass share (every other option may differ; the layers
 # read are the union of their taps)
 ONE_PASS = ("cache", "batch_size", "epochs", "device", "precision")
+NAN_HINT = ("lower --lr (a store made before featcache refused NaN or Inf tokens may hold "
+            "some: `featcache verify` says).")
 
 
 @dataclass(frozen=True)
@@ -390,7 +392,7 @@ class Trainer:
             return
         value = self.train_loss.item()
         if not math.isfinite(value):
-            self.failed = f"loss became {value} at epoch {self.epoch} (by step {self.step}); lower --lr."
+            self.failed = f"loss became {value} at epoch {self.epoch} (by step {self.step}); {NAN_HINT}"
 
     @torch.no_grad()
     def eval_batch(self, x: torch.Tensor, labels: torch.Tensor) -> None:
@@ -415,7 +417,7 @@ class Trainer:
         self._check_loss()
         val_loss, val_acc = self.take_eval()
         if self.failed is None and not math.isfinite(val_loss):  # weights gone bad at the epoch's end
-            self.failed = f"val loss became {val_loss} at epoch {self.epoch}; lower --lr."
+            self.failed = f"val loss became {val_loss} at epoch {self.epoch}; {NAN_HINT}"
         if self.failed:  # the checkpoint stays the last finished epoch's; the adapter, the best one
             kept = self.best["epoch"]
             self.failed += (f" Kept the best epoch before it (epoch {kept}, val acc "

@@ -54,6 +54,20 @@ def test_int8_channel_scales_do_not_depend_on_the_batch_size(tmp_path):
     np.testing.assert_allclose(scales[0], scales[1], rtol=1e-5)
 
 
+def test_tokens_fp16_cannot_hold_or_nan_stop_the_extraction(tmp_path, monkeypatch):
+    from featcache import extraction
+    forward = extraction.forward_taps
+    cfg = ExtractConfig(dataset="demo", split=["val"], limit=4, out=tmp_path / "s", **TINY)
+    monkeypatch.setattr(extraction, "forward_taps", lambda *a, **k: forward(*a, **k) * 1e5)
+    with pytest.raises(UserError, match=r"split val, input .* or one of the 3 after it in its batch: the "
+                       r"backbone's tokens reach .*e\+0\d, beyond fp16's largest 65504: extract with --dtype bf16"):
+        extract(cfg)
+    extract(ExtractConfig(**{**vars(cfg), "dtype": "bf16", "out": tmp_path / "b"}))  # bf16 holds them
+    monkeypatch.setattr(extraction, "forward_taps", lambda *a, **k: forward(*a, **k) * np.nan)
+    with pytest.raises(UserError, match="the backbone's tokens hold NaN or Inf"):
+        extract(ExtractConfig(**{**vars(cfg), "dtype": "int8", "out": tmp_path / "n"}))
+
+
 def test_bf16_roundtrip():
     z = torch.randn(4, 2, 5, 32) * 10
     q, s = encode(z, "bf16")

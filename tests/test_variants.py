@@ -327,7 +327,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fp32_store, tmp_path,
     evaluate = train_module.Trainer.eval_batch
     monkeypatch.setattr(train_module.Trainer, "eval_batch", lambda self, x, labels: evaluate(
         self, x * float("nan") if self.epoch >= 1 else x, labels))
-    with pytest.raises(UserError, match=r"val loss became nan at epoch 1; lower --lr. Kept the best "
+    with pytest.raises(UserError, match=r"val loss became nan at epoch 1; lower --lr .* says\). Kept the best "
                                         r"epoch before it \(epoch 0, val acc"):
         fit(FitConfig(cache=fp32_store, rank=4, epochs=4, batch_size=8, out=tmp_path / "val-nan"))
     # stopped in its first epoch: no model is kept, and eval says why rather than load none
@@ -354,7 +354,7 @@ def test_a_nan_loss_stops_training_within_check_every_steps(fp32_store, tmp_path
         return original(self, tokens * float("nan") if self.step >= 7 else tokens, labels)
 
     monkeypatch.setattr(train_module.Trainer, "train_batch", poisoned)
-    with pytest.raises(UserError, match=r"loss became nan at epoch 1 \(by step 8\); lower --lr. Kept the best epoch before it \(epoch 0"):
+    with pytest.raises(UserError, match=r"loss became nan at epoch 1 \(by step 8\); lower --lr .* says\). Kept the best epoch before it \(epoch 0"):
         fit(FitConfig(cache=fp32_store, rank=4, epochs=4, batch_size=4, out=tmp_path / "nan"))
     assert steps[-1] == 7  # 6 steps an epoch: stopped after step 7's check, not at the epoch's end
     assert torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)["epoch"] == 1
