@@ -165,13 +165,15 @@ def sweep_cmd(
     results = sweep(FitConfig(cache=cache, zero_init=zero_init, temporal=temporal, taps=taps,
                               epochs=epochs, batch_size=batch_size, precision=precision,
                               device=device), grid, out_dir)
-    results.sort(key=lambda r: (-r.val_acc, r.val_loss))
+    results.sort(key=lambda r: (-1 if r.val_acc is None else -r.val_acc, r.val_loss))
     if as_json:
         emit_json([r.to_json() for r in results])
-        return
-    out.print(results_table(results, title=f"sweep of {len(results)} configurations (best val first)",
-                            names=True))
-    out.print(f"runs, sweep.json, pareto.png: {out_dir}")
+    else:
+        out.print(results_table(results, title=f"sweep of {len(results)} configurations (best val first)",
+                                names=True))
+        out.print(f"runs, sweep.json, pareto.png: {out_dir}")
+    if results and all(r.failed for r in results):  # (some stopping is a sweep's normal lot)
+        raise UserError(f"every configuration stopped early ({results[0].failed})")
 
 
 @app.command("eval")

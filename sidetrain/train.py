@@ -108,7 +108,7 @@ class FitResult:
     config: FitConfig
     params: int
     best_epoch: int
-    val_acc: float
+    val_acc: float | None  # None: stopped before its first epoch finished
     test_acc: float | None
     seconds: float
     history: list[dict] = field(default_factory=list)
@@ -443,7 +443,8 @@ class Trainer:
         say the run is unfinished) and summary.json, unless a finished run holds them as they
         are (it is scored again, not rewritten: a colleague's run may be read-only)."""
         result = FitResult(run=self.run, config=self.cfg, params=self.params,
-                           best_epoch=self.best["epoch"], val_acc=self.best["val_acc"],
+                           best_epoch=self.best["epoch"],
+                           val_acc=self.best["val_acc"] if self.best["epoch"] >= 0 else None,
                            test_acc=test_acc, seconds=self.seconds, history=self.history,
                            failed=self.failed)
         summary = json.loads(json.dumps(result.to_json()))  # (as it reads back)

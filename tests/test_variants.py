@@ -288,7 +288,7 @@ def test_a_sweep_killed_between_two_checkpoints_resumes_to_the_uninterrupted_res
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fp32_store, tmp_path, monkeypatch):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fp32_store, tmp_path, monkeypatch, run_cli):
     original = train_module.Trainer.train_batch
 
     def poisoned(self, tokens, labels):
@@ -339,6 +339,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fp32_store, tmp_path,
     assert not (tmp_path / "nan0" / "adapter.safetensors").exists()
     with pytest.raises(UserError, match="stopped before its first epoch finished, so it holds no model: loss"):
         evaluate_run(tmp_path / "nan0")
+    r = run_cli("sidetrain", "sweep", "--cache", str(fp32_store), "--method", "linear", "--lr", "1e-3,1e-2",
+                "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "sweep"), "--json")
+    assert r.returncode == 2 and "every configuration stopped early" in r.stderr  # (not exit 0)
+    assert [row["val_acc"] for row in json.loads(r.stdout)] == [None, None]  # (not a -1 to average)
     with pytest.raises(UserError, match="differs in lr"):  # (its advice, "lower --lr", needs another --out)
         fit(FitConfig(cache=fp32_store, rank=4, epochs=4, batch_size=8, lr=1e-4, out=tmp_path / "nan0"))
 
