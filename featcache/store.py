@@ -157,13 +157,21 @@ class Store:
 
         `split(name).tokens` holds them as stored: bf16 as uint16 bits, int8 as codes that
         need their scales (docs/store-format.md "dtypes"); this is that decoding, in numpy.
-        (Rows of unreadable inputs, label -1, read as zeros.)"""
+        (Rows of unreadable inputs, label -1, read as zeros; rows not written yet are refused.)"""
         if isinstance(rows, numbers.Integral):
             return self.read_tokens(split, [rows])[0]
         if split not in self.splits:
             self.split(split)  # (which says which splits there are)
         g = self.group[split]  # (not split(): it reads every label and key)
         take = (lambda a: a[rows]) if isinstance(rows, slice) else (lambda a: a.oindex[np.asarray(rows)])
+        shards = np.unique(np.arange(g["tokens"].shape[0])[rows if isinstance(rows, slice) else np.asarray(rows)]
+                           // g["tokens"].shards[0])
+        unwritten = shards[~g["done"][:][shards]]
+        if len(unwritten):  # they would read as zeros
+            raise UserError(f"{self.path}: rows of split '{split}' in shard(s) "
+                            f"{unwritten[:10].tolist()}{' ...' if len(unwritten) > 10 else ''} are "
+                            "not written yet (the store is incomplete): rerun the `featcache "
+                            "extract` command that made it, or ask for written rows only.")
         x = checked_read(g["tokens"], take)
         if self.dtype == "bf16":
             return (x.astype(np.uint32) << 16).view(np.float32)

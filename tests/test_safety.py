@@ -198,6 +198,9 @@ def test_verify_finds_corruption_and_missing_shards(tmp_path, run_cli):
     train = zarr.open_group(str(out / "train"), mode="r+")
     train["done"][0] = False  # as if interrupted before shard 0 was written: its labels unset
     train["labels"][:4] = -1
+    with pytest.raises(UserError, match=r"rows of split 'train' in shard\(s\) \[0\] are not written yet"):
+        open_store(out).read_tokens("train", [1, 5])  # (they would read as zeros)
+    assert open_store(out).read_tokens("train", slice(4, 8)).any()  # written rows still read
     problems = verify(open_store(out)).problems
     assert any(p.startswith("train: 1 shard(s) never finished") for p in problems), problems
     assert not any("skipped" in p for p in problems), problems  # not a second, false problem
