@@ -250,6 +250,9 @@ def ls_cmd(root: str = typer.Argument("cache", metavar="ROOT", help="Folder or U
     if not stores:
         print(f"no stores under {root}")
     for s in stores:  # plain lines, never wrapped: easy to grep
+        if s.get("link"):
+            print(f"{s['path']} -> {s['link']}")
+            continue
         splits = " ".join(f"{k}={v}" + (f" ({s['unreadable_inputs'][k]} unreadable input(s))"
                                         if s["unreadable_inputs"][k] else "")
                           for k, v in s["splits"].items())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from .console import note
@@ -28,8 +29,8 @@ def find_stores(root: Location) -> list[dict]:
                     meta = _store_meta(json.loads(meta_file.read_text()))
                 except ValueError:
                     meta = None
-                if meta:
-                    found.append(_summary(d, meta))
+                if meta:  # (a link: what a reused twin leaves at --out)
+                    found.append({**_summary(d, meta), "link": os.readlink(d) if d.is_symlink() else None})
                 return
             children = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")
                               ) if depth < MAX_DEPTH else []
@@ -100,4 +101,4 @@ def _summary(path: Location, meta: dict) -> dict:
             "splits": splits, "unreadable_inputs": unreadable, "dtype": meta["dtype"], "precision": meta.get("precision", "fp32"),
             "taps": len(meta["taps"]),
             "bytes_on_disk": disk_usage(path), "complete": bool(meta.get("complete")),
-            "content_key": meta.get("content_key")}
+            "content_key": meta.get("content_key"), "link": None}

@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .errors import UserError
 from .console import console, escape
 from .extraction import ExtractConfig, ExtractResult, extract, note_skipped
+from .reuse import link
 from .store import is_partial_layout, open_store
 
 
@@ -81,6 +82,7 @@ def extract_on_dask(cfg: ExtractConfig, address: str) -> ExtractResult:
     if cfg.dry_run:
         return plan
     if plan.twin is not None:  # (the plan said so) every part would return it: run none
+        link(out, plan.twin)
         return ExtractResult(path=plan.twin, plan=plan.plan, status="reused", complete=True)
     if address.startswith("local:"):
         try:

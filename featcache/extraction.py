@@ -34,7 +34,7 @@ from .models import Backbone, TokenLayout, load_backbone
 from .plan import StorePlan, human_bytes, make_plan
 from .precision import PRECISIONS, pick_device
 from .readback import Readback
-from .reuse import content_key, existing_store, identical_store, open_or_create, stored_batch_size
+from .reuse import content_key, existing_store, identical_store, link, open_or_create, stored_batch_size
 from .shards import Shard, ShardWriter, shard_batches
 from .sources import KNOWN, Dataset, FrameSampling, open_dataset
 from .sources.video import decoder_name
@@ -283,10 +283,13 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         return result
     if twin is not None:
         refuse_unreadable(open_store(twin), list(ds.splits))  # not an empty twin either
+        linked = link(out, twin)
         say(f"{twin} already holds this (same model, weights, transform, taps, dtype and "
             "precision, same input paths and labels, and the inputs it sampled hold the same "
-            f"bytes): reusing it, and {out} is not written. Train from {twin}, or pass "
-            "--no-reuse to extract anyway (after changing files in place without renaming them).")
+            f"bytes): reusing it, " + (f"and {out} is a link to it (train from either)" if linked else
+                                       f"and {out} is not written (train from {twin})")
+            + ". Pass --no-reuse to extract anyway (after changing files in place without "
+            "renaming them).")
         result.path, result.status, result.complete, result.left = twin, "reused", True, 0
         return result
     plan.check_fits(cfg.force, left)

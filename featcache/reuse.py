@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +35,21 @@ def content_key(settings: dict, ds: Dataset) -> str:
     if settings["precision"] != "fp32":  # (stores from before --precision keep their key)
         what["precision"] = settings["precision"]
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def link(out: Location, twin: Location) -> bool:
+    """Make a local --out a relative symlink to the twin that serves it, so that `extract
+    --out X` then `fit --cache X` works whichever store holds the tokens; False where that
+    cannot be (a bucket, a name already taken, a file system without links)."""
+    if is_url(out) or is_url(twin) or os.path.lexists(out):
+        return False
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.symlink_to(os.path.relpath(Path(twin).resolve(), out.parent.resolve()), target_is_directory=True)
+    except OSError:
+        return False
+    return True
 
 
 def identical_store(out: Location, key: str, usable: Callable[[Location], bool] = lambda _: True

@@ -8,12 +8,14 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 
 from featcache import ExtractConfig, UserError, extract, open_store
+from featcache.catalog import find_stores
 from featcache.distribute import extract_on_dask
 from featcache.lock import StoreLock
 from featcache.store import write_shard
@@ -163,10 +165,13 @@ def test_an_identical_store_is_found_and_reused(tmp_path, capsys):
     assert "a real run would reuse it" in " ".join(capsys.readouterr().err.split())
     again = extract(ExtractConfig(out=tmp_path / "cache" / "bob", **{**cfg, "batch_size": 3}))
     assert again.status == "reused" and again.path == first.path
-    assert not (tmp_path / "cache" / "bob").exists()
+    # --out is a link to it, so that `extract --out X; fit --cache X` holds whichever store serves
+    assert os.readlink(tmp_path / "cache" / "bob") == "alice" and open_store(tmp_path / "cache" / "bob").complete
     dask = extract_on_dask(ExtractConfig(out=tmp_path / "cache" / "erin", **cfg), "local:1")
     assert (dask.status, dask.path, dask.complete) == ("reused", first.path, True)  # no part run
-    assert not (tmp_path / "cache" / "erin").exists()
+    assert os.readlink(tmp_path / "cache" / "erin") == "alice"
+    assert {Path(s["path"]).name: s["link"] for s in find_stores(tmp_path / "cache")} == \
+        {"alice": None, "bob": "alice", "erin": "alice"}
     other = extract(ExtractConfig(out=tmp_path / "cache" / "carol", **{**cfg, "dtype": "fp32"}))
     assert other.status == "written"  # different content: extracted
     forced = extract(ExtractConfig(out=tmp_path / "cache" / "dave", reuse=False, **cfg))
