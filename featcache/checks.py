@@ -48,6 +48,18 @@ def rare_classes_note(ds: Dataset) -> str | None:
             f"class: {'; '.join(lines[:5])}{' ...' if len(lines) > 5 else ''}. A mistyped label?")
 
 
+def empty_classes_note(ds: Dataset) -> str | None:
+    """Classes without a sample in any split (an empty class folder; integer labels that skip
+    numbers): the head still gets an output for each, which nothing trains."""
+    labels = np.concatenate([s.labels for s in ds.splits.values()])
+    empty = np.flatnonzero(np.bincount(labels[labels >= 0], minlength=len(ds.classes)) == 0)
+    if not len(empty):
+        return None
+    names = ", ".join(f"'{ds.classes[c]}'" for c in empty[:10]) + (" ..." if len(empty) > 10 else "")
+    return (f"{len(empty)} of {len(ds.classes)} classes have no sample: {names} (an empty class "
+            "folder, or integer labels that skip numbers?). They stay classes of the store.")
+
+
 def no_train_note(ds: Dataset) -> str | None:
     """A store without a train split can be scored on but not trained from: worth saying
     before it is written, not at `sidetrain fit`."""

@@ -22,8 +22,8 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from .checks import (changed_inputs_note, input_digests, no_train_note, one_class_note,
-                     rare_classes_note, refuse_unreadable, refuse_unreadable_inputs)
+from .checks import (changed_inputs_note, empty_classes_note, input_digests, no_train_note,
+                     one_class_note, rare_classes_note, refuse_unreadable, refuse_unreadable_inputs)
 from .codec import DTYPES, calibrate, encode, span
 from .console import console, escape, note, say
 from .errors import UserError, is_int, is_number, require
@@ -221,7 +221,9 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     ds = open_dataset(cfg.dataset, cfg.seed, cfg.val_fraction, cfg.limit, cfg.per_class,
                       cfg.split, cfg.data_root, cfg.download,
                       FrameSampling(cfg.frames, cfg.sampling, cfg.fps))
-    for text in (None if cfg.split else no_train_note(ds), one_class_note(ds), rare_classes_note(ds)):
+    subset = cfg.split or cfg.limit or cfg.per_class  # (then classes may be missing by design)
+    for text in (None if cfg.split else no_train_note(ds), one_class_note(ds), rare_classes_note(ds),
+                 None if subset else empty_classes_note(ds)):
         if text:
             note(text)
     if cfg.views > 1 and ds.video:

@@ -244,6 +244,15 @@ def test_a_class_of_one_sample_named_like_another_is_pointed_out(tmp_path, capsy
     assert "at most 2 samples" not in note(gap)
 
 
+def test_classes_without_a_sample_are_pointed_out(tmp_path, capsys):
+    folder = make_image_folder(tmp_path / "f", classes=2, per_class=4)
+    (folder / "empty").mkdir()
+    extract(ExtractConfig(dataset=str(folder), dry_run=True, **TINY))
+    assert "1 of 3 classes have no sample: 'empty' (an empty class folder" in " ".join(capsys.readouterr().err.split())
+    extract(ExtractConfig(dataset="demo", limit=2, dry_run=True, **TINY))  # a subset: by design
+    assert "have no sample" not in capsys.readouterr().err
+
+
 def test_options_without_effect_are_said_to_change_nothing(capsys, tmp_path):
     extract(ExtractConfig(dataset="demo", limit=2, frames=4, val_fraction=0.5, download=True,
                           dry_run=True, **TINY))
