@@ -166,7 +166,8 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
     if result.missing_keys or unexpected:
         raise UserError(f"{path} does not fit {type(model).__name__}: missing "
                         f"{result.missing_keys[:5]}, unexpected {unexpected[:5]}. "
-                        "Is --model the architecture these weights were trained with?")
+                        "Are these the weights of this architecture (--model; for predict, the "
+                        "run's store's model)?")
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -228,7 +229,8 @@ def load_backbone(name: str, weights: Path | None = None, random_init: bool = Fa
             info = {"source": f"timm:{full}"}
     except (TypeError, RuntimeError) as e:
         if "img_size" in str(e):  # a CNN, say, takes no image size
-            raise UserError(f"{full} is not a ViT-family model (it takes no --img-size).") from None
+            raise UserError(f"{full} is not a ViT-family model (a CNN, say): featcache reads the "
+                            "tokens of ViT blocks.") from None
         raise UserError(f"cannot build {full}: {e}") from None
     if not (hasattr(model, "blocks") and hasattr(model, "patch_embed")):
         raise UserError(f"{full} is not a ViT-family model (no patch_embed/blocks).")

@@ -117,6 +117,12 @@ def _difference(name: str, run: object, store: object) -> str:
                  for k in sorted(run.keys() | store.keys()) if run.get(k) != store.get(k)]
         if parts:  # (none when one side lacks a key the other holds as None)
             return "; ".join(parts)
+    if isinstance(run, list) and isinstance(store, list) and len(repr(run)) > 60:  # class names:
+        # the first that differs, where the lists themselves would be cut short
+        i = next((i for i, (a, b) in enumerate(zip(run, store)) if a != b), min(len(run), len(store)))
+        at = lambda names: repr(names[i]) if i < len(names) else "nothing"  # noqa: E731
+        return (f"{name}: run has {len(run)}, store has {len(store)}; the first difference is "
+                f"at {i}: run {at(run)}, store {at(store)}")
     return f"{name}: run has {_short(run)}, store has {_short(store)}"
 
 

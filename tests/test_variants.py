@@ -387,6 +387,10 @@ def test_eval_matches_training_and_refuses_foreign_stores(fp32_store, tmp_path, 
     assert all(why in str(refused.value) for why in (
         "taps: the run uses blocks [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]", "layout.grid: run has [2, 2], store has [3, 3]",
         "transform.input_size"))
+    from sidetrain.run import _difference  # another store's classes: which, not a cut-short list
+    names = ["circle", "ellipse", "hexagon", "octagon", "pentagon", "rectangle", "square", "triangle"]
+    assert _difference("classes", names, names[:-1] + ["trangle"]) == \
+        "classes: run has 8, store has 8; the first difference is at 7: run 'triangle', store 'trangle'"
 
 
 def test_predict_on_raw_images_equals_the_cached_path(image_folder, tmp_path, run_cli):
