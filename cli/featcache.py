@@ -186,6 +186,14 @@ def info_cmd(path: str = typer.Argument(..., metavar="STORE", help="A store fold
     t.add_row("model", info["model"])
     t.add_row("weights", f"{info['weights']['source']} (sha256 {info['weights']['sha256'][:16]}...)")
     t.add_row("dataset", info["dataset"]["source"])
+    tf = info["transform"]
+    video, views = tf.get("video"), tf.get("views")
+    size = tf["input_size"][-1]  # (resized to floor(size / crop_pct), then cropped: store-format.md)
+    t.add_row("input", f"{size} px: resized to {int(size / tf['crop_pct'])} ({tf['interpolation']}), "
+              f"{tf.get('crop_mode', 'center')} crop; mean {tf['mean']}, std {tf['std']}"
+              + (f"; {views} augmented views of each train image" if views else "")
+              + (f"; {video['frames']} frames per clip ({video['sampling']}"
+                 + (f", {video['fps']:g} fps" if video.get("fps") else "") + ")" if video else ""))
     t.add_row("taps", ",".join(map(str, info["taps"])))
     t.add_row("tokens", f"{lay['tokens']} = {lay['prefix_tokens']} prefix + {lay['frames']} x "
               f"{lay['grid'][0]} x {lay['grid'][1]} patches; width {lay['width']}; pool {lay['pool']}")

@@ -223,6 +223,7 @@ def test_ls_and_info_describe_stores(fp32_store, tmp_path, run_cli):
     r = run_cli("featcache", "info", str(fp32_store))
     assert "vit_tiny_patch16_224" in r.stdout and "5 = 1 prefix + 1 x 2 x 2" in r.stdout
     assert "fp32 (the backbone's forward), batch 4" in r.stdout and "10: t-shirt/top, trouser" in r.stdout
+    assert "32 px: resized to 35 (bicubic), center crop" in r.stdout  # (timm's crop_pct 0.9)
     # a store another process is laying out (its root's attributes not yet written, its
     # splits' already): neither it nor its splits are taken for stores, as ls or reuse walk by
     laying = tmp_path / "root" / "laying"
