@@ -10,10 +10,12 @@ keep their input's 16 bits).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
 
+from .console import note
 from .errors import UserError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -43,4 +45,19 @@ def pick_device(device: str) -> str:
         raise UserError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}{where}") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device} was asked for{where}, but torch sees no CUDA device here.")
+    if kind == "cpu":
+        crowded_cpu_note()
     return device
+
+
+@functools.cache  # (once per process: a sweep picks a device per configuration)
+def crowded_cpu_note() -> None:
+    """Say so when other jobs already keep the cores busy: torch's threads then wait on one
+    another, and a CPU run took 3-15x as long here as with OMP_NUM_THREADS=1 (README
+    "Threads"). Silent where the user has set the threads, or on one thread."""
+    cores, threads = os.cpu_count() or 1, torch.get_num_threads()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > 2 * cores and threads > 1 and "OMP_NUM_THREADS" not in os.environ:
+        note(f"the load average here is {load:.1f} on {cores} cores: other jobs hold them, and "
+             f"torch's {threads} threads would wait on them. Set OMP_NUM_THREADS to the cores "
+             "that are free (1 if none): several times faster on a crowded machine.")

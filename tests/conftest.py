@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from featcache import ExtractConfig, extract
@@ -18,6 +19,9 @@ TINY = dict(model="vit_tiny", random_init=True, img_size=32, workers=0, batch_si
 # CPU (subprocesses and dask workers inherit this; FEATCACHE_DEVICE=cuda runs it on a GPU),
 # and test_cuda.py names cuda itself
 os.environ.setdefault("FEATCACHE_DEVICE", "cpu")
+# the threads torch takes anyway, said: a crowded CI machine then gets no note (precision.py)
+# in the output that tests compare
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import timm
 import torch
@@ -68,3 +70,19 @@ def test_taps_specs(spec, taps):
 def test_bad_taps_are_refused(spec):
     with pytest.raises(UserError, match="--taps"):
         parse_taps(spec, 12)
+
+
+def test_a_crowded_cpu_is_pointed_out_once_unless_the_threads_are_set(monkeypatch, capsys):
+    from featcache import precision
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    precision.crowded_cpu_note.cache_clear()
+    assert precision.pick_device("cpu") == precision.pick_device("cpu") == "cpu"
+    assert " ".join(capsys.readouterr().err.split()).count("load average here is 9.0 on 2 cores") == 1
+    precision.crowded_cpu_note.cache_clear()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    precision.pick_device("cpu")
+    assert "load average" not in capsys.readouterr().err
+    precision.crowded_cpu_note.cache_clear()
