@@ -9,7 +9,7 @@ from pathlib import Path
 from .console import note
 from .errors import UserError
 from .location import Location, filesystem, is_url, join, normalize, read_json
-from .store import ATTR, disk_usage
+from .store import ATTR, disk_usage, is_partial_layout
 
 MAX_DEPTH = 4  # cache roots are shallow: <root>/<dataset>/ or <root>/<user>/<dataset>/
 
@@ -31,6 +31,9 @@ def find_stores(root: Location) -> list[dict]:
                     meta = None
                 if meta:  # (a link: what a reused twin leaves at --out)
                     found.append({**_summary(d, meta), "link": os.readlink(d) if d.is_symlink() else None})
+                elif is_partial_layout(d):
+                    note(f"{d}: a store whose layout was begun and not finished (rerun the "
+                         "`featcache extract` command that began it): left out.")
                 return
             children = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")
                               ) if depth < MAX_DEPTH else []

@@ -233,6 +233,9 @@ def open_store(path: Location, mode: str = "r") -> Store:
     except UserError:
         raise
     except Exception:
+        if is_partial_layout(p):
+            raise UserError(f"{path} is a store that `featcache extract` began to lay out and did "
+                            "not finish (stopped, or at it now): rerun that command to finish it.") from None
         raise UserError(f"{path} is not a featcache store (no Zarr group with featcache "
                         "attributes): give the folder that `featcache extract` wrote (its --out).") from None
     if meta.get("format_version") != FORMAT_VERSION:

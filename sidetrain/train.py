@@ -348,9 +348,11 @@ class Trainer:
                  "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
                  "seconds": self.seconds, "history": self.history, "best": self.best,
                  "best_state": self.best_state, "rng": self.rng}  # (written while no loss failed)
-        _write_whole(self.run / "checkpoint.pt", lambda f: torch.save(state, f))
+        # metrics first: a run killed between the two redoes the epoch and rewrites them whole,
+        # where the other order lost the last epoch's row for good
         _write_whole(self.run / "metrics.jsonl", lambda f: f.write(
             "".join(json.dumps(row) + "\n" for row in self.history).encode()))
+        _write_whole(self.run / "checkpoint.pt", lambda f: torch.save(state, f))
 
     @property
     def active(self) -> bool:
@@ -458,6 +460,8 @@ class Trainer:
             else:
                 _write_json(self.run / "summary.json", summary)
             return result
+        plot_curves(self.history, self.run / "curves.png", title=self.run.name)  # (before the
+        # adapter, whose presence makes a rerun take the run as finished and rewrite no more)
         if self.best_state:
             # as bytes, then written as any file: safetensors' own save_file makes it readable by
             # its owner alone (0600), whatever the umask, and a lab's colleagues could not load it
@@ -465,7 +469,6 @@ class Trainer:
                            metadata={"config": json.dumps(self.config_json), "epoch": str(self.best["epoch"])})
             _write_whole(self.run / "adapter.safetensors", lambda f: f.write(adapter))
         _write_json(self.run / "summary.json", summary)
-        plot_curves(self.history, self.run / "curves.png", title=self.run.name)
         return result
 
 
@@ -482,7 +485,7 @@ def _write_whole(path: Path, write: Callable[[BinaryIO], object]) -> None:
         if not (disk_full(e) or disk_full(e.__context__) or free < 2**26):  # a bug, or the disk's own error
             raise
         raise UserError(f"could not write {path}: no room left (the disk is full, or your quota; "
-                        f"{human_bytes(free)} free on the disk). The run keeps its last checkpoint: "
+                        f"{human_bytes(free)} free on the disk). The run keeps what it wrote before: "
                         "free some space and rerun the same command to resume.") from None
     os.replace(tmp, path)
 

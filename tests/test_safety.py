@@ -213,7 +213,7 @@ def test_verify_finds_corruption_and_missing_shards(tmp_path, run_cli):
     assert "val: samples [2] hold NaN or Inf" in problems and "val: 1 label(s) outside -1..9" in problems, problems
 
 
-def test_ls_and_info_describe_stores(fp32_store, tmp_path, run_cli):
+def test_ls_and_info_describe_stores(fp32_store, tmp_path, run_cli, capsys):
     (stores,) = [s for s in find_stores(fp32_store.parent) if s["path"] == str(fp32_store)]
     assert stores["splits"] == {"train": 24, "val": 24, "test": 24} and stores["complete"]
     r = run_cli("featcache", "ls", str(fp32_store.parent))
@@ -231,7 +231,11 @@ def test_ls_and_info_describe_stores(fp32_store, tmp_path, run_cli):
     root = json.loads((laying / "zarr.json").read_text())
     (laying / "zarr.json").write_text(json.dumps({**root, "attributes": {}}))
     shutil.copytree(fp32_store, tmp_path / "root" / "done")
+    capsys.readouterr()
     assert [s["path"] for s in find_stores(tmp_path / "root")] == [str(tmp_path / "root" / "done")]
+    assert "laying: a store whose layout was begun and not finished" in " ".join(capsys.readouterr().err.split())
+    with pytest.raises(UserError, match="began to lay out and did not finish .* rerun that command"):
+        open_store(laying)  # (not "is not a featcache store": it is extract's --out)
 
 
 @contextmanager

@@ -263,6 +263,29 @@ def test_killed_fit_resumes_to_the_uninterrupted_result(fp32_store, tmp_path, mo
         fit(FitConfig(**{**vars(cfg), "out": whole.run}))
 
 
+@pytest.mark.parametrize("cut_before,nth", [("metrics.jsonl", 2), ("checkpoint.pt", 2), ("summary.json", 1)])
+def test_a_run_killed_between_its_files_ends_with_all_of_them(fp32_store, tmp_path, monkeypatch, cut_before, nth):
+    """Killed before or after the last epoch's metrics, or after the adapter but before the
+    summary: the rerun leaves every file, as an uninterrupted run does."""
+    cfg = FitConfig(cache=fp32_store, rank=4, epochs=2, batch_size=8, out=tmp_path / "run")
+    write, seen = train_module._write_whole, []
+
+    def killed(path, how):
+        seen.append(path.name)
+        if seen.count(cut_before) == nth:
+            raise KeyboardInterrupt
+        write(path, how)
+
+    monkeypatch.setattr(train_module, "_write_whole", killed)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg)
+    monkeypatch.setattr(train_module, "_write_whole", write)
+    r = fit(cfg)
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(row)["epoch"] for row in rows] == [0, 1] and r.best_epoch >= 0
+    assert all((tmp_path / "run" / f).is_file() for f in ("curves.png", "summary.json", "adapter.safetensors"))
+
+
 def test_a_sweep_killed_between_two_checkpoints_resumes_to_the_uninterrupted_result(
         fp32_store, tmp_path, monkeypatch):
     """Killed after the first configuration saved epoch 1 and before the second did: the
