@@ -104,4 +104,5 @@ def _summary(path: Location, meta: dict) -> dict:
             "splits": splits, "unreadable_inputs": unreadable, "dtype": meta["dtype"], "precision": meta.get("precision", "fp32"),
             "taps": len(meta["taps"]),
             "bytes_on_disk": disk_usage(path), "complete": bool(meta.get("complete")),
-            "content_key": meta.get("content_key"), "link": None}
+            "content_key": meta.get("content_key"),
+            "link": None}  # (find_stores: where a link stands for the store)

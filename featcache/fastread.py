@@ -130,7 +130,6 @@ class MemmapReader:
                 out[i] = mm[int(off):int(off) + self.sample_bytes].view(self.dtype).reshape(self.tail)
         return out
 
-
     def _check(self, lo: int, mm: np.ndarray, offsets: np.ndarray) -> None:
         """Compare the checksums of samples lo.. (at `offsets` in the shard file `mm`) that
         were not compared before."""
