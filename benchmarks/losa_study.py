@@ -154,7 +154,7 @@ def main() -> None:
                 results[(row, seed)].append(r)
         rows = defaultdict(list)
         for (row, seed), rs in results.items():
-            best = max(rs, key=lambda r: r.val_acc)  # probe lr chosen on val, per seed
+            best = max(rs, key=lambda r: r.val_acc or 0)  # probe lr chosen on val, per seed (None: stopped)
             rows[row].append({"seed": seed, "lr": best.config.lr, "val": best.val_acc,
                               "test": best.test_acc, "params": best.params, "seconds": best.seconds})
         merged = {**table.get(task, {}), **rows}  # rows not rerun now keep their last results

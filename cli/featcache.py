@@ -105,7 +105,8 @@ def extract_cmd(
                                        "Not for a bucket URL (one writer)."),
     reuse: bool = typer.Option(True, help="If a complete store with the same content (model, weights, "
                                "transform, taps, dtype, precision, the same inputs at the same "
-                               "place) exists beside --out, use it instead of extracting again."),
+                               "place) exists beside --out, use it instead of extracting again "
+                               "(a new local --out becomes a link to it; --no-reuse replaces that link)."),
     force: bool = typer.Option(False, help="Write even if the store looks larger than the free space."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and the store size, write nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
@@ -188,9 +189,11 @@ def info_cmd(path: str = typer.Argument(..., metavar="STORE", help="A store fold
     t.add_row("dataset", info["dataset"]["source"])
     tf = info["transform"]
     video, views = tf.get("video"), tf.get("views")
-    size = tf["input_size"][-1]  # (resized to floor(size / crop_pct), then cropped: store-format.md)
-    t.add_row("input", f"{size} px: resized to {int(size / tf['crop_pct'])} ({tf['interpolation']}), "
-              f"{tf.get('crop_mode', 'center')} crop; mean {tf['mean']}, std {tf['std']}"
+    h, w = tf["input_size"][1:]  # (resized to floor(size / crop_pct), then cropped: store-format.md)
+    size = f"{h} px" if h == w else f"{h} x {w} px"
+    how = "center crop" if tf.get("crop_mode", "center") == "center" else f"crop mode {tf['crop_mode']}"
+    t.add_row("input", f"{size}: resized to {int(min(h, w) / tf['crop_pct'])} ({tf['interpolation']}), "
+              f"{how}; mean {tf['mean']}, std {tf['std']}"
               + (f"; {views} augmented views of each train image" if views else "")
               + (f"; {video['frames']} frames per clip ({video['sampling']}"
                  + (f", {video['fps']:g} fps" if video.get("fps") else "") + ")" if video else ""))

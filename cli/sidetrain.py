@@ -165,7 +165,7 @@ def sweep_cmd(
     results = sweep(FitConfig(cache=cache, zero_init=zero_init, temporal=temporal, taps=taps,
                               epochs=epochs, batch_size=batch_size, precision=precision,
                               device=device), grid, out_dir)
-    results.sort(key=lambda r: (-1 if r.val_acc is None else -r.val_acc, r.val_loss))
+    results.sort(key=lambda r: (r.val_acc is None, -(r.val_acc or 0), r.val_loss))  # (None: stopped at once)
     if as_json:
         emit_json([r.to_json() for r in results])
     else:

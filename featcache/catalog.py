@@ -30,18 +30,22 @@ def find_stores(root: Location) -> list[dict]:
                 except ValueError:
                     meta = None
                 if meta:  # (a link: what a reused twin leaves at --out)
-                    found.append({**_summary(d, meta), "link": os.readlink(d) if d.is_symlink() else None})
+                    link = os.readlink(d) if d.is_symlink() else None  # (its size is the target's)
+                    found.append({**_summary(d, meta), "link": link} | ({"bytes_on_disk": 0} if link else {}))
                 elif is_partial_layout(d):
-                    note(f"{d}: a store whose layout was begun and not finished (rerun the "
-                         "`featcache extract` command that began it): left out.")
+                    note(f"{d}: a store whose layout was begun and not finished (stopped, or at "
+                         "it now; rerun the `featcache extract` command that began it): left out.")
                 return
             children = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")
                               ) if depth < MAX_DEPTH else []
+            dangling = [p for p in d.iterdir() if p.is_symlink() and not p.exists()] if depth < MAX_DEPTH else []
         except OSError as e:  # a colleague's private folder in a shared cache root
             note(f"{d}: cannot be read ({(e.strerror or str(e)).lower()}): left out.")
             return
         for child in children:
             walk(child, depth + 1)
+        for link in dangling:  # (a reused twin's link at --out, the twin deleted since)
+            note(f"{link}: a link to {os.readlink(link)}, which no longer exists: left out.")
 
     walk(root, 0)
     return found

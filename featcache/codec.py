@@ -3,8 +3,8 @@
 int8 must survive ViTs' outlier channels (a few channels 10-100x larger than the rest).
 Measured on real DINOv2 ViT-S/14 tokens (benchmarks/int8_error.py, docs/store-format.md):
 a scale per token alone gives 1.1-2.1 % relative error per layer, because one outlier
-channel sets every token's step. Dividing each channel by its absolute maximum over a
-calibration batch first (a per-layer, per-channel scale stored once in the store) and then
+channel sets every token's step. Dividing each channel by its absolute maximum over the
+first 32 inputs first (a per-layer, per-channel scale stored once in the store) and then
 taking the per-token absmax brings it to 0.5-0.8 %. That is the scheme used here:
 
     y = z / c[layer, channel]          c: calibration absmax, (L, D), float32

@@ -34,7 +34,8 @@ from .models import Backbone, TokenLayout, load_backbone
 from .plan import StorePlan, human_bytes, make_plan
 from .precision import PRECISIONS, pick_device
 from .readback import Readback
-from .reuse import content_key, existing_store, identical_store, link, open_or_create, stored_batch_size
+from .reuse import (content_key, drop_link, existing_store, identical_store, link, open_or_create,
+                    stored_batch_size)
 from .shards import Shard, ShardWriter, shard_batches
 from .sources import KNOWN, Dataset, FrameSampling, open_dataset
 from .sources.video import decoder_name
@@ -237,6 +238,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         raise UserError(f"{out}: object stores have no locks, so a URL store takes one writer. "
                         "Extract with --shard or --dask to a shared folder (then copy it to the "
                         "bucket), or in one process straight to the URL.")
+    if not cfg.dry_run and (dropped := drop_link(out, cfg.reuse)):
+        note(dropped)
     if cfg.batch_size is None:
         cfg = replace(cfg, batch_size=stored_batch_size(out) or 32)
     backbone = load_backbone(cfg.model, cfg.weights, cfg.random_init, cfg.img_size, cfg.seed,

@@ -53,8 +53,8 @@ def pick_device(device: str) -> str:
 @functools.cache  # (once per process: a sweep picks a device per configuration)
 def crowded_cpu_note() -> None:
     """Say so when other jobs already keep the cores busy: torch's threads then wait on one
-    another, and a CPU run took 3-15x as long here as with OMP_NUM_THREADS=1 (README
-    "Threads"). Silent where the user has set the threads, or on one thread."""
+    another, and a CPU run took several times as long here as with OMP_NUM_THREADS=1
+    (README "Threads"). Silent where the user has set the threads, or on one thread."""
     cores, threads = os.cpu_count() or 1, torch.get_num_threads()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load > 2 * cores and threads > 1 and "OMP_NUM_THREADS" not in os.environ:

@@ -52,6 +52,19 @@ def link(out: Location, twin: Location) -> bool:
     return True
 
 
+def drop_link(out: Location, reuse: bool) -> str | None:
+    """Remove a link at a local --out (what `link` leaves) that points nowhere now, or that
+    --no-reuse asks to replace with a store of its own; say what was removed, or None."""
+    if is_url(out) or not Path(out).is_symlink():
+        return None
+    target, gone = os.readlink(out), not Path(out).exists()
+    if not gone and reuse:
+        return None
+    Path(out).unlink()
+    return (f"{out} was a link to {target}{', which no longer exists' if gone else ' (--no-reuse)'}: "
+            f"removed, and {out} is extracted anew.")
+
+
 def identical_store(out: Location, key: str, usable: Callable[[Location], bool] = lambda _: True
                     ) -> Location | None:
     """A complete store with this content key elsewhere under out's parent folder (or
@@ -61,7 +74,7 @@ def identical_store(out: Location, key: str, usable: Callable[[Location], bool] 
     here = out if is_url(out) else Path(out).resolve()
     for s in find_stores(parent(out)):
         there = normalize(s["path"])
-        if s["complete"] and s.get("content_key") == key and (
+        if s["complete"] and not s.get("link") and s.get("content_key") == key and (
                 there if is_url(there) else Path(there).resolve()) != here and usable(there):
             return there
     return None

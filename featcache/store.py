@@ -36,7 +36,7 @@ from .fastread import checked_read
 from .fastwrite import write_samples
 from .layout import TokenLayout
 from .location import Location, exists, is_url, join, normalize, usage
-from .lock import meta_lock
+from .lock import LOCK_NAME, meta_lock
 
 FORMAT_VERSION = 1
 ATTR = "featcache"
@@ -163,9 +163,10 @@ class Store:
         if split not in self.splits:
             self.split(split)  # (which says which splits there are)
         g = self.group[split]  # (not split(): it reads every label and key)
-        take = (lambda a: a[rows]) if isinstance(rows, slice) else (lambda a: a.oindex[np.asarray(rows)])
-        shards = np.unique(np.arange(g["tokens"].shape[0])[rows if isinstance(rows, slice) else np.asarray(rows)]
-                           // g["tokens"].shards[0])
+        if not isinstance(rows, slice):
+            rows = np.asarray(rows, dtype=np.int64)  # ([] as well)
+        take = (lambda a: a[rows]) if isinstance(rows, slice) else (lambda a: a.oindex[rows])
+        shards = np.unique(np.arange(g["tokens"].shape[0])[rows] // g["tokens"].shards[0])
         unwritten = shards[~g["done"][:][shards]]
         if len(unwritten):  # they would read as zeros
             raise UserError(f"{self.path}: rows of split '{split}' in shard(s) "
@@ -334,9 +335,15 @@ def damaged(path: Location, lost: dict[str, list[int]]) -> str:
 
 
 def is_partial_layout(path: Location) -> bool:
-    """A folder where create_store began but never wrote the root attributes."""
+    """A folder where create_store began but never wrote the root attributes: a Zarr group
+    without attributes beside featcache's lock file (taken before the layout, local stores)
+    or holding a split group of ours. Another tool's Zarr group is not one."""
     try:
-        return not zarr.open_group(str(path), mode="r").attrs.asdict()
+        root = zarr.open_group(str(path), mode="r")
+        if root.attrs.asdict():
+            return False
+        return (not is_url(path) and Path(path, LOCK_NAME).exists()) or any(
+            ATTR in group.attrs for _, group in root.groups())
     except Exception:
         return False
 

@@ -106,7 +106,7 @@ def _once_each(configs: list[FitConfig]) -> list[FitConfig]:
         key = json.dumps({k: v for k, v in recorded(resolved(c, store)).items() if k != "out"}, sort_keys=True)
         if key in first:
             note(f"{Path(c.out).name} is {first[key]} on this store (the same configuration once "
-                 "resolved): trained once, as the latter.")
+                 f"resolved): trained once, in {first[key]}/.")
             continue
         first[key] = Path(c.out).name
         out.append(c)

@@ -88,6 +88,7 @@ def test_int8_and_bf16_stores_load_close_to_fp32(fp32_store, tmp_path):
         np.testing.assert_array_equal(store.read_tokens("train"), batch.tokens.float().numpy())
         np.testing.assert_array_equal(store.read_tokens("train", [3, 1]), batch.tokens.float()[[3, 1]].numpy())
         np.testing.assert_array_equal(store.read_tokens("train", 2), batch.tokens.float()[2].numpy())
+        assert store.read_tokens("train", []).shape == (0, *batch.tokens.shape[1:])
         # 16-bit batches: the models widen them inside, to exactly what float32 batches give
         for spec in (ModelSpec("losa", rank=4, zero_init=False), ModelSpec("linear")):
             model = build_classifier(spec, store, seed=0)

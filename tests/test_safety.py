@@ -236,6 +236,9 @@ def test_ls_and_info_describe_stores(fp32_store, tmp_path, run_cli, capsys):
     assert "laying: a store whose layout was begun and not finished" in " ".join(capsys.readouterr().err.split())
     with pytest.raises(UserError, match="began to lay out and did not finish .* rerun that command"):
         open_store(laying)  # (not "is not a featcache store": it is extract's --out)
+    zarr.open_group(str(tmp_path / "root" / "foreign"), mode="w").create_array("x", shape=(2,), dtype="f4")
+    with pytest.raises(UserError, match="is not a featcache store"):  # another tool's group: no lock, no split of ours
+        open_store(tmp_path / "root" / "foreign")
 
 
 @contextmanager

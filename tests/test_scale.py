@@ -172,10 +172,21 @@ def test_an_identical_store_is_found_and_reused(tmp_path, capsys):
     assert os.readlink(tmp_path / "cache" / "erin") == "alice"
     assert {Path(s["path"]).name: s["link"] for s in find_stores(tmp_path / "cache")} == \
         {"alice": None, "bob": "alice", "erin": "alice"}
+    capsys.readouterr()
+    own = extract(ExtractConfig(out=tmp_path / "cache" / "erin", reuse=False, **cfg))  # a store of its own
+    assert (own.status, own.path) == ("written", tmp_path / "cache" / "erin") and not own.path.is_symlink()
+    assert "erin was a link to alice (--no-reuse): removed" in " ".join(capsys.readouterr().err.split())
     other = extract(ExtractConfig(out=tmp_path / "cache" / "carol", **{**cfg, "dtype": "fp32"}))
     assert other.status == "written"  # different content: extracted
     forced = extract(ExtractConfig(out=tmp_path / "cache" / "dave", reuse=False, **cfg))
     assert forced.status == "written"
+    shutil.rmtree(first.path)  # bob's twin deleted: its link points nowhere
+    capsys.readouterr()
+    find_stores(tmp_path / "cache")
+    assert "bob: a link to alice, which no longer exists: left out" in " ".join(capsys.readouterr().err.split())
+    again = extract(ExtractConfig(out=tmp_path / "cache" / "bob", **cfg))
+    assert again.status == "reused" and again.path != first.path  # (carol, dave or erin) not a write error
+    assert "bob was a link to alice, which no longer exists: removed" in " ".join(capsys.readouterr().err.split())
 
 
 def test_a_copy_with_the_same_names_elsewhere_is_not_taken_for_the_original(tmp_path):

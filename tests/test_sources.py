@@ -43,6 +43,10 @@ def test_split_folders_by_other_names_are_splits_not_classes(tmp_path, capsys):
         open_dataset(str(tmp_path / "d"))
     make_image_folder(tmp_path / "t" / "test", per_class=2)  # an evaluation set: test alone
     assert list(open_dataset(str(tmp_path / "t")).splits) == ["test"]
+    for name in ("dev", "test"):  # without a train folder, a class named like a split stays a class
+        make_image_folder(tmp_path / name / name, classes=1, per_class=3)
+        make_image_folder(tmp_path / name / "prod", classes=1, per_class=3)
+        assert open_dataset(str(tmp_path / name)).classes == sorted([name, "prod"])
 
 
 def test_limit_is_class_balanced_and_demo_is_real():

@@ -37,13 +37,15 @@ def _scan(root: Path, folder: Path, classes: list[str], suffixes: set[str]
 
 def _split_folders(root: Path) -> dict[str, Path]:
     """The split level's folders by our split name (train/, Valid/, testing/ ...), or {}
-    where the top level holds the classes. A folder beside the splits is left out, and said."""
+    where the top level holds the classes: it is a split level when it has a train folder,
+    or when every folder is named as a split (test/ alone: an evaluation set); else classes
+    named test or dev stay classes. A folder beside the splits is left out, and said."""
     top = _class_dirs(root)
     splits: dict[str, list[str]] = {}
     for name in top:
         if our_split_name(name) in SPLIT_NAMES:
             splits.setdefault(our_split_name(name), []).append(name)
-    if not splits:
+    if "train" not in splits and len(sum(splits.values(), [])) < len(top):
         return {}
     twice = {s: names for s, names in splits.items() if len(names) > 1}
     if twice:

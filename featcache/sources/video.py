@@ -85,10 +85,16 @@ _STDERR = threading.Lock()  # one redirect at a time: two would restore each oth
 @contextmanager
 def _no_stderr() -> Iterator[None]:
     """File descriptor 2 to /dev/null: decord's C++ logger writes "ERROR opening: ..." there
-    for every clip it cannot open, which PyAV then reads or the skip note explains."""
+    for every clip it cannot open, which PyAV then reads or the skip note explains. (For the
+    milliseconds of an open, what other threads write there goes too: a progress bar's frame.)"""
     with _STDERR:
         sys.stderr.flush()
-        saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        try:
+            saved = os.dup(2)
+        except OSError:  # no stderr to keep quiet (2>&-)
+            yield
+            return
+        null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, 2)
         os.close(null)
         try:
