@@ -35,7 +35,7 @@ from .errors import UserError
 from .fastread import checked_read
 from .fastwrite import write_samples
 from .layout import TokenLayout
-from .location import Location, exists, is_url, join, normalize, usage
+from .location import Location, exists, is_url, join, listing, normalize, read_json, usage
 from .lock import LOCK_NAME, meta_lock
 
 FORMAT_VERSION = 1
@@ -336,15 +336,17 @@ def damaged(path: Location, lost: dict[str, list[int]]) -> str:
 
 def is_partial_layout(path: Location) -> bool:
     """A folder where create_store began but never wrote the root attributes: a Zarr group
-    without attributes beside featcache's lock file (taken before the layout, local stores)
-    or holding a split group of ours. Another tool's Zarr group is not one."""
+    without attributes that is empty (a bucket's layout cut short at once), lies beside
+    featcache's lock file (taken before a local layout) or holds a split group of ours.
+    Another tool's Zarr group, with data of its own, is not one."""
     try:
-        root = zarr.open_group(str(path), mode="r")
-        if root.attrs.asdict():
+        if read_json(join(path, "zarr.json")).get("attributes"):
             return False
-        return (not is_url(path) and Path(path, LOCK_NAME).exists()) or any(
-            ATTR in group.attrs for _, group in root.groups())
-    except Exception:
+        names = [n for n in listing(path) if n != "zarr.json" and not n.startswith(".featcache.")]
+        return not names or LOCK_NAME in listing(path) or any(
+            ATTR in read_json(join(path, n, "zarr.json")).get("attributes", {})
+            for n in names if exists(join(path, n, "zarr.json")))
+    except Exception:  # (no zarr.json, or not JSON: no layout of ours)
         return False
 
 
