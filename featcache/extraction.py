@@ -135,7 +135,7 @@ def _settings(backbone: Backbone, ds: Dataset, taps: list[int], cfg: ExtractConf
             "batch_size": cfg.batch_size,
             "device": torch.device(cfg.device).type,  # (so does the device: a resume is told, not refused)
             "classes": ds.classes, "dataset": {"name": ds.name, "source": ds.source, **(
-                {"decoder": decoder_name()} if ds.video else {})}}  # source: in the content key, only noted on resume
+                {"decoder": decoder_name()} if ds.video else {})}}  # source and decoder: in the content key (a moved source only noted on resume)
 
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # timm's names

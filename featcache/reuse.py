@@ -26,14 +26,16 @@ from .store import Store, create_store, is_partial_layout, open_store, shard_siz
 
 def content_key(settings: dict, ds: Dataset) -> str:
     """What a store holds, however it was batched: model, weights hash, transform, taps,
-    layout, dtype, precision, classes, each split's inputs (keys and labels) and where those
-    lie. The place counts because keys and labels do not identify the images: a resized or
+    layout, dtype, precision, video decoding, classes, each split's inputs (keys and
+    labels) and where those lie. The place counts because keys and labels do not identify the images: a resized or
     edited copy of a dataset elsewhere keeps both, and was once handed the original's store."""
     what = {k: settings[k] for k in ("transform", "taps", "layout", "dtype", "classes")}
     what |= {"model": settings["model"]["name"], "weights": settings["weights"]["sha256"],
              "source": ds.source, "splits": {name: s.fingerprint() for name, s in ds.splits.items()}}
     if settings["precision"] != "fp32":  # (stores from before --precision keep their key)
         what["precision"] = settings["precision"]
+    if settings["dataset"].get("decoder") not in (None, "decord"):  # (nor video stores from before auto)
+        what["decoder"] = settings["dataset"]["decoder"]
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
@@ -90,6 +92,10 @@ def differences(store: Store, settings: dict, ds: Dataset) -> list[str]:
              if k not in ("dataset", "weights", "content_key", "precision", "device") and store.meta.get(k) != v]
     if store.precision != settings["precision"]:
         diffs.append(f"precision: store has {store.precision!r}, this run {settings['precision']!r}")
+    was, now = store.meta["dataset"].get("decoder"), settings["dataset"].get("decoder")
+    if was != now:  # (decoders may give other frames: a store holds one decoding)
+        diffs.append(f"video decoder: store read its clips with {was!r}, this run {now!r} "
+                     f"(FEATCACHE_VIDEO_DECODER={was} continues it alike)")
     if store.meta["weights"]["sha256"] != settings["weights"]["sha256"]:
         diffs.append(f"weights: store has sha256 {store.meta['weights']['sha256'][:12]}..., "
                      f"this run {settings['weights']['sha256'][:12]}...")

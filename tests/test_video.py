@@ -58,6 +58,26 @@ def test_decord_and_pyav_decode_the_same_frames(clips):
     np.testing.assert_array_equal(a, b)
 
 
+def test_auto_reads_the_mp4_family_with_decord_the_rest_with_pyav_and_resumes_alike(
+        clips, video_store, tmp_path, monkeypatch):
+    """decord returned B-frame AVIs' frames out of order: `auto` leaves other containers to
+    PyAV, and a store resumes only under the decoding it began with."""
+    pytest.importorskip("decord")
+    import shutil
+    used = []
+    for name, real in list(DECODERS.items()):
+        monkeypatch.setitem(DECODERS, name, lambda p, pick, real=real, name=name: used.append(name) or real(p, pick))
+    mp4 = clips / "train" / "left" / "0000.mp4"
+    shutil.copy(mp4, tmp_path / "same.avi")  # (ffmpeg reads the content, whatever the name)
+    a, b = read_clip(mp4, FrameSampling(F)), read_clip(tmp_path / "same.avi", FrameSampling(F))
+    assert used == ["decord", "av"] and all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert open_store(video_store).meta["dataset"]["decoder"] == "auto"
+    monkeypatch.setenv("FEATCACHE_VIDEO_DECODER", "av")
+    with pytest.raises(UserError, match=r"video decoder: store read its clips with 'auto', this run 'av' "
+                                        r"\(FEATCACHE_VIDEO_DECODER=auto continues it alike\)"):
+        extract(ExtractConfig(dataset=str(clips), out=video_store, dtype="fp32", frames=F, **TINY))
+
+
 def test_pyav_counts_the_frames_of_containers_that_do_not_say(clips, tmp_path):
     """MKV and WebM report no frame count: PyAV then counts packets instead of decoding all."""
     import av

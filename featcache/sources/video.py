@@ -7,11 +7,14 @@ the frame axis (docs/store-format.md). Two samplings:
   each, so the frames span the whole clip whatever its length;
 - uniform: F frames at a fixed rate (`fps`, default: the video's own) from the clip's centre.
 
-decord decodes when it is installed, PyAV otherwise (`FEATCACHE_VIDEO_DECODER=av|decord`
-picks one); on the clips of our tests both give the same frames bit for bit. decord has had
-no release since 2021 and fails on some frame sizes (48 px wide H.264: "The size must
-exactly match"), so a clip decord cannot read is read again with PyAV before it counts as
-unreadable. Nothing outside this module knows which one ran.
+Which decoder reads a clip (`auto`, the default where decord is installed): decord for the
+MP4 family, Matroska and WebM, whose H.264 and VP8 clips it reads as ffmpeg does (the same
+frames as PyAV, bit for bit, on our tests' clips), PyAV for the rest: decord returned the
+frames of MPEG-4 Part 2 AVIs with B-frames (Xvid: UCF101, HMDB51) wrong and out of order.
+decord has had no release since 2021 and fails on some frame sizes (48 px wide H.264: "The
+size must exactly match"), so a clip it cannot read is read again with PyAV before it
+counts as unreadable. `FEATCACHE_VIDEO_DECODER=av|decord|auto` picks a policy; the store
+records it, and a resume must read with the same.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from PIL import Image
 from ..errors import UserError
 from .base import Split
 
-VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv", ".flv",
+                  ".ts", ".mts", ".m2ts", ".3gp", ".wmv"}
+DECORD_SUFFIXES = {".mp4", ".m4v", ".mov", ".mkv", ".webm"}  # where `auto` lets decord read
 SAMPLINGS = ("segment", "uniform")
 
 
@@ -141,16 +146,19 @@ def _count_packets(path: Path) -> int:
 
 
 DECODERS = {"decord": _decode_decord, "av": _decode_av}
+POLICIES = ("auto", *DECODERS)
 
 
 def decoder_name() -> str:
-    """The decoder that runs: FEATCACHE_VIDEO_DECODER, else decord where installed, else PyAV."""
+    """The decoding policy that runs: FEATCACHE_VIDEO_DECODER, else auto where decord is
+    installed, else av (PyAV)."""
     name = os.environ.get("FEATCACHE_VIDEO_DECODER") or (
-        "decord" if importlib.util.find_spec("decord") else "av")
-    if name not in DECODERS:
-        raise UserError(f"FEATCACHE_VIDEO_DECODER must be one of {', '.join(DECODERS)}, not '{name}'")
-    if not importlib.util.find_spec(name):
-        raise UserError(f"FEATCACHE_VIDEO_DECODER={name}, but {name} is not installed here.")
+        "auto" if importlib.util.find_spec("decord") else "av")
+    if name not in POLICIES:
+        raise UserError(f"FEATCACHE_VIDEO_DECODER must be one of {', '.join(POLICIES)}, not '{name}'")
+    if not importlib.util.find_spec("decord" if name == "auto" else name):
+        raise UserError(f"FEATCACHE_VIDEO_DECODER={name}, but {'decord' if name == 'auto' else name} "
+                        "is not installed here.")
     return name
 
 
@@ -162,7 +170,9 @@ def read_clip(path: Path, sampling: FrameSampling, start: float | None = None,
 
     def pick(n: int, fps: float) -> list[int]:
         return sampling.indices(n, fps, start, end)
-    name = decoder_name()
+    policy = decoder_name()
+    name = "decord" if policy == "decord" or (
+        policy == "auto" and Path(path).suffix.lower() in DECORD_SUFFIXES) else "av"
     try:
         frames = DECODERS[name](Path(path), pick)
     except TooShort:
