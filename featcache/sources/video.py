@@ -7,10 +7,11 @@ the frame axis (docs/store-format.md). Two samplings:
   each, so the frames span the whole clip whatever its length;
 - uniform: F frames at a fixed rate (`fps`, default: the video's own) from the clip's centre.
 
-Which decoder reads a clip (`auto`, the default where decord is installed): decord for the
-MP4 family, Matroska and WebM, whose H.264 and VP8 clips it reads as ffmpeg does (the same
-frames as PyAV, bit for bit, on our tests' clips), PyAV for the rest: decord returned the
-frames of MPEG-4 Part 2 AVIs with B-frames (Xvid: UCF101, HMDB51) wrong and out of order.
+Which decoder reads a clip (`auto`, the default where decord is installed): decord for
+H.264, VP8 and VP9, whose frames it picks as ffmpeg does (the same as PyAV, bit for bit, on
+our tests' clips), PyAV for every other codec: with B-frames decord returned other frames
+than those asked for, out of order in MPEG-4 Part 2 AVIs (Xvid: UCF101, HMDB51) and off
+by one or two in MPEG-4 Part 2 MP4s and HEVC (the codec is read from the header first).
 decord has had no release since 2021 and fails on some frame sizes (48 px wide H.264: "The
 size must exactly match"), so a clip it cannot read is read again with PyAV before it
 counts as unreadable. `FEATCACHE_VIDEO_DECODER=av|decord|auto` picks a policy; the store
@@ -36,7 +37,7 @@ from .base import Split
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv", ".flv",
                   ".ts", ".mts", ".m2ts", ".3gp", ".wmv"}
-DECORD_SUFFIXES = {".mp4", ".m4v", ".mov", ".mkv", ".webm"}  # where `auto` lets decord read
+DECORD_CODECS = {"h264", "vp8", "vp9"}  # what `auto` lets decord read
 SAMPLINGS = ("segment", "uniform")
 
 
@@ -149,6 +150,16 @@ DECODERS = {"decord": _decode_decord, "av": _decode_av}
 POLICIES = ("auto", *DECODERS)
 
 
+def _codec(path: Path) -> str | None:
+    """The first video stream's codec, from the container's header (None: none read)."""
+    import av
+    try:
+        with av.open(str(path)) as container:
+            return container.streams.video[0].codec_context.name if container.streams.video else None
+    except Exception:  # (then PyAV decodes, and says what is wrong)
+        return None
+
+
 def decoder_name() -> str:
     """The decoding policy that runs: FEATCACHE_VIDEO_DECODER, else auto where decord is
     installed, else av (PyAV)."""
@@ -171,8 +182,7 @@ def read_clip(path: Path, sampling: FrameSampling, start: float | None = None,
     def pick(n: int, fps: float) -> list[int]:
         return sampling.indices(n, fps, start, end)
     policy = decoder_name()
-    name = "decord" if policy == "decord" or (
-        policy == "auto" and Path(path).suffix.lower() in DECORD_SUFFIXES) else "av"
+    name = "decord" if policy == "decord" or (policy == "auto" and _codec(path) in DECORD_CODECS) else "av"
     try:
         frames = DECODERS[name](Path(path), pick)
     except TooShort:
