@@ -56,6 +56,20 @@ def emit_json(obj: object) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
+def clear_stale_demo_store(path: Path) -> None:
+    """A demo owns its video store: one decoded otherwise (before decoding by codec) would
+    refuse to be completed or rerun, so it is extracted again."""
+    from featcache import open_store
+    from featcache.sources.video import decoder_name
+
+    try:
+        made = open_store(path).meta["dataset"].get("decoder")
+    except UserError:  # none there, or a layout cut short (which extract lays out again)
+        return
+    if made != decoder_name():
+        shutil.rmtree(path)
+
+
 def clear_stale_demo_runs(folder: Path, store: Store) -> None:
     """A demo owns its run folders: those an earlier sidetrain trained under another batch
     order, on an earlier extraction of the store, or on another device would refuse to

@@ -18,7 +18,7 @@ from featcache import ExtractConfig, extract, open_store
 from featcache.sources.moving_clips import write_moving_clips
 from sidetrain import FitConfig, train_many
 
-from .common import clear_stale_demo_runs, make_app, run
+from .common import clear_stale_demo_runs, clear_stale_demo_store, make_app, run
 from .demo import which_weights
 from .tables import results_table
 
@@ -53,6 +53,7 @@ def demo_video(
         write_moving_clips(data, {"train": clips, "val": clips // 3, "test": 2 * clips // 3},
                            size=img_size, length=2 * frames)
     tag = f"moving-{model}-{img_size}px-{frames}f" + ("-random" if random_init else "")
+    clear_stale_demo_store(cache_root / tag)
     r = extract(ExtractConfig(model=model, dataset=str(data), out=cache_root / tag, weights=weights,
                               random_init=random_init, img_size=img_size, frames=frames, taps=taps))
     runs = runs_root / (f"{tag}-{head_input}" + ("" if rank == 16 else f"-r{rank}"))
