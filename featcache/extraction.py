@@ -134,8 +134,10 @@ def _settings(backbone: Backbone, ds: Dataset, taps: list[int], cfg: ExtractConf
             # batch composition changes the low bits of a forward pass: resume must match it
             "batch_size": cfg.batch_size,
             "device": torch.device(cfg.device).type,  # (so does the device: a resume is told, not refused)
+            # source and decoder: in the content key; a moved source is only noted on resume,
+            # another decoder refused
             "classes": ds.classes, "dataset": {"name": ds.name, "source": ds.source, **(
-                {"decoder": decoder_name()} if ds.video else {})}}  # source and decoder: in the content key (a moved source only noted on resume)
+                {"decoder": decoder_name()} if ds.video else {})}}
 
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # timm's names

@@ -113,12 +113,12 @@ class MemmapReader:
         mapping, mm, index = opened
         offsets, sizes = index[first:first + n, 0], index[first:first + n, 1]
         stride = self.sample_bytes + 4
-        self._check(lo, mm, offsets)
         written = offsets[offsets != EMPTY]
         if len(written):  # read-ahead of these samples only: a loader reads stripes of many shards
             lo_byte = int(written.min()) // mmap.PAGESIZE * mmap.PAGESIZE
             hi_byte = int((written + sizes[offsets != EMPTY]).max())
             mapping.madvise(mmap.MADV_WILLNEED, lo_byte, hi_byte - lo_byte)
+        self._check(lo, mm, offsets)  # (after the read-ahead is asked for: it reads them)
         if (offsets != EMPTY).all() and (sizes == stride).all() and \
                 (n == 1 or (np.diff(offsets) == stride).all()):  # contiguous: one strided view
             start = int(offsets[0])
@@ -136,7 +136,8 @@ class MemmapReader:
         size = self.sample_bytes
         for i in np.flatnonzero(~self.checked[lo:lo + len(offsets)] & (offsets != EMPTY)):
             off = int(offsets[i])
-            if crc32c.crc32c(mm[off:off + size]) != int.from_bytes(mm[off + size:off + size + 4].tobytes(), "little"):
+            stored = int.from_bytes(mm[off + size:off + size + 4].tobytes(), "little")
+            if crc32c.crc32c(mm[off:off + size]) != stored:
                 raise corrupt(self.folder, f"sample {lo + i}")
         self.checked[lo:lo + len(offsets)] = True
 

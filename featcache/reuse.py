@@ -27,8 +27,9 @@ from .store import Store, create_store, is_partial_layout, open_store, shard_siz
 def content_key(settings: dict, ds: Dataset) -> str:
     """What a store holds, however it was batched: model, weights hash, transform, taps,
     layout, dtype, precision, video decoding, classes, each split's inputs (keys and
-    labels) and where those lie. The place counts because keys and labels do not identify the images: a resized or
-    edited copy of a dataset elsewhere keeps both, and was once handed the original's store."""
+    labels) and where those lie. The place counts because keys and labels do not identify
+    the images: a resized or edited copy of a dataset elsewhere keeps both, and was once
+    handed the original's store."""
     what = {k: settings[k] for k in ("transform", "taps", "layout", "dtype", "classes")}
     what |= {"model": settings["model"]["name"], "weights": settings["weights"]["sha256"],
              "source": ds.source, "splits": {name: s.fingerprint() for name, s in ds.splits.items()}}

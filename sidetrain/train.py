@@ -332,8 +332,7 @@ class Trainer:
             began = f"; it was trained on {saved.get('device')}: --device {saved.get('device')} continues it"
             raise UserError(f"{self.run} holds a run with another configuration (it differs in "
                             f"{', '.join(differ)}){began if 'device' in differ else ''}. Use another "
-                            "--out or delete that folder (`sidetrain sweep` trains several values "
-                            "at once, a folder each).")
+                            "--out or delete that folder.")
         if now and not was and os.access(self.run, os.W_OK):  # a run from before stores had an
             _write_json(self.run / "config.json", self.config_json)  # id: told apart from now on
 
