@@ -195,7 +195,7 @@ def info_cmd(path: str = typer.Argument(..., metavar="STORE", help="A store fold
     t.add_row("input", f"{size}: resized to {int(min(h, w) / tf['crop_pct'])} ({tf['interpolation']}), "
               f"{how}; mean {tf['mean']}, std {tf['std']}"
               + (f"; {views} augmented views of each train image" if views else "")
-              + (f"; {video['frames']} frames per clip ({video['sampling']}"
+              + (f"; {video['frames']} frame{'s' * (video['frames'] != 1)} per clip ({video['sampling']}"
                  + (f", {video['fps']:g} fps" if video.get("fps") else "") + ")" if video else ""))
     t.add_row("taps", ",".join(map(str, info["taps"])))
     t.add_row("tokens", f"{lay['tokens']} = {lay['prefix_tokens']} prefix + {lay['frames']} x "
@@ -275,7 +275,7 @@ def ls_cmd(root: str = typer.Argument("cache", metavar="ROOT", help="Folder or U
         if s["frames"]:
             video = s["sampling"] or {}
             how = video.get("sampling", "") + (f" {video['fps']:g} fps" if video.get("fps") else "")
-            frames = f" x {s['frames']} frames" + (f" ({how})" if how else "")
+            frames = f" x {s['frames']} frame{'s' * (s['frames'] != 1)}" + (f" ({how})" if how else "")
         print(f"{s['path']}  {s['model']} ({weights})  {s['img_size']} px{frames}  {s['dataset']} "
               f"({s['classes']} classes)  {splits}  {dtype}  {s['taps']} taps  "
               f"{human_bytes(s['bytes_on_disk'])}  {'complete' if s['complete'] else 'INCOMPLETE'}")
