@@ -45,6 +45,8 @@ def test_frame_sampling():
     assert FrameSampling(3, "uniform", fps=10).indices(30, 30.0) == [12, 15, 18]
     with pytest.raises(TooShort, match="too short: 3 frame\\(s\\)"):
         seg.indices(3, 25.0)
+    with pytest.raises(TooShort, match="starts at 100 s, past the clip's end \\(4.0 s\\)"):
+        seg.indices(100, 25.0, start=100.0, end=102.0)
     with pytest.raises(UserError, match="--fps needs --sampling uniform"):
         FrameSampling(4, "segment", fps=5)
 
@@ -130,14 +132,24 @@ def test_bad_empty_and_short_videos_are_skipped_and_recorded(tmp_path, capfd):
     (root / "train" / "up" / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(500))
     (root / "train" / "up" / "empty.mp4").write_bytes(b"")
     write_video(root / "train" / "down" / "short.mp4", np.zeros((F - 1, 32, 32, 3), np.uint8), fps=8)
+    import av
+    with av.open(str(root / "train" / "up" / "audio.mp4"), "w") as container:  # sound alone
+        stream = container.add_stream("aac", rate=8000)
+        stream.layout = "mono"
+        silence = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        silence.sample_rate = 8000
+        for packet in [*stream.encode(silence), *stream.encode()]:
+            container.mux(packet)
     r = extract(ExtractConfig(dataset=str(root), out=tmp_path / "s", frames=F, **TINY))
     skipped = {k: why for s in r.skipped.values() for k, why in s.items()}
-    assert sorted(skipped) == ["train/down/short.mp4", "train/up/corrupt.mp4", "train/up/empty.mp4"]
+    assert sorted(skipped) == ["train/down/short.mp4", "train/up/audio.mp4", "train/up/corrupt.mp4",
+                               "train/up/empty.mp4"]
     assert "too short: 3 frame(s)" in skipped["train/down/short.mp4"]
+    assert skipped["train/up/audio.mp4"] == "ValueError: the file holds no video stream (audio only?)"
     assert "ERROR opening" not in capfd.readouterr().err  # decord's own line: the note says why
     store = open_store(r.path)
     labels = np.concatenate([store.split(s).labels[:] for s in store.splits])
-    assert (labels == -1).sum() == 3 and (labels >= 0).sum() == 8
+    assert (labels == -1).sum() == 4 and (labels >= 0).sum() == 8
 
 
 def test_a_manifest_with_start_and_end_cuts_clips(tmp_path):

@@ -68,6 +68,8 @@ class FrameSampling:
         lo = 0 if start is None else max(0, int(round(start * native_fps)))
         hi = n if end is None else min(n, int(round(end * native_fps)))
         span = hi - lo
+        if lo >= n:  # (an end past the clip's is cut to it, as ffmpeg's -to is)
+            raise TooShort(f"starts at {start:g} s, past the clip's end ({n / native_fps:.1f} s)")
         if self.sampling == "segment":
             if span < self.frames:
                 raise TooShort(f"too short: {max(span, 0)} frame(s), --frames {self.frames} needs "
@@ -122,6 +124,8 @@ def _decode_decord(path: Path, pick: Picker) -> np.ndarray:
 def _decode_av(path: Path, pick: Picker) -> np.ndarray:
     import av
     with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError("the file holds no video stream (audio only?)")
         stream = container.streams.video[0]
         fps = float(stream.average_rate or stream.guessed_rate or 25)
         # MKV and WebM give no frame count: count the packets (no decoding), then decode
