@@ -29,16 +29,15 @@ def find_stores(root: Location) -> list[dict]:
                     meta = _store_meta(json.loads(meta_file.read_text()))
                 except ValueError:
                     meta = None
-                if meta:  # (a link: what a reused twin leaves at --out)
-                    link = os.readlink(d) if d.is_symlink() else None  # (its size is the target's)
-                    found.append({**_summary(d, meta), "link": link} | ({"bytes_on_disk": 0} if link else {}))
+                if meta:  # (a link: what a reused twin leaves at --out; its bytes are the target's)
+                    found.append(_summary(d, meta, os.readlink(d) if d.is_symlink() else None))
                 elif is_partial_layout(d):
                     note(f"{d}: a store whose layout was begun and not finished (stopped, or at "
                          "it now; rerun the `featcache extract` command that began it): left out.")
                 return
-            children = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")
-                              ) if depth < MAX_DEPTH else []
-            dangling = [p for p in d.iterdir() if p.is_symlink() and not p.exists()] if depth < MAX_DEPTH else []
+            entries = list(d.iterdir()) if depth < MAX_DEPTH else []
+            children = sorted(p for p in entries if p.is_dir() and not p.name.startswith("."))
+            dangling = [p for p in entries if p.is_symlink() and not p.exists()]
         except OSError as e:  # a colleague's private folder in a shared cache root
             note(f"{d}: cannot be read ({(e.strerror or str(e)).lower()}): left out.")
             return
@@ -91,7 +90,7 @@ def _store_meta(node: dict) -> dict | None:
     return meta if isinstance(meta, dict) and "format_version" in meta else None
 
 
-def _summary(path: Location, meta: dict) -> dict:
+def _summary(path: Location, meta: dict, link: str | None = None) -> dict:
     splits, unreadable = {}, {}  # samples per split; the inputs among them that could not be read
     for name in meta.get("splits", []):
         try:
@@ -107,6 +106,5 @@ def _summary(path: Location, meta: dict) -> dict:
             "dataset": meta["dataset"]["name"], "classes": len(meta["classes"]),
             "splits": splits, "unreadable_inputs": unreadable, "dtype": meta["dtype"], "precision": meta.get("precision", "fp32"),
             "taps": len(meta["taps"]),
-            "bytes_on_disk": disk_usage(path), "complete": bool(meta.get("complete")),
-            "content_key": meta.get("content_key"),
-            "link": None}  # (find_stores: where a link stands for the store)
+            "bytes_on_disk": 0 if link else disk_usage(path), "complete": bool(meta.get("complete")),
+            "content_key": meta.get("content_key"), "link": link}

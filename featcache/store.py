@@ -166,7 +166,8 @@ class Store:
         if not isinstance(rows, slice):
             rows = np.asarray(rows, dtype=np.int64)  # ([] as well)
         take = (lambda a: a[rows]) if isinstance(rows, slice) else (lambda a: a.oindex[rows])
-        shards = np.unique(np.arange(g["tokens"].shape[0])[rows] // g["tokens"].shards[0])
+        picked = np.arange(*rows.indices(g["tokens"].shape[0])) if isinstance(rows, slice) else rows
+        shards = np.unique(picked // g["tokens"].shards[0])
         unwritten = shards[~g["done"][:][shards]]
         if len(unwritten):  # they would read as zeros
             raise UserError(f"{self.path}: rows of split '{split}' in shard(s) "
@@ -342,8 +343,9 @@ def is_partial_layout(path: Location) -> bool:
     try:
         if read_json(join(path, "zarr.json")).get("attributes"):
             return False
-        names = [n for n in listing(path) if n != "zarr.json" and not n.startswith(".featcache.")]
-        return not names or LOCK_NAME in listing(path) or any(
+        everything = listing(path)
+        names = [n for n in everything if n != "zarr.json" and not n.startswith(".featcache.")]
+        return not names or LOCK_NAME in everything or any(
             ATTR in read_json(join(path, n, "zarr.json")).get("attributes", {})
             for n in names if exists(join(path, n, "zarr.json")))
     except Exception:  # (no zarr.json, or not JSON: no layout of ours)

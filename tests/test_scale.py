@@ -172,6 +172,7 @@ def test_an_identical_store_is_found_and_reused(tmp_path, capsys):
     assert os.readlink(tmp_path / "cache" / "erin") == "alice"
     assert {Path(s["path"]).name: s["link"] for s in find_stores(tmp_path / "cache")} == \
         {"alice": None, "bob": "alice", "erin": "alice"}
+    assert [s["bytes_on_disk"] > 0 for s in find_stores(tmp_path / "cache")] == [True, False, False]  # (one copy)
     capsys.readouterr()
     own = extract(ExtractConfig(out=tmp_path / "cache" / "erin", reuse=False, **cfg))  # a store of its own
     assert (own.status, own.path) == ("written", tmp_path / "cache" / "erin") and not own.path.is_symlink()

@@ -45,7 +45,7 @@ def _split_folders(root: Path) -> dict[str, Path]:
     for name in top:
         if our_split_name(name) in SPLIT_NAMES:
             splits.setdefault(our_split_name(name), []).append(name)
-    if "train" not in splits and len(sum(splits.values(), [])) < len(top):
+    if "train" not in splits and sum(map(len, splits.values())) < len(top):
         return {}
     twice = {s: names for s, names in splits.items() if len(names) > 1}
     if twice:
