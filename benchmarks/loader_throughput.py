@@ -11,7 +11,10 @@ Writes a store of random fp16 tokens shaped like DINOv2 ViT-S/14 at 112 px (12 x
 - loader/memmap:  sidetrain's ShardLoader, stripe-wise shuffle, memory-mapped reads; a first
                   epoch (each sample's crc32c compared as it is first read) and a later one;
 - loader/zarr:    the same loader reading through zarr (one call per stripe);
-- zarr/sample:    one zarr call per random sample (what the loader avoids).
+- zarr/sample:    one zarr call per random sample (what the loader avoids);
+- with a GPU, two more rows, later epochs: the loader handing batches to it (gathered into
+  pinned memory a batch ahead in a thread, copied without blocking), and the split preloaded
+  into its memory (`fit --preload`), with no training step in the way of either.
 
 Page cache warm (a previous read) and cold (posix_fadvise DONTNEED on every file first);
 each the best of three epochs, as this machine's speed drifts between runs. Target: the
@@ -26,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from featcache.models import TokenLayout
 from featcache.store import create_store, open_store, write_shard
@@ -79,17 +83,20 @@ def memmap_random(flat: Path, n: int, batch: int) -> float:
     return time.perf_counter() - t0
 
 
-def loader_epoch(store_path: Path, mode: str, batch: int, buffer: int, later: bool = False) -> float:
+def loader_epoch(store_path: Path, mode: str, batch: int, buffer: int, later: bool = False,
+                 device: str = "cpu", preload: bool = False) -> float:
     """One epoch's seconds: the loader's first (checksums compared), or with `later` its
     second, after an untimed first."""
-    loader = ShardLoader(open_store(store_path), "train", batch, shuffle=True, seed=0,
-                         buffer_bytes=buffer, reader=mode, recycle=True)  # as training runs it
+    loader = ShardLoader(open_store(store_path), "train", batch, shuffle=True, seed=0, buffer_bytes=buffer,
+                         reader=mode, recycle=True, device=device, preload=preload)  # as training runs it
     if later:
         for _ in loader.epoch(0):
             pass
     t0 = time.perf_counter()
     for _ in loader.epoch(1 if later else 0):
         pass
+    if device == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
@@ -119,6 +126,12 @@ def main() -> None:
                                                                    args.buffer_mb * 2**20, later=True),
                 "loader/zarr": lambda: loader_epoch(path, "zarr", args.batch_size, args.buffer_mb * 2**20),
                 "zarr/sample": lambda: zarr_per_sample(path, n)}
+        if torch.cuda.is_available():
+            buffer = args.buffer_mb * 2**20
+            runs["loader/memmap -> cuda, later epoch"] = lambda: loader_epoch(
+                path, "memmap", args.batch_size, buffer, later=True, device="cuda")
+            runs["preloaded on cuda, later epoch"] = lambda: loader_epoch(
+                path, "memmap", args.batch_size, buffer, later=True, device="cuda", preload=True)
         for cache in ("warm", "cold"):
             for name, run in runs.items():
                 if cache == "cold" and name.endswith("later epoch"):  # (its first epoch warms it)

@@ -7,6 +7,7 @@ writes benchmarks/results/training_cost_<cpu|cuda>_<model>[_bf16].json and .png.
 --precision bf16` trains (for GPUs: on most CPUs it is slower).
 
 - losa-cache:  LoSA trained from the store (what sidetrain does);
+- losa-preload: the same with the split held in the GPU's memory (`fit --preload`; CUDA only);
 - losa-e2e:    the same LoSA with the frozen backbone run forward every step;
 - linear:      the linear probe from the store;
 - full-ft:     full fine-tuning (every backbone weight and a head);
@@ -55,7 +56,7 @@ from sidetrain import EndToEnd, ModelSpec, ShardLoader, build_classifier
 
 from common import bar_chart, machine, save, scratch
 
-METHODS = ("losa-cache", "losa-e2e", "linear", "full-ft", "lora", "adapter")
+METHODS = ("losa-cache", "losa-preload", "losa-e2e", "linear", "full-ft", "lora", "adapter")
 
 
 class LoRA(nn.Module):
@@ -137,12 +138,13 @@ def run_one(args) -> dict:
     split = open_dataset(args.images).splits["train"]
     labels = torch.from_numpy(split.labels)
     dataset = 0  # bytes of decoded images held, not counted (see the module doc)
-    if args.method in ("losa-cache", "linear"):
+    if args.method in ("losa-cache", "losa-preload", "linear"):
         # the pool head, as the fine-tuned baselines' heads read the pooled feature
-        spec = ModelSpec("losa" if args.method == "losa-cache" else "linear", rank=16, head_input="pool")
+        spec = ModelSpec("linear" if args.method == "linear" else "losa", rank=16, head_input="pool")
         model = build_classifier(spec, store, seed=0).to(device)
         loader = ShardLoader(store, "train", args.batch_size, shuffle=True, recycle=True,  # as fit reads
-                             layers=None if args.method == "losa-cache" else [-1], device=device)
+                             layers=[-1] if args.method == "linear" else None, device=device,
+                             preload=args.method == "losa-preload")
         batches = lambda: ((b.tokens, b.labels) for b in loader.epoch(0))  # noqa: E731
     else:
         bb = load_backbone(args.model, random_init=True, img_size=args.img_size)
@@ -221,6 +223,8 @@ def main() -> None:
                  "--device", args.device, "--precision", args.precision]
         rows = []
         for method in METHODS:
+            if cpu and method == "losa-preload":  # (the page cache holds the store on a CPU)
+                continue
             row = run_child(child + ["--method", method])
             if cpu:  # the memory from a second process (see the module doc)
                 memory = run_child(child + ["--method", method, "--epochs", "2"],

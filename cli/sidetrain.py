@@ -55,6 +55,10 @@ HELP = {
               "cpu, cuda or cuda:N.",
     "train_device": "auto (cuda where torch sees a GPU, else cpu; $FEATCACHE_DEVICE overrides auto), "
                     "cpu, cuda or cuda:N. A run is recorded with its device and resumes only there.",
+    "preload": "Read the train and val splits (the taps trained on) into the device's memory "
+               "at the first epoch, and draw every batch there: on a GPU with room for them, "
+               "later epochs run at the GPU's own speed (streamed, the host's copies set the "
+               "pace). The same batches and results; refused when they do not fit.",
     "json": "Print the result as JSON on stdout.",
 }
 
@@ -88,6 +92,7 @@ def fit_cmd(
     seed: int = typer.Option(0, help=HELP["seed"]),
     precision: str = typer.Option("fp32", help=HELP["precision"]),
     device: str = typer.Option("auto", help=HELP["train_device"]),
+    preload: bool = typer.Option(False, help=HELP["preload"]),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder. Default: "
                                            "./runs/<store>-<method>[-r<rank>]-s<seed>."),
     as_json: bool = typer.Option(False, "--json", help=HELP["json"]),
@@ -103,7 +108,7 @@ def fit_cmd(
                       temporal=temporal, prefix_mixing=prefix_mixing, mlp_hidden=mlp_hidden, taps=taps,
                       epochs=epochs, lr=lr, weight_decay=weight_decay, warmup=warmup,
                       label_smoothing=label_smoothing, grad_clip=grad_clip, batch_size=batch_size,
-                      seed=seed, precision=precision, device=device, out=out_dir))
+                      seed=seed, precision=precision, device=device, preload=preload, out=out_dir))
     if as_json:
         emit_json(r.to_json())
         return
@@ -147,6 +152,7 @@ def sweep_cmd(
     batch_size: int = typer.Option(64, help=HELP["batch_size"]),
     precision: str = typer.Option("fp32", help=HELP["precision"]),
     device: str = typer.Option("auto", help=HELP["train_device"]),
+    preload: bool = typer.Option(False, help=HELP["preload"]),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the runs, sweep.json "
                                            "and pareto.png. Default: runs/<store>-sweep."),
     as_json: bool = typer.Option(False, "--json", help=HELP["json"]),
@@ -164,7 +170,7 @@ def sweep_cmd(
     out_dir = out_dir or Path("runs") / f"{location.name(cache)}-sweep"
     results = sweep(FitConfig(cache=cache, zero_init=zero_init, temporal=temporal, taps=taps,
                               epochs=epochs, batch_size=batch_size, precision=precision,
-                              device=device), grid, out_dir)
+                              device=device, preload=preload), grid, out_dir)
     results.sort(key=lambda r: (r.val_acc is None, -(r.val_acc or 0), r.val_loss))  # (None: stopped at once)
     if as_json:
         emit_json([r.to_json() for r in results])

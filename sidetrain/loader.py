@@ -13,7 +13,8 @@ reference (and any resumed run) replay exactly the same batches. Tokens leave th
 the training device as stored when 16-bit (fp16, bf16: a batch takes half the memory, and
 the models widen to float32 what they read, LoSA one layer at a time), else as float32
 (int8 is expanded on the device, not on the CPU). For a GPU, a batch is gathered straight
-into pinned memory and copied without blocking, so the copy overlaps the training step.
+into pinned memory, in a background thread while the GPU trains on the batch before, and
+copied without blocking.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -39,6 +41,7 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 _TORCH_DTYPE = {np.dtype(t): getattr(torch, t) for t in ("float32", "float16", "uint16", "int8")}
 BUFFER_BYTES = 512 * 2**20
+T = TypeVar("T")
 DATA_ORDER = "stripes-1"  # saved with each run: a run resumes only under the order it began with
 READ_BYTES = 8 * 2**20  # a stripe of at least this much, so zarr's per-call cost stays small
 MIN_STRIPES = 16  # ... but a buffer fill draws from at least this many places of the split
@@ -68,12 +71,16 @@ class ShardLoader:
 
     def __init__(self, store: Store, split: str, batch_size: int, shuffle: bool = False, seed: int = 0,
                  buffer_bytes: int = BUFFER_BYTES, layers: list[int] | None = None,
-                 device: str | torch.device = "cpu", reader: str = "auto", recycle: bool = False):
+                 device: str | torch.device = "cpu", reader: str = "auto", recycle: bool = False,
+                 preload: bool = False):
         """`layers`: positions among the store's taps to hand out (None: all of them).
         `reader`: auto (memory-map local shard files where possible), memmap, or zarr.
         `recycle`: copy or decode into two buffers used in turn (CPU only), so a batch is
         valid until the next-but-one is asked for: for loops that use each batch at once.
-        Fresh tensors cost page faults: recycling made CPU decoding several times faster."""
+        Fresh tensors cost page faults: recycling made CPU decoding several times faster.
+        `preload`: read the split (its selected layers) into the device's memory at the first
+        epoch and draw every batch there, the same batches: on a GPU with room for the
+        split, no host work per batch (streamed, the host's copies set the pace)."""
         if not isinstance(store, Store):  # a folder or URL, as the other entry points take
             store = open_store(store)
         require(is_int(batch_size) and batch_size >= 1, "batch_size", "a whole number of at least 1",
@@ -113,10 +120,12 @@ class ShardLoader:
         self.buffer_stripes = len(self.stripes) if self.fits else max(1, buffer_samples // self.stripe)
         self.valid = self.split.labels >= 0  # unreadable inputs were stored with label -1
         self.recycle = recycle and self.device.type == "cpu"
-        self.direct = self.recycle and self.dtype in ("fp16", "bf16")  # see _copy_rows
+        self.direct = self.recycle and self.dtype in ("fp16", "bf16")  # gathered into the ring
         self._ring: dict[tuple, list[torch.Tensor]] = {}  # shape -> the two buffers
         self._turn = 0
         self._resident: dict[int, list[np.ndarray]] | None = None  # every stripe, when all fit the buffer
+        self.preload = preload
+        self._preloaded: list[torch.Tensor] | None = None  # every array, then the labels, on the device
         self._epochs_begun = 0  # by `for batch in loader`
 
     def __len__(self) -> int:
@@ -161,66 +170,55 @@ class ShardLoader:
         return stripe, pos, np.zeros(len(index), bool) if carry is None else np.isin(index, carry[0])
 
     def _gather(self, blocks: dict[int, list[np.ndarray]], index: np.ndarray,
-                carry: tuple[np.ndarray, list[torch.Tensor]] | None = None, pin: bool = False
-                ) -> list[torch.Tensor]:
-        """The samples `index` (with the selected layers) of every array, in one copy each:
-        straight from the stripes read (views into the shard files on the memmap path), or
-        from `carry`, (sorted ids, rows) kept over from the previous buffer fill. `pin`:
-        into page-locked memory, from which a copy to the GPU runs without blocking (torch's
-        pinned-memory cache holds a buffer back until its copy is done)."""
+                carry: tuple[np.ndarray, list[torch.Tensor]] | None = None, pin: bool = False,
+                into: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The samples `index` (with the selected layers) of every array, each sample copied
+        once, straight from the stripes read (views into the shard files on the memmap path)
+        or from `carry`, (sorted ids, rows) kept over from the previous buffer fill. Into
+        fresh tensors, page-locked ones with `pin` (a copy to the GPU then runs without
+        blocking, and torch's pinned-memory cache holds a buffer back until its copy is
+        done), or the tokens `into` a recycled buffer. One torch copy per sample: numpy's
+        fancy indexing went through a temporary, moving every byte twice at about half the
+        speed (on an H200 machine a ViT-B batch was gathered at 1.8 GB/s that way)."""
         stripe, pos, kept = self._sources(index, carry)
+        pick = self.layers if isinstance(self.layers, slice) else torch.from_numpy(self.layers)
         out = []
         for i, a in enumerate(self.arrays):
-            tail = (self.n_layers, *a.shape[2:])
-            gathered = torch.empty((len(index), *tail), dtype=_TORCH_DTYPE[np.dtype(a.dtype)],
-                                   pin_memory=pin)
-            dest = gathered.numpy()
-            if kept.any():
-                dest[kept] = carry[1][i].numpy()[np.searchsorted(carry[0], index[kept])]
-            for k in np.unique(stripe[~kept]):
-                m = (stripe == k) & ~kept
-                rows = pos[m]
-                dest[m] = blocks[k][i][(rows, self.layers) if isinstance(self.layers, slice)
-                                       else np.ix_(rows, self.layers)]
-            out.append(gathered)
+            raw = _TORCH_DTYPE[np.dtype(a.dtype)]
+            if i == 0 and into is not None:
+                dest = into.view(raw)
+            else:
+                dest = torch.empty((len(index), self.n_layers, *a.shape[2:]), dtype=raw, pin_memory=pin)
+            for j, sample in enumerate(index):
+                if kept[j]:  # carried rows hold the selected layers already
+                    dest[j].copy_(carry[1][i][np.searchsorted(carry[0], sample)])
+                else:
+                    src = torch.from_numpy(blocks[stripe[j]][i][pos[j]])
+                    if isinstance(pick, slice):
+                        dest[j].copy_(src[pick])
+                    else:
+                        torch.index_select(src, 0, pick, out=dest[j])
+            out.append(dest)
         return out
 
-    def _batch(self, blocks: dict[int, list[np.ndarray]], index: np.ndarray,
-               carry: tuple[np.ndarray, list[torch.Tensor]] | None = None) -> Batch:
+    def _host(self, blocks: dict[int, list[np.ndarray]], index: np.ndarray,
+              carry: tuple[np.ndarray, list[torch.Tensor]] | None = None
+              ) -> tuple[list[torch.Tensor], torch.Tensor, np.ndarray]:
+        """A batch's share of the work on the host: its arrays gathered, its labels."""
         pin = self.device.type == "cuda"  # a copy from pageable memory may wait for the GPU
         labels = torch.from_numpy(self.split.labels[index])
-        labels = (labels.pin_memory() if pin else labels).to(self.device, non_blocking=True)
-        if self.direct:
-            return Batch(self._copy_rows(blocks, index, carry), labels, index)
-        parts = self._gather(blocks, index, carry, pin=pin)
+        into = self._buffer((len(index), self.n_layers, *self.arrays[0].shape[2:])) if self.direct else None
+        return self._gather(blocks, index, carry, pin, into), labels.pin_memory() if pin else labels, index
+
+    def _on_device(self, parts: list[torch.Tensor], labels: torch.Tensor, index: np.ndarray) -> Batch:
+        """A gathered batch moved to the training device (without blocking) and decoded there."""
+        labels = labels.to(self.device, non_blocking=True)
         stored = [p.to(self.device, non_blocking=True) for p in parts]
         if self.out_dtype != torch.float32:  # 16-bit tokens leave as they are
             return Batch(stored[0].view(self.out_dtype), labels, index)
         tokens = decode(stored[0], self.dtype, stored[1] if len(stored) > 1 else None,
                         self.channel_scale, self._buffer(tuple(stored[0].shape)))
         return Batch(tokens, labels, index)
-
-    def _copy_rows(self, blocks: dict[int, list[np.ndarray]], index: np.ndarray,
-                   carry: tuple[np.ndarray, list[torch.Tensor]] | None) -> torch.Tensor:
-        """fp16/bf16 samples copied straight into a recycled buffer, one copy per sample (per
-        layer when the layers picked are not a run): gathering them into a fresh array first
-        moved every byte twice, and ran at about half the speed."""
-        stripe, pos, kept = self._sources(index, carry)
-        out = self._buffer((len(index), self.n_layers, *self.arrays[0].shape[2:]))
-        run = isinstance(self.layers, slice)
-        for j, i in enumerate(index):
-            if kept[j]:  # carried rows hold the selected layers already
-                src = carry[1][0][np.searchsorted(carry[0], i)]
-            else:
-                src = torch.from_numpy(blocks[stripe[j]][0][pos[j]])
-                src = src[self.layers] if run else src
-            src = src.view(self.out_dtype)
-            if run or kept[j]:
-                out[j].copy_(src)
-            else:
-                for k, layer in enumerate(self.layers):
-                    out[j, k].copy_(src[layer])
-        return out
 
     def _buffer(self, shape: tuple) -> torch.Tensor | None:
         if not self.recycle or self.dtype == "fp32":  # fp32 batches are the gathered arrays
@@ -239,13 +237,48 @@ class ShardLoader:
         return blocks
 
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
-        """The batches of epoch `epoch` (each epoch its own order when shuffling)."""
+        """The batches of epoch `epoch` (each epoch its own order when shuffling). For a GPU,
+        the next batch is gathered in a background thread while the GPU trains on this one."""
+        if self.preload:
+            *arrays, labels = self._preload()
+            for _, batches, _ in self.plan(epoch):
+                for b in batches:
+                    rows = torch.from_numpy(b).to(self.device)
+                    yield self._on_device([a.index_select(0, rows) for a in arrays], labels[rows], b)
+            return
+        host = self._host_batches(epoch)
+        for parts, labels, index in (_ahead(host) if self.device.type == "cuda" else host):
+            yield self._on_device(parts, labels, index)
+
+    def _preload(self) -> list[torch.Tensor]:
+        """The split's arrays (selected layers) and labels on the device, read once, a
+        buffer's worth of stripes at a time."""
+        if self._preloaded is None:
+            shapes = [(self.split.n, self.n_layers, *a.shape[2:]) for a in self.arrays]
+            need = sum(int(np.prod(s)) * a.dtype.itemsize for s, a in zip(shapes, self.arrays))
+            if self.device.type == "cuda":
+                free = torch.cuda.mem_get_info(self.device)[0]
+                if need > 0.9 * free:
+                    raise UserError(f"--preload: the {self.split.name} split takes {need / 1e9:.1f} GB "
+                                    f"and {self.device} has {free / 1e9:.1f} GB free. Train without "
+                                    "--preload (batches stream from the host), or with fewer --taps.")
+            out = [torch.empty(s, dtype=_TORCH_DTYPE[np.dtype(a.dtype)], device=self.device)
+                   for s, a in zip(shapes, self.arrays)]
+            for g in range(0, len(self.stripes), self.buffer_stripes):
+                for key, parts in self._read(self.stripes[g:g + self.buffer_stripes]).items():
+                    r = self._stripe_range(key)
+                    for dest, part in zip(out, parts):
+                        dest[r[0]:r[-1] + 1].copy_(torch.from_numpy(np.ascontiguousarray(part[:, self.layers])))
+            self._preloaded = [*out, torch.from_numpy(self.split.labels).to(self.device)]
+        return self._preloaded
+
+    def _host_batches(self, epoch: int) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, np.ndarray]]:
         if self.fits:
             if self._resident is None:  # memmap: views into one mapping per shard file
                 self._resident = self._read(self.stripes)
             for _, batches, _ in self.plan(epoch):
                 for b in batches:
-                    yield self._batch(self._resident, b)
+                    yield self._host(self._resident, b)
             return
         plan = list(self.plan(epoch))
         carry = None
@@ -257,6 +290,21 @@ class ShardLoader:
                 if g + 1 < len(plan):
                     pending = pool.submit(self._read, plan[g + 1][0])
                 for b in batches:
-                    yield self._batch(blocks, b, carry)
+                    yield self._host(blocks, b, carry)
                 left = np.sort(left)  # the few samples the next fill's batches still need
                 carry = (left, self._gather(blocks, left, carry))
+
+
+def _ahead(items: Iterator[T]) -> Iterator[T]:
+    """`items`, each next one made in a background thread while this one is used (the
+    copies and reads that make a batch release the GIL)."""
+    end = object()
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        pending = pool.submit(next, items, end)
+        while (item := pending.result()) is not end:
+            pending = pool.submit(next, items, end)
+            yield item
+    finally:  # also when the consumer stops early: the item in the making is waited for
+        pool.shutdown(wait=True)
+        items.close()

@@ -121,7 +121,7 @@ def _continue_equal_runs(configs: list[FitConfig], out_root: Path) -> list[FitCo
     if not configs or not out_root.is_dir():
         return configs
     store = open_store(configs[0].cache)
-    keys = [f.name for f in fields(FitConfig) if f.name != "out"]
+    keys = [f.name for f in fields(FitConfig) if f.name not in ("out", "preload")]  # (see recorded)
     earlier = {}
     for path in sorted(out_root.glob("*/config.json")):
         saved = read_json(path)

@@ -48,7 +48,7 @@ BAR = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Text
 CHECK_EVERY = 100  # steps between reads of the running loss: each read waits for the GPU
 # what configurations trained in one pass share (every other option may differ; the layers
 # read are the union of their taps)
-ONE_PASS = ("cache", "batch_size", "epochs", "device", "precision")
+ONE_PASS = ("cache", "batch_size", "epochs", "device", "precision", "preload")
 NAN_HINT = ("lower --lr (a store made before featcache refused NaN or Inf tokens may hold "
             "some: `featcache verify` says).")
 
@@ -81,6 +81,7 @@ class FitConfig:
     seed: int = 0
     precision: str = "fp32"  # autocast on CUDA: bf16 or fp16 (with loss scaling)
     device: str = "auto"  # cuda where torch sees a GPU, else cpu (featcache.precision.pick_device)
+    preload: bool = False  # train and val splits held in the device's memory (ShardLoader); not recorded
     out: Path | None = None  # default: runs/<store>-<method>[-r<rank>]-s<seed>
 
     def spec(self) -> ModelSpec:
@@ -216,9 +217,11 @@ def resolved(cfg: FitConfig, store: Store) -> FitConfig:
 
 def recorded(cfg: FitConfig) -> dict:
     """A resolved configuration as its run's config.json holds it: the cache absolute, so
-    that eval finds it from any folder."""
+    that eval finds it from any folder; `preload` left out, as it changes where batches are
+    read from, not which (a run resumes with or without it)."""
     cache = location.normalize(cfg.cache)
-    return {**cfg.to_json(), "cache": str(cache if is_url(cache) else cache.resolve())}
+    kept = {k: v for k, v in cfg.to_json().items() if k != "preload"}
+    return {**kept, "cache": str(cache if is_url(cache) else cache.resolve())}
 
 
 def upgraded(saved: dict, cfg: FitConfig, now: dict) -> dict:
@@ -621,7 +624,8 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
     for t in trainers:  # once every model is built: an invalid configuration leaves no folder
         t.resume()
     union = sorted({p for t in trainers for p in t.layers})
-    load = dict(batch_size=first.batch_size, layers=union, device=first.device, recycle=True)
+    load = dict(batch_size=first.batch_size, layers=union, device=first.device, recycle=True,
+                preload=first.preload)
     train = ShardLoader(store, "train", shuffle=True, seed=first.seed, **load)
     val = ShardLoader(store, "val", shuffle=False, **load)
     for t in trainers:  # every check passed: what trains again loses its earlier end
@@ -646,7 +650,8 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
             row = t.history[-1]
             say(f"{t.run.name}  epoch {epoch:3d}  train loss {row['train_loss']:.4f}  "
                 f"val loss {row['val_loss']:.4f}  val acc {100 * row['val_acc']:.1f}%")
-    return [t.finish(acc) for t, acc in zip(trainers, _score_test(store, trainers, union, load))]
+    test = _score_test(store, trainers, union, load | {"preload": False})  # (read once)
+    return [t.finish(acc) for t, acc in zip(trainers, test)]
 
 
 def fit(cfg: FitConfig) -> FitResult:

@@ -71,19 +71,27 @@ def test_gpu_stores_are_the_same_bytes_when_the_gpu_lags(tmp_path, monkeypatch, 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "int8", "fp32"])
 def test_gpu_batches_are_the_cpu_batches(tmp_path, dtype):
-    """Pinned gathers, buffer fills with carried samples, int8 decoded on the device."""
+    """Pinned gathers made ahead in a thread, buffer fills with carried samples, int8
+    decoded on the device; and the split preloaded into the GPU's memory."""
     out = tmp_path / dtype
     extract(ExtractConfig(dataset="demo", out=out, dtype=dtype, limit=24, shard_size=5, **TINY))
     store = open_store(out)
     small = store.split("train").tokens.nbytes // 24 * 6
     for layers in (None, [0, 2]):
-        cpu, gpu = (ShardLoader(store, "train", batch_size=4, shuffle=True, seed=3, buffer_bytes=small,
-                                layers=layers, device=d) for d in ("cpu", "cuda"))
-        pairs = list(zip(cpu.epoch(1), gpu.epoch(1)))
-        assert len(pairs) == len(cpu)
-        for a, b in pairs:
-            assert b.tokens.is_cuda and torch.equal(a.tokens, b.tokens.cpu())
-            assert torch.equal(a.labels, b.labels.cpu())
+        cpu, gpu, held = (ShardLoader(store, "train", batch_size=4, shuffle=True, seed=3, buffer_bytes=small,
+                                      layers=layers, device=d, preload=p)
+                          for d, p in (("cpu", False), ("cuda", False), ("cuda", True)))
+        for epoch in (1, 2):
+            triples = list(zip(cpu.epoch(epoch), gpu.epoch(epoch), held.epoch(epoch)))
+            assert len(triples) == len(cpu)
+            for a, b, c in triples:
+                assert b.tokens.is_cuda and c.tokens.is_cuda and c.labels.is_cuda
+                assert torch.equal(a.tokens, b.tokens.cpu()) and torch.equal(a.tokens, c.tokens.cpu())
+                assert torch.equal(a.labels, b.labels.cpu()) and torch.equal(a.labels, c.labels.cpu())
+                assert np.array_equal(a.index, c.index)
+    stop = gpu.epoch(3)  # a consumer that stops early leaves no thread behind
+    next(stop)
+    stop.close()
 
 
 def test_gpu_training_resumes_and_scores_like_the_cpu(fp32_store, tmp_path, monkeypatch):

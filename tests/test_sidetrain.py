@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -242,20 +243,67 @@ def test_memmap_and_zarr_readers_give_identical_batches(fp32_store, tmp_path, dt
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.labels, b.labels)
     # recycled buffers (what training uses; fp16 and bf16 copied there sample by sample)
     # give the same batches, in two buffers used in turn, for every layer, runs of layers
-    # (views) and picks (one copy per layer), streamed or resident
+    # (views) and picks, streamed or resident; and so does the split preloaded (--preload)
     for layers in (None, [0, 1, 2], [-1], [0, 2], [2, 0]):
         for buffer in (small, None):
             kept = dict(buffer_bytes=buffer) if buffer else {}
             plain = ShardLoader(store, "train", batch_size=4, shuffle=True, seed=2, reader="zarr", **kept)
             recycled = ShardLoader(store, "train", batch_size=4, shuffle=True, seed=2, recycle=True,
                                    layers=layers, **kept)
+            preloaded = ShardLoader(store, "train", batch_size=4, shuffle=True, seed=2, layers=layers,
+                                    preload=True, **kept)
             assert recycled.direct == (dtype in ("fp16", "bf16")) and recycled.fits == (buffer is None)
             pointers = set()
-            for a, b in zip(plain.epoch(1), recycled.epoch(1)):
-                assert torch.equal(a.tokens[:, layers or slice(None)], b.tokens), (layers, buffer)
-                pointers.add(b.tokens.data_ptr())
+            for epoch in (1, 2):  # (a preloaded split is read once, at its first epoch)
+                for a, b, c in zip(plain.epoch(epoch), recycled.epoch(epoch), preloaded.epoch(epoch),
+                                   strict=True):
+                    assert torch.equal(a.tokens[:, layers or slice(None)], b.tokens), (layers, buffer)
+                    assert torch.equal(b.tokens, c.tokens) and torch.equal(a.labels, c.labels)
+                    assert np.array_equal(a.index, c.index)
+                    pointers.add(b.tokens.data_ptr())
             if dtype != "fp32":  # (fp32 batches are the gathered arrays themselves)
                 assert len(pointers) == 2
+
+
+def test_preloading_changes_where_batches_come_from_not_the_run(fp32_store, tmp_path):
+    """--preload trains on the same batches, held in the device's memory: the same run,
+    recorded alike, so a run begun without it goes on with it."""
+    cfg = FitConfig(cache=fp32_store, rank=2, epochs=3, batch_size=4)
+    plain = fit(replace(cfg, out=tmp_path / "plain"))
+    held = fit(replace(cfg, out=tmp_path / "held", preload=True))
+    assert [h["val_loss"] for h in held.history] == [h["val_loss"] for h in plain.history]
+    assert (held.val_acc, held.test_acc) == (plain.val_acc, plain.test_acc)
+    config = json.loads((tmp_path / "held" / "config.json").read_text())
+    assert "preload" not in config and config == json.loads((tmp_path / "plain" / "config.json").read_text()) | {
+        "out": config["out"]}
+    again = fit(replace(cfg, out=tmp_path / "plain", preload=True))  # scored again, not refused
+    assert again.test_acc == plain.test_acc
+
+
+def test_batches_made_ahead_come_in_order_and_stop_with_their_consumer():
+    """For a GPU the loader makes the next batch in a thread while this one trains."""
+    made = []
+
+    def items():
+        try:
+            for i in range(5):
+                made.append(i)
+                yield i
+        finally:
+            made.append("closed")
+
+    ahead = loader_module._ahead(items())
+    assert [next(ahead), next(ahead)] == [0, 1]
+    ahead.close()  # the batch in the making is finished, then the source closed
+    assert made == [0, 1, 2, "closed"]
+    assert list(loader_module._ahead(items())) == [0, 1, 2, 3, 4]
+
+    def broken():
+        yield 0
+        raise UserError("a shard went missing")
+
+    with pytest.raises(UserError, match="went missing"):
+        list(loader_module._ahead(broken()))
 
 
 def test_loader_memory_is_bounded_by_its_buffer(fp32_store, monkeypatch):
