@@ -56,9 +56,10 @@ HELP = {
     "train_device": "auto (cuda where torch sees a GPU, else cpu; $FEATCACHE_DEVICE overrides auto), "
                     "cpu, cuda or cuda:N. A run is recorded with its device and resumes only there.",
     "preload": "Read the train and val splits (the taps trained on) into the device's memory "
-               "at the first epoch, and draw every batch there: on a GPU with room for them, "
+               "once, before the first epoch, and draw every batch there: on a GPU with room, "
                "later epochs run at the GPU's own speed (streamed, the host's copies set the "
-               "pace). The same batches and results; refused when they do not fit.",
+               "pace). The same batches and results; refused before the first epoch when "
+               "they would leave training less than a fifth of the free memory.",
     "json": "Print the result as JSON on stdout.",
 }
 

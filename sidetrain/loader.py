@@ -33,6 +33,7 @@ from featcache.codec import decode
 from featcache.errors import UserError, is_int, require
 from featcache.fastread import make_reader
 from featcache.location import is_url
+from featcache.plan import human_bytes
 from featcache.store import Store, open_store
 
 # torch warns (once) that tensors made from read-only arrays must not be written to: the
@@ -126,6 +127,7 @@ class ShardLoader:
         self._resident: dict[int, list[np.ndarray]] | None = None  # every stripe, when all fit the buffer
         self.preload = preload
         self._preloaded: list[torch.Tensor] | None = None  # every array, then the labels, on the device
+        # (recycled buffers are valid until the next-but-one batch: never made ahead, so CPU only)
         self._epochs_begun = 0  # by `for batch in loader`
 
     def __len__(self) -> int:
@@ -240,37 +242,37 @@ class ShardLoader:
         """The batches of epoch `epoch` (each epoch its own order when shuffling). For a GPU,
         the next batch is gathered in a background thread while the GPU trains on this one."""
         if self.preload:
-            *arrays, labels = self._preload()
-            for _, batches, _ in self.plan(epoch):
-                for b in batches:
-                    rows = torch.from_numpy(b).to(self.device)
-                    yield self._on_device([a.index_select(0, rows) for a in arrays], labels[rows], b)
+            preload([self])
+            *arrays, labels = self._preloaded
+            batches = [b for _, group, _ in self.plan(epoch) for b in group]
+            # every batch's rows copied over at once: a copy per batch would wait for the GPU
+            rows = torch.from_numpy(np.concatenate([np.empty(0, np.int64), *batches])).to(self.device)
+            start = 0
+            for b in batches:
+                r, start = rows[start:start + len(b)], start + len(b)
+                yield self._on_device([a.index_select(0, r) for a in arrays], labels.index_select(0, r), b)
             return
         host = self._host_batches(epoch)
         for parts, labels, index in (_ahead(host) if self.device.type == "cuda" else host):
             yield self._on_device(parts, labels, index)
 
-    def _preload(self) -> list[torch.Tensor]:
-        """The split's arrays (selected layers) and labels on the device, read once, a
-        buffer's worth of stripes at a time."""
-        if self._preloaded is None:
-            shapes = [(self.split.n, self.n_layers, *a.shape[2:]) for a in self.arrays]
-            need = sum(int(np.prod(s)) * a.dtype.itemsize for s, a in zip(shapes, self.arrays))
-            if self.device.type == "cuda":
-                free = torch.cuda.mem_get_info(self.device)[0]
-                if need > 0.9 * free:
-                    raise UserError(f"--preload: the {self.split.name} split takes {need / 1e9:.1f} GB "
-                                    f"and {self.device} has {free / 1e9:.1f} GB free. Train without "
-                                    "--preload (batches stream from the host), or with fewer --taps.")
-            out = [torch.empty(s, dtype=_TORCH_DTYPE[np.dtype(a.dtype)], device=self.device)
-                   for s, a in zip(shapes, self.arrays)]
-            for g in range(0, len(self.stripes), self.buffer_stripes):
-                for key, parts in self._read(self.stripes[g:g + self.buffer_stripes]).items():
-                    r = self._stripe_range(key)
-                    for dest, part in zip(out, parts):
-                        dest[r[0]:r[-1] + 1].copy_(torch.from_numpy(np.ascontiguousarray(part[:, self.layers])))
-            self._preloaded = [*out, torch.from_numpy(self.split.labels).to(self.device)]
-        return self._preloaded
+    @property
+    def preload_bytes(self) -> int:
+        """The device memory the split takes when preloaded (its selected layers)."""
+        return sum(self.split.n * self.n_layers * int(np.prod(a.shape[2:])) * a.dtype.itemsize
+                   for a in self.arrays)
+
+    def _read_all(self) -> None:
+        """The split's arrays (selected layers) and labels onto the device, a buffer's worth
+        of stripes at a time."""
+        out = [torch.empty((self.split.n, self.n_layers, *a.shape[2:]), dtype=_TORCH_DTYPE[np.dtype(a.dtype)],
+                           device=self.device) for a in self.arrays]
+        for g in range(0, len(self.stripes), self.buffer_stripes):
+            for key, parts in self._read(self.stripes[g:g + self.buffer_stripes]).items():
+                r = self._stripe_range(key)
+                for dest, part in zip(out, parts):
+                    dest[r[0]:r[-1] + 1].copy_(torch.from_numpy(np.ascontiguousarray(part[:, self.layers])))
+        self._preloaded = [*out, torch.from_numpy(self.split.labels).to(self.device)]
 
     def _host_batches(self, epoch: int) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, np.ndarray]]:
         if self.fits:
@@ -293,6 +295,36 @@ class ShardLoader:
                     yield self._host(blocks, b, carry)
                 left = np.sort(left)  # the few samples the next fill's batches still need
                 carry = (left, self._gather(blocks, left, carry))
+
+
+def preload(loaders: list[ShardLoader]) -> None:
+    """Read the splits of `loaders` (train and val, say) onto their device, once; refused
+    before anything is read when together they would leave less than a fifth of the
+    device's free memory to training."""
+    todo = [loader for loader in loaders if loader._preloaded is None]
+    if not todo:
+        return
+    need, room, device = sum(loader.preload_bytes for loader in todo), _free_bytes(todo[0].device), todo[0].device
+    if room is not None and need > 0.8 * room:
+        names = " and ".join(loader.split.name for loader in todo)
+        raise UserError(f"preload: the {names} split{'s take' if len(todo) > 1 else ' takes'} "
+                        f"{human_bytes(need)} and {device} has {human_bytes(room)} free. Train without "
+                        "it (--no-preload: batches stream from the host), or on fewer taps (--taps).")
+    for loader in todo:
+        loader._read_all()
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    """Memory a preload may take: on a GPU, the driver's free memory and what torch's cache
+    holds unused; on the CPU, Linux's MemAvailable (None where unknown)."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:")), None)
 
 
 def _ahead(items: Iterator[T]) -> Iterator[T]:

@@ -71,7 +71,7 @@ def sweep(base: FitConfig, grid: dict[str, list], out_root: Path | str) -> list[
 
     `grid` maps FitConfig fields to lists of values, e.g. {"method": ["losa", "linear"],
     "rank": [4, 16], "lr": [1e-3, 3e-3]}; what one data pass shares (ONE_PASS: cache,
-    batch_size, epochs, device, precision) cannot vary."""
+    batch_size, epochs, device, precision, preload) cannot vary."""
     out_root = Path(out_root)
     configs = _continue_equal_runs(_once_each(expand(base, grid, out_root)), out_root)
     results: list[FitResult] = []

@@ -40,7 +40,7 @@ from featcache.store import Store, open_store
 from .classifier import (ModelSpec, auto_variant, build_classifier, common, input_layers,
                          select_taps, trainable_parameters, unused_options)
 from .clock import Clock, mark
-from .loader import DATA_ORDER, ShardLoader
+from .loader import DATA_ORDER, ShardLoader, preload
 from .plots import plot_curves
 
 BAR = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("batches"),
@@ -81,7 +81,7 @@ class FitConfig:
     seed: int = 0
     precision: str = "fp32"  # autocast on CUDA: bf16 or fp16 (with loss scaling)
     device: str = "auto"  # cuda where torch sees a GPU, else cpu (featcache.precision.pick_device)
-    preload: bool = False  # train and val splits held in the device's memory (ShardLoader); not recorded
+    preload: bool = False  # train and val splits held in the device's memory (ShardLoader); not in config.json
     out: Path | None = None  # default: runs/<store>-<method>[-r<rank>]-s<seed>
 
     def spec(self) -> ModelSpec:
@@ -628,6 +628,8 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
                 preload=first.preload)
     train = ShardLoader(store, "train", shuffle=True, seed=first.seed, **load)
     val = ShardLoader(store, "val", shuffle=False, **load)
+    if first.preload:  # both at once, refused before any epoch if they do not fit together
+        preload([train, val])
     for t in trainers:  # every check passed: what trains again loses its earlier end
         if t.active:
             t.clear_results()

@@ -265,7 +265,7 @@ def test_memmap_and_zarr_readers_give_identical_batches(fp32_store, tmp_path, dt
                 assert len(pointers) == 2
 
 
-def test_preloading_changes_where_batches_come_from_not_the_run(fp32_store, tmp_path):
+def test_preloading_changes_where_batches_come_from_not_the_run(fp32_store, tmp_path, monkeypatch):
     """--preload trains on the same batches, held in the device's memory: the same run,
     recorded alike, so a run begun without it goes on with it."""
     cfg = FitConfig(cache=fp32_store, rank=2, epochs=3, batch_size=4)
@@ -278,6 +278,12 @@ def test_preloading_changes_where_batches_come_from_not_the_run(fp32_store, tmp_
         "out": config["out"]}
     again = fit(replace(cfg, out=tmp_path / "plain", preload=True))  # scored again, not refused
     assert again.test_acc == plain.test_acc
+    # splits that do not fit together are refused before the first epoch, not after it
+    room = ShardLoader(open_store(fp32_store), "train", 4).preload_bytes * 2  # train alone would fit
+    monkeypatch.setattr(loader_module, "_free_bytes", lambda device: room)
+    with pytest.raises(UserError, match=r"the train and val splits take .* free\. Train without it"):
+        fit(replace(cfg, out=tmp_path / "tight", preload=True))
+    assert not (tmp_path / "tight" / "metrics.jsonl").exists()
 
 
 def test_batches_made_ahead_come_in_order_and_stop_with_their_consumer():
