@@ -40,9 +40,9 @@ from featcache.store import Store, open_store
 # memory-mapped shard files are read-only, and the loader only reads them
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
+T = TypeVar("T")
 _TORCH_DTYPE = {np.dtype(t): getattr(torch, t) for t in ("float32", "float16", "uint16", "int8")}
 BUFFER_BYTES = 512 * 2**20
-T = TypeVar("T")
 DATA_ORDER = "stripes-1"  # saved with each run: a run resumes only under the order it began with
 READ_BYTES = 8 * 2**20  # a stripe of at least this much, so zarr's per-call cost stays small
 MIN_STRIPES = 16  # ... but a buffer fill draws from at least this many places of the split
@@ -120,6 +120,7 @@ class ShardLoader:
         self.fits = buffer_samples >= self.split.n  # then the split is read once and kept
         self.buffer_stripes = len(self.stripes) if self.fits else max(1, buffer_samples // self.stripe)
         self.valid = self.split.labels >= 0  # unreadable inputs were stored with label -1
+        # (a recycled buffer is valid until the next-but-one batch: never with batches made ahead)
         self.recycle = recycle and self.device.type == "cpu"
         self.direct = self.recycle and self.dtype in ("fp16", "bf16")  # gathered into the ring
         self._ring: dict[tuple, list[torch.Tensor]] = {}  # shape -> the two buffers
@@ -127,7 +128,6 @@ class ShardLoader:
         self._resident: dict[int, list[np.ndarray]] | None = None  # every stripe, when all fit the buffer
         self.preload = preload
         self._preloaded: list[torch.Tensor] | None = None  # every array, then the labels, on the device
-        # (recycled buffers are valid until the next-but-one batch: never made ahead, so CPU only)
         self._epochs_begun = 0  # by `for batch in loader`
 
     def __len__(self) -> int:
@@ -304,7 +304,8 @@ def preload(loaders: list[ShardLoader]) -> None:
     todo = [loader for loader in loaders if loader._preloaded is None]
     if not todo:
         return
-    need, room, device = sum(loader.preload_bytes for loader in todo), _free_bytes(todo[0].device), todo[0].device
+    device = todo[0].device
+    need, room = sum(loader.preload_bytes for loader in todo), _free_bytes(device)
     if room is not None and need > 0.8 * room:
         names = " and ".join(loader.split.name for loader in todo)
         raise UserError(f"preload: the {names} split{'s take' if len(todo) > 1 else ' takes'} "
