@@ -135,12 +135,21 @@ def _decode_av(path: Path, pick: Picker) -> np.ndarray:
         wanted, frames, decoded = set(indices), {}, 0
         for decoded, frame in enumerate(container.decode(stream), 1):
             if decoded - 1 in wanted:
-                frames[decoded - 1] = frame.to_ndarray(format="rgb24")
+                frames[decoded - 1] = _upright(frame)
             if decoded > max(indices):
                 break
         if len(frames) < len(wanted):
             raise TooShort(f"the container says {n} frames, only {decoded} decode")
         return np.stack([frames[i] for i in indices])
+
+
+def _upright(frame) -> np.ndarray:
+    """A decoded frame as players show it: turned by its display matrix (phones store a
+    portrait clip sideways and say so there). decord turns such clips itself or fails on
+    them (PyAV then decodes), so that every decoder gives the clip upright."""
+    rgb = frame.to_ndarray(format="rgb24")
+    turns = round(frame.rotation / 90) % 4  # (degrees counterclockwise, as np.rot90 turns)
+    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
 
 
 def _count_packets(path: Path) -> int:
