@@ -629,6 +629,9 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
     train = ShardLoader(store, "train", shuffle=True, seed=first.seed, **load)
     val = ShardLoader(store, "val", shuffle=False, **load)
     if first.preload:  # both at once, refused before any epoch if they do not fit together
+        if torch.device(first.device).type == "cpu":
+            note("--preload is for GPUs: on the CPU the page cache already holds what fits, and "
+                 "a second copy in RAM saves little.")
         preload([train, val])
     for t in trainers:  # every check passed: what trains again loses its earlier end
         if t.active:

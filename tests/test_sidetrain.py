@@ -265,12 +265,13 @@ def test_memmap_and_zarr_readers_give_identical_batches(fp32_store, tmp_path, dt
                 assert len(pointers) == 2
 
 
-def test_preloading_changes_where_batches_come_from_not_the_run(fp32_store, tmp_path, monkeypatch):
+def test_preloading_changes_where_batches_come_from_not_the_run(fp32_store, tmp_path, monkeypatch, capsys):
     """--preload trains on the same batches, held in the device's memory: the same run,
     recorded alike, so a run begun without it goes on with it."""
     cfg = FitConfig(cache=fp32_store, rank=2, epochs=3, batch_size=4)
     plain = fit(replace(cfg, out=tmp_path / "plain"))
     held = fit(replace(cfg, out=tmp_path / "held", preload=True))
+    assert "--preload is for GPUs" in capsys.readouterr().err
     assert [h["val_loss"] for h in held.history] == [h["val_loss"] for h in plain.history]
     assert (held.val_acc, held.test_acc) == (plain.val_acc, plain.test_acc)
     config = json.loads((tmp_path / "held" / "config.json").read_text())
