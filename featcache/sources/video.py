@@ -28,12 +28,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from ..errors import UserError
 from .base import Split
+
+if TYPE_CHECKING:
+    import av  # (imported where used: decord alone may be installed)
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv", ".flv",
                   ".ts", ".mts", ".m2ts", ".3gp", ".wmv"}
@@ -143,7 +147,7 @@ def _decode_av(path: Path, pick: Picker) -> np.ndarray:
         return np.stack([frames[i] for i in indices])
 
 
-def _upright(frame) -> np.ndarray:
+def _upright(frame: av.VideoFrame) -> np.ndarray:
     """A decoded frame as players show it: turned by its display matrix (phones store a
     portrait clip sideways and say so there). decord turns such clips itself or fails on
     them (PyAV then decodes), so that every decoder gives the clip upright."""
