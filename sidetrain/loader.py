@@ -14,7 +14,8 @@ the training device as stored when 16-bit (fp16, bf16: a batch takes half the me
 the models widen to float32 what they read, LoSA one layer at a time), else as float32
 (int8 is expanded on the device, not on the CPU). For a GPU, a batch is gathered straight
 into pinned memory, in a background thread while the GPU trains on the batch before, and
-copied without blocking.
+copied without blocking; or, preloaded, the whole split is held in the GPU's memory and
+batches are drawn there (the same batches).
 """
 
 from __future__ import annotations
@@ -239,12 +240,13 @@ class ShardLoader:
         return blocks
 
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
-        """The batches of epoch `epoch` (each epoch its own order when shuffling). For a GPU,
-        the next batch is gathered in a background thread while the GPU trains on this one."""
+        """The batches of epoch `epoch` (each epoch its own order when shuffling). Streamed to
+        a GPU, the next batch is gathered in a background thread while the GPU trains on this
+        one; preloaded, each is picked from the split on the device."""
         if self.preload:
             preload([self])
             *arrays, labels = self._preloaded
-            batches = [b for _, group, _ in self.plan(epoch) for b in group]
+            batches = [b for _, fill, _ in self.plan(epoch) for b in fill]
             # every batch's rows copied over at once: a copy per batch would wait for the GPU
             rows = torch.from_numpy(np.concatenate([np.empty(0, np.int64), *batches])).to(self.device)
             start = 0
@@ -298,26 +300,35 @@ class ShardLoader:
 
 
 def preload(loaders: list[ShardLoader]) -> None:
-    """Read the splits of `loaders` (train and val, say) onto their device, once; refused
-    before anything is read when together they would leave less than a fifth of the
-    device's free memory to training."""
+    """Read the splits of `loaders` (train and val, say) onto their device, once, and draw
+    their batches there from now on; refused before anything is read where they would not
+    fit together (require_room)."""
     todo = [loader for loader in loaders if loader._preloaded is None]
-    if not todo:
-        return
-    device = todo[0].device
-    need, room = sum(loader.preload_bytes for loader in todo), _free_bytes(device)
-    if room is not None and need > 0.8 * room:
-        names = " and ".join(loader.split.name for loader in todo)
-        raise UserError(f"preload: the {names} split{'s take' if len(todo) > 1 else ' takes'} "
-                        f"{human_bytes(need)} and {device} has {human_bytes(room)} free. Train without "
-                        "it (--no-preload: batches stream from the host), or on fewer taps (--taps).")
+    require_room(todo)
     for loader in todo:
+        loader.preload = True
         loader._read_all()
 
 
+def require_room(loaders: list[ShardLoader]) -> None:
+    """Refuse to preload splits that together would leave less than a fifth of the
+    device's free memory to training (its activations and optimiser)."""
+    if not loaders:
+        return
+    device = loaders[0].device
+    need, room = sum(loader.preload_bytes for loader in loaders), _free_bytes(device)
+    if room is not None and need > 0.8 * room:
+        names = " and ".join(loader.split.name for loader in loaders)
+        raise UserError(f"preload: the {names} split{'s take' if len(loaders) > 1 else ' takes'} "
+                        f"{human_bytes(need)}, more than 80% of the {human_bytes(room)} free on "
+                        f"{device} (a fifth is left for training). Train without preloading "
+                        "(--no-preload: batches stream from the host), or on fewer taps (--taps).")
+
+
 def _free_bytes(device: torch.device) -> int | None:
-    """Memory a preload may take: on a GPU, the driver's free memory and what torch's cache
-    holds unused; on the CPU, Linux's MemAvailable (None where unknown)."""
+    """The device's free memory, of which a preload may take 80%: on a GPU, the driver's
+    free memory and what torch's cache holds unused; on the CPU, Linux's MemAvailable
+    (None where unknown)."""
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)

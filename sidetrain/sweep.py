@@ -16,7 +16,7 @@ from featcache.store import open_store
 from .classifier import ONLY_FOR, common, unused_options
 from .loader import DATA_ORDER
 from .plots import plot_pareto
-from .train import ONE_PASS, FitConfig, FitResult, read_json, recorded, resolved, train_many, upgraded
+from .train import NOT_RECORDED, ONE_PASS, FitConfig, FitResult, read_json, recorded, resolved, train_many, upgraded
 
 FIXED = ONE_PASS + ("out",)  # a sweep runs one pass per seed and names each run's folder
 
@@ -121,7 +121,7 @@ def _continue_equal_runs(configs: list[FitConfig], out_root: Path) -> list[FitCo
     if not configs or not out_root.is_dir():
         return configs
     store = open_store(configs[0].cache)
-    keys = [f.name for f in fields(FitConfig) if f.name not in ("out", "preload")]  # (see recorded)
+    keys = [f.name for f in fields(FitConfig) if f.name != "out" and f.name not in NOT_RECORDED]
     earlier = {}
     for path in sorted(out_root.glob("*/config.json")):
         saved = read_json(path)

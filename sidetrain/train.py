@@ -49,6 +49,9 @@ CHECK_EVERY = 100  # steps between reads of the running loss: each read waits fo
 # what configurations trained in one pass share (every other option may differ; the layers
 # read are the union of their taps)
 ONE_PASS = ("cache", "batch_size", "epochs", "device", "precision", "preload")
+# options that change how a run is computed, not what: left out of its records, so that a
+# run goes on with or without them
+NOT_RECORDED = ("preload",)
 NAN_HINT = ("lower --lr (a store made before featcache refused NaN or Inf tokens may hold "
             "some: `featcache verify` says).")
 
@@ -130,7 +133,8 @@ class FitResult:
 
     def to_json(self) -> dict:
         d = {k: v for k, v in vars(self).items() if k != "config"}
-        return {**d, "run": str(self.run), "config": self.config.to_json()}
+        config = {k: v for k, v in self.config.to_json().items() if k not in NOT_RECORDED}
+        return {**d, "run": str(self.run), "config": config}
 
 
 def side_precision(precision: str, device: str | torch.device) -> str:
@@ -217,10 +221,9 @@ def resolved(cfg: FitConfig, store: Store) -> FitConfig:
 
 def recorded(cfg: FitConfig) -> dict:
     """A resolved configuration as its run's config.json holds it: the cache absolute, so
-    that eval finds it from any folder; `preload` left out, as it changes where batches are
-    read from, not which (a run resumes with or without it)."""
+    that eval finds it from any folder; NOT_RECORDED left out."""
     cache = location.normalize(cfg.cache)
-    kept = {k: v for k, v in cfg.to_json().items() if k != "preload"}
+    kept = {k: v for k, v in cfg.to_json().items() if k not in NOT_RECORDED}
     return {**kept, "cache": str(cache if is_url(cache) else cache.resolve())}
 
 
@@ -267,6 +270,7 @@ class Trainer:
         self.history: list[dict] = []
         self.best: dict = {"val_acc": -1.0, "val_loss": math.inf, "epoch": -1}
         self.best_state: dict[str, torch.Tensor] = {}
+        self.resumed = False  # whether the run folder held a checkpoint or a finished run
         self.finished = False  # whether the run folder held all its epochs when it was resumed
         self.failed: str | None = None
         self.rng = _get_rng(self.device)  # own dropout stream: a sweep trains as `fit` would
@@ -286,9 +290,9 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------
     def resume(self) -> None:
-        """Continue from the run folder's checkpoint (or score a finished run whose checkpoint
-        was deleted), or start the folder. A folder that holds another configuration's work is
-        refused; nothing in it is removed here (see clear_results)."""
+        """Continue from the run folder's checkpoint, or score a finished run whose checkpoint
+        was deleted. A folder that holds another configuration's work is refused; nothing is
+        written here (see begin)."""
         ckpt, adapter = self.run / "checkpoint.pt", self.run / "adapter.safetensors"
         summary = read_json(self.run / "summary.json")
         final = (adapter.is_file() and isinstance(summary, dict) and summary.get("failed") is None
@@ -297,9 +301,8 @@ class Trainer:
         if (self.run / "config.json").is_file() and held:
             self._check_same_run()
         if not ckpt.is_file() and not final:
-            self.run.mkdir(parents=True, exist_ok=True)
-            _write_json(self.run / "config.json", self.config_json)
             return
+        self.resumed = True
         if ckpt.is_file():
             # tensors and plain containers only: a run folder shared in a lab runs no one's code
             state = torch.load(ckpt, map_location=self.device, weights_only=True)
@@ -339,10 +342,14 @@ class Trainer:
         if now and not was and os.access(self.run, os.W_OK):  # a run from before stores had an
             _write_json(self.run / "config.json", self.config_json)  # id: told apart from now on
 
-    def clear_results(self) -> None:
-        """Remove what an earlier attempt's end wrote (a loss that became NaN writes them), once
-        training goes on: eval and predict find no adapter meanwhile, and an interrupted rerun
-        leaves no summary of another attempt behind."""
+    def begin(self) -> None:
+        """Make the folder of a run that trains, once every check has passed (an invalid
+        configuration leaves no folder), and remove what an earlier attempt's end wrote (a
+        loss that became NaN writes them): eval and predict find no adapter meanwhile, and an
+        interrupted rerun leaves no summary of another attempt behind."""
+        if not self.resumed:
+            self.run.mkdir(parents=True, exist_ok=True)
+            _write_json(self.run / "config.json", self.config_json)
         for name in ("adapter.safetensors", "summary.json"):
             (self.run / name).unlink(missing_ok=True)
 
@@ -621,21 +628,20 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
         note(f"--no-temporal applies to video stores; {store.path} holds images: it changes nothing.")
     steps = len(ShardLoader(store, "train", first.batch_size, shuffle=True, seed=first.seed))
     trainers = [Trainer(c, store, steps) for c in configs]
-    for t in trainers:  # once every model is built: an invalid configuration leaves no folder
-        t.resume()
     union = sorted({p for t in trainers for p in t.layers})
-    load = dict(batch_size=first.batch_size, layers=union, device=first.device, recycle=True,
-                preload=first.preload)
+    load = dict(batch_size=first.batch_size, layers=union, device=first.device, recycle=True)
     train = ShardLoader(store, "train", shuffle=True, seed=first.seed, **load)
     val = ShardLoader(store, "val", shuffle=False, **load)
-    if first.preload:  # both at once, refused before any epoch if they do not fit together
+    for t in trainers:
+        t.resume()
+    if first.preload and any(t.active for t in trainers):  # (not to score finished runs again)
         if torch.device(first.device).type == "cpu":
             note("--preload is for GPUs: on the CPU the page cache already holds what fits, and "
                  "a second copy in RAM saves little.")
-        preload([train, val])
-    for t in trainers:  # every check passed: what trains again loses its earlier end
+        preload([train, val])  # both at once: refused if they do not fit together
+    for t in trainers:
         if t.active:
-            t.clear_results()
+            t.begin()
     for epoch in range(min(t.epoch for t in trainers), first.epochs):
         active = [t for t in trainers if t.active and t.epoch == epoch]
         if not active:
@@ -655,7 +661,7 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
             row = t.history[-1]
             say(f"{t.run.name}  epoch {epoch:3d}  train loss {row['train_loss']:.4f}  "
                 f"val loss {row['val_loss']:.4f}  val acc {100 * row['val_acc']:.1f}%")
-    test = _score_test(store, trainers, union, load | {"preload": False})  # (read once)
+    test = _score_test(store, trainers, union, load)  # (streamed: read once)
     return [t.finish(acc) for t, acc in zip(trainers, test)]
 
 

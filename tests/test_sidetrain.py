@@ -277,14 +277,18 @@ def test_preloading_changes_where_batches_come_from_not_the_run(fp32_store, tmp_
     config = json.loads((tmp_path / "held" / "config.json").read_text())
     assert "preload" not in config and config == json.loads((tmp_path / "plain" / "config.json").read_text()) | {
         "out": config["out"]}
-    again = fit(replace(cfg, out=tmp_path / "plain", preload=True))  # scored again, not refused
-    assert again.test_acc == plain.test_acc
-    # splits that do not fit together are refused before the first epoch, not after it
+    assert "preload" not in json.loads((tmp_path / "held" / "summary.json").read_text())["config"]
+    # splits that do not fit together are refused before the first epoch, and before the
+    # run's folder is made
     room = ShardLoader(open_store(fp32_store), "train", 4).preload_bytes * 2  # train alone would fit
     monkeypatch.setattr(loader_module, "_free_bytes", lambda device: room)
-    with pytest.raises(UserError, match=r"the train and val splits take .* free\. Train without it"):
+    with pytest.raises(UserError, match=r"the train and val splits take .*, more than 80% of the .* "
+                                        r"free on cpu .* Train without preloading"):
         fit(replace(cfg, out=tmp_path / "tight", preload=True))
-    assert not (tmp_path / "tight" / "metrics.jsonl").exists()
+    assert not (tmp_path / "tight").exists()
+    # a finished run is scored again, from the host: nothing to preload for
+    again = fit(replace(cfg, out=tmp_path / "plain", preload=True))
+    assert again.test_acc == plain.test_acc
 
 
 def test_batches_made_ahead_come_in_order_and_stop_with_their_consumer():

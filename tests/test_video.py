@@ -88,11 +88,12 @@ def test_auto_reads_h264_with_decord_other_codecs_with_pyav_and_resumes_alike(
         extract(ExtractConfig(dataset=str(clips), out=video_store, dtype="fp32", frames=F, **TINY))
 
 
-@pytest.mark.parametrize("degrees", [90, -90, 180])
+@pytest.mark.parametrize("degrees", [90, -90, 180, 0])  # 0: an all-zero matrix
 def test_a_clip_stored_sideways_is_read_upright_by_every_decoder(clips, tmp_path, degrees):
     """Phones store portrait clips sideways, with a display matrix that says how to turn
     them: PyAV turns them as players do, and decord (which turns some and fails on others,
-    then PyAV decodes) gives the same."""
+    then PyAV decodes) gives the same. A degenerate (all-zero) matrix, which some broken
+    writers leave, turns nothing, as in players."""
     import struct
     path = clips / "train" / "left" / "0000.mp4"
     plain = DECODERS["av"](path, lambda n, fps: list(range(n)))
@@ -100,8 +101,8 @@ def test_a_clip_stored_sideways_is_read_upright_by_every_decoder(clips, tmp_path
     box = data.find(b"tkhd") - 4  # the track header: its matrix (9 fixed-point numbers)
     at = box + (60 if data[box + 8] == 1 else 48)
     one = 0x10000
-    cos, sin = {90: (0, one), -90: (0, -one), 180: (-one, 0)}[degrees]
-    data[at:at + 36] = struct.pack(">9i", cos, -sin, 0, sin, cos, 0, 0, 0, 0x40000000)
+    cos, sin = {90: (0, one), -90: (0, -one), 180: (-one, 0), 0: (0, 0)}[degrees]
+    data[at:at + 36] = struct.pack(">9i", cos, -sin, 0, sin, cos, 0, 0, 0, 0x40000000 if degrees else 0)
     (tmp_path / "turned.mp4").write_bytes(data)
     upright = np.rot90(plain, degrees // 90, axes=(1, 2))
     np.testing.assert_array_equal(DECODERS["av"](tmp_path / "turned.mp4", lambda n, fps: list(range(n))), upright)

@@ -152,8 +152,11 @@ def _upright(frame: av.VideoFrame) -> np.ndarray:
     portrait clip sideways and say so there). decord turns such clips itself or fails on
     them (PyAV then decodes), so that every decoder gives the clip upright."""
     rgb = frame.to_ndarray(format="rgb24")
-    turns = round(frame.rotation / 90) % 4  # (degrees counterclockwise, as np.rot90 turns)
-    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+    degrees = frame.rotation  # counterclockwise, as np.rot90 turns
+    # a degenerate matrix (all zeros, from some broken writers) reads as -2**31: players and
+    # ffmpeg show such a clip as stored
+    turns = round(degrees / 90) % 4 if -360 <= degrees <= 360 else 0
+    return np.rot90(rgb, turns)  # (a view: the frames are stacked into one copy)
 
 
 def _count_packets(path: Path) -> int:
