@@ -6,13 +6,15 @@
 #     bash benchmarks/gpu_check.sh [STEP ...]    # results and logs under $OUT (else benchmarks/results)
 #
 # STEPs, in this order by default: tests (tests/test_cuda.py), cost (training cost on ViT-B
-# at 224 px), step (where a LoSA step's time goes: launches or the GPU; a CUDA graph), loader
+# at 224 px), step (where a LoSA step's time goes: launches or the GPU; what torch.compile,
+# with and without CUDA graphs, and a CUDA graph of the whole step save), loader
 # (its throughput to the GPU), extract (extraction against the bare forward, fp32 and fp16),
 # sweep, cost-bf16 (the training cost under bf16 autocast). Each has its own time limit, so
 # one slow step cannot cost the others their results. Measured on an H200 machine: tests
 # 30 s, cost 130 s, loader 60 s (without its GPU rows), extract 80 s, sweep 60 s, cost-bf16
-# over 100 s (step not run there yet): all of them outlast one 10-minute command, so split
-# them (`tests cost step loader`, then `extract sweep cost-bf16`). The device tool
+# over 100 s (step not run there yet: its two compiles may take minutes, and its rows are
+# printed as they come): all of them outlast one 10-minute command, so split them
+# (`tests step loader`, then `cost extract sweep`, then `cost-bf16`). The device tool
 # brings back 8 files at most: the figures' JSON, this log and pytest's whole output come
 # back as they are, the PNGs in one png.tar, added to after each step.
 set -uo pipefail
@@ -40,7 +42,7 @@ for step in "${@:-tests cost step loader extract sweep cost-bf16}"; do
       cost-bf16) bench 150 training_cost.py --device cuda --model vit_base --img-size 224 --n 512 --precision bf16 ;;
       extract) bench 100 extract_throughput.py --device cuda --model vit_base_patch16_224 --img-size 224 \
                  --n 768 --dtypes fp16,int8 --precisions fp32,fp16 --workers 8 ;;
-      step) bench 90 losa_step.py --device cuda --model vit_base --img-size 224 ;;
+      step) bench 300 losa_step.py --device cuda --model vit_base --img-size 224 ;;
       loader) bench 100 loader_throughput.py ;;
       sweep) bench 90 sweep_cost.py --device cuda --model vit_base --img-size 224 --epochs 1 ;;
       *) echo "unknown step $s (tests, cost, step, loader, extract, sweep, cost-bf16)"; exit 2 ;;

@@ -8,9 +8,11 @@ with the batch already on the device (what `--preload` gives). Reports per step:
 time (steps run back to back, as training runs them), the kernels launched (on a CPU,
 the ATen ops that do the work) and, on CUDA, the time the GPU spends running them. A GPU
 time far below the wall time means the step waits on the host launching its kernels (a
-CUDA graph or fused kernels would pay); about the same means it waits on the GPU. On CUDA
-the same step is also captured in a CUDA graph and replayed, which measures what that
-would save. Writes benchmarks/results/losa_step_<cpu|cuda>.json.
+CUDA graph or fused kernels would pay); about the same means it waits on the GPU. The
+same step is then run with the model through torch.compile (`fit --compile`: fused
+kernels), and on CUDA also compiled with CUDA graphs (mode reduce-overhead) and captured
+whole in a CUDA graph and replayed (the most a graph could save). Compile time is
+reported apart. Writes benchmarks/results/losa_step_<cpu|cuda>.json.
 """
 
 from __future__ import annotations
@@ -46,12 +48,14 @@ def build(args: argparse.Namespace, device: torch.device):
     return model, tokens, labels
 
 
-def make_step(model: torch.nn.Module, device: torch.device, capturable: bool = False):
+def make_step(model: torch.nn.Module, device: torch.device, capturable: bool = False, net=None):
+    """`net`: what runs the forward (model compiled, say); `model` by default."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True, capturable=capturable)
+    net = model if net is None else net
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(net(x), y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -78,7 +82,7 @@ def per_step(run, n: int, device: torch.device) -> float:
 
 
 def profiled(run, device: torch.device) -> tuple[int, float | None]:
-    """(kernels one step launches, GPU seconds they run; None on a CPU)."""
+    """(kernels one step launches, GPU milliseconds they run; None on a CPU)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         run()
@@ -87,7 +91,7 @@ def profiled(run, device: torch.device) -> tuple[int, float | None]:
     events = prof.events()
     if device.type == "cuda":
         kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-        return len(kernels), sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+        return len(kernels), sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
     work = [e for e in events if e.name.startswith("aten::") and e.name not in NO_WORK
             and not any(c.name.startswith("aten::") and c.name not in NO_WORK for c in e.cpu_children)]
     return len(work), None
@@ -111,6 +115,32 @@ def graphed(model, tokens, labels, device: torch.device, n: int) -> float:
     return per_step(graph.replay, n, device)
 
 
+def compiled(model, tokens, labels, device: torch.device, n: int, mode: str | None) -> dict:
+    """Milliseconds per step with the model through torch.compile, and seconds compiling."""
+    torch._dynamo.reset()  # (each mode compiles from scratch)
+    eager, _, _ = make_step(model, device, net=torch.compile(model, mode=mode))
+    run = lambda: eager(tokens, labels)  # noqa: E731
+    t0 = time.perf_counter()
+    for _ in range(3):  # (reduce-overhead records its graphs at the second and third)
+        run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    row = {"step_ms": 1e3 * per_step(run, n, device), "compile_s": time.perf_counter() - t0}
+    if device.type == "cuda":  # (on a CPU the fused kernels are no ATen ops to count)
+        row |= dict(zip(("kernels", "gpu_ms"), profiled(run, device)))
+    return row
+
+
+def print_row(r: dict, eager_ms: float) -> None:
+    if "error" in r:
+        print(f"| {r['mode']} | failed: {r['error']} | | | | |", flush=True)
+        return
+    gpu = "" if r.get("gpu_ms") is None else f"{r['gpu_ms']:.1f}"
+    took = f"{r['compile_s']:.0f}" if "compile_s" in r else ""
+    print(f"| {r['mode']} | {r['step_ms']:.1f} | {eager_ms / r['step_ms']:.2f}x | "
+          f"{r.get('kernels', '')} | {gpu} | {took} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="vit_base")
@@ -121,30 +151,31 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     model, tokens, labels = build(args, device)
+    print(f"\nLoSA training step: {args.model} at {args.img_size} px ({tokens.shape[1]} taps x "
+          f"{tokens.shape[2]} tokens x {tokens.shape[3]}), batch {args.batch_size}, {machine()}\n")
+    print("| mode | step (ms) | vs eager | kernels | GPU busy (ms) | compile (s) |")
+    print("|---|---:|---:|---:|---:|---:|")
     eager, _, _ = make_step(model, device)
     run = lambda: eager(tokens, labels)  # noqa: E731
     for _ in range(3):  # allocator, cuBLAS handles, kernel selection
         run()
-    rows = [{"mode": "eager", "step_ms": 1e3 * per_step(run, args.steps, device)}]
-    kernels, gpu_s = profiled(run, device)
-    rows[0] |= {"kernels": kernels, "gpu_ms": None if gpu_s is None else 1e3 * gpu_s}
+    modes = {"eager": lambda: {"step_ms": 1e3 * per_step(run, args.steps, device)}
+             | dict(zip(("kernels", "gpu_ms"), profiled(run, device)))}
+    modes["torch.compile"] = lambda: compiled(model, tokens, labels, device, args.steps, None)
     if device.type == "cuda":
-        try:
-            rows.append({"mode": "CUDA graph", "step_ms": 1e3 * graphed(model, tokens, labels, device, args.steps)})
-        except Exception as e:  # what capture refuses is itself the finding
-            rows.append({"mode": "CUDA graph", "error": f"{type(e).__name__}: {e}"[:300]})
-    print(f"\nLoSA training step: {args.model} at {args.img_size} px ({tokens.shape[1]} taps x "
-          f"{tokens.shape[2]} tokens x {tokens.shape[3]}), batch {args.batch_size}, {machine()}\n")
-    print("| mode | step (ms) | kernels | GPU busy (ms) |")
-    print("|---|---:|---:|---:|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['mode']} | failed: {r['error']} | | |")
-            continue
-        gpu = "" if r.get("gpu_ms") is None else f"{r['gpu_ms']:.1f}"
-        print(f"| {r['mode']} | {r['step_ms']:.1f} | {r.get('kernels', '')} | {gpu} |")
+        modes["torch.compile reduce-overhead"] = lambda: compiled(model, tokens, labels, device, args.steps,
+                                                                  "reduce-overhead")
+        modes["CUDA graph"] = lambda: {"step_ms": 1e3 * graphed(model, tokens, labels, device, args.steps)}
     meta = {"machine": machine(), "model": args.model, "img_size": args.img_size, "batch_size": args.batch_size}
-    print(f"\nwritten: {save(f'losa_step_{device.type}', {**meta, 'rows': rows})}")
+    rows = []
+    for mode, measure in modes.items():  # each row printed and saved as it comes (a time limit may cut the rest)
+        try:
+            rows.append({"mode": mode, **measure()})
+        except Exception as e:  # what compile or capture refuses is itself the finding
+            rows.append({"mode": mode, "error": f"{type(e).__name__}: {e}"[:300]})
+        print_row(rows[-1], rows[0]["step_ms"])
+        written = save(f"losa_step_{device.type}", {**meta, "rows": rows})
+    print(f"\nwritten: {written}")
 
 
 if __name__ == "__main__":

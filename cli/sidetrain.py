@@ -60,6 +60,11 @@ HELP = {
                "later epochs run at the GPU's own speed (streamed, the host's copies set the "
                "pace). The same batches and results; refused before the first epoch when "
                "they would leave training less than a fifth of the free memory.",
+    "compile": "Run LoSA's training step through torch.compile, which fuses its many small "
+               "operations into few kernels: after a minute or so of compiling (per "
+               "configuration in a sweep), steps ran 1.4x (ViT-S, 112 px) and 1.15x (ViT-B, "
+               "224 px) as fast on a 2-core CPU. The results equal an uncompiled run's up to "
+               "float rounding; needs a C++ compiler on a CPU (Triton on a GPU).",
     "json": "Print the result as JSON on stdout.",
 }
 
@@ -94,6 +99,7 @@ def fit_cmd(
     precision: str = typer.Option("fp32", help=HELP["precision"]),
     device: str = typer.Option("auto", help=HELP["train_device"]),
     preload: bool = typer.Option(False, help=HELP["preload"]),
+    compile_: bool = typer.Option(False, "--compile/--no-compile", help=HELP["compile"]),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder. Default: "
                                            "./runs/<store>-<method>[-r<rank>]-s<seed>."),
     as_json: bool = typer.Option(False, "--json", help=HELP["json"]),
@@ -109,7 +115,8 @@ def fit_cmd(
                       temporal=temporal, prefix_mixing=prefix_mixing, mlp_hidden=mlp_hidden, taps=taps,
                       epochs=epochs, lr=lr, weight_decay=weight_decay, warmup=warmup,
                       label_smoothing=label_smoothing, grad_clip=grad_clip, batch_size=batch_size,
-                      seed=seed, precision=precision, device=device, preload=preload, out=out_dir))
+                      seed=seed, precision=precision, device=device, preload=preload, compile=compile_,
+                      out=out_dir))
     if as_json:
         emit_json(r.to_json())
         return
@@ -154,6 +161,7 @@ def sweep_cmd(
     precision: str = typer.Option("fp32", help=HELP["precision"]),
     device: str = typer.Option("auto", help=HELP["train_device"]),
     preload: bool = typer.Option(False, help=HELP["preload"]),
+    compile_: bool = typer.Option(False, "--compile/--no-compile", help=HELP["compile"]),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the runs, sweep.json "
                                            "and pareto.png. Default: runs/<store>-sweep."),
     as_json: bool = typer.Option(False, "--json", help=HELP["json"]),
@@ -171,7 +179,7 @@ def sweep_cmd(
     out_dir = out_dir or Path("runs") / f"{location.name(cache)}-sweep"
     results = sweep(FitConfig(cache=cache, zero_init=zero_init, temporal=temporal, taps=taps,
                               epochs=epochs, batch_size=batch_size, precision=precision,
-                              device=device, preload=preload), grid, out_dir)
+                              device=device, preload=preload, compile=compile_), grid, out_dir)
     results.sort(key=lambda r: (r.val_acc is None, -(r.val_acc or 0), r.val_loss))  # (None: stopped at once)
     if as_json:
         emit_json([r.to_json() for r in results])

@@ -161,13 +161,22 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
     filter_fn = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
         sd = filter_fn(sd, model)
+    ask = ("Are these the weights of this architecture (--model; for predict, the run's "
+           "store's model)?")
+    own = model.state_dict()
+    # (torch's own refusal lists every tensor that differs: a page per block)
+    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        key, theirs, ours = wrong[0]
+        raise UserError(f"{path} does not fit {type(model).__name__}: {len(wrong)} of its tensors "
+                        f"have other shapes than the model's, e.g. {key}: {theirs} in the file, "
+                        f"{ours} in the model. {ask}")
     result = model.load_state_dict(sd, strict=False)
     unexpected = [k for k in result.unexpected_keys if not k.startswith("head")]
     if result.missing_keys or unexpected:
         raise UserError(f"{path} does not fit {type(model).__name__}: missing "
-                        f"{result.missing_keys[:5]}, unexpected {unexpected[:5]}. "
-                        "Are these the weights of this architecture (--model; for predict, the "
-                        "run's store's model)?")
+                        f"{result.missing_keys[:5]}, unexpected {unexpected[:5]}. {ask}")
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

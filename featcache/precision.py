@@ -53,11 +53,11 @@ def pick_device(device: str) -> str:
 @functools.cache  # (once per process: a sweep picks a device per configuration)
 def crowded_cpu_note() -> None:
     """Say so when other jobs already keep the cores busy: torch's threads then wait on one
-    another, and a CPU run took several times as long here as with OMP_NUM_THREADS=1
+    another, and a CPU run took up to 60 times as long here as with OMP_NUM_THREADS=1
     (README "Threads"). Silent where the user has set the threads, or on one thread."""
     cores, threads = os.cpu_count() or 1, torch.get_num_threads()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if load > 2 * cores and threads > 1 and "OMP_NUM_THREADS" not in os.environ:
+    if load > cores and threads > 1 and "OMP_NUM_THREADS" not in os.environ:
         note(f"the load average here is {load:.1f} on {cores} cores: other jobs hold them, and "
              f"torch's {threads} threads would wait on them. Set OMP_NUM_THREADS to the cores "
              "that are free (1 if none): several times faster on a crowded machine.")

@@ -15,7 +15,8 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -51,7 +52,7 @@ CHECK_EVERY = 100  # steps between reads of the running loss: each read waits fo
 ONE_PASS = ("cache", "batch_size", "epochs", "device", "precision", "preload")
 # options that change how a run is computed, not what: left out of its records, so that a
 # run goes on with or without them
-NOT_RECORDED = ("preload",)
+NOT_RECORDED = ("preload", "compile")
 NAN_HINT = ("lower --lr (a store made before featcache refused NaN or Inf tokens may hold "
             "some: `featcache verify` says).")
 
@@ -85,6 +86,7 @@ class FitConfig:
     precision: str = "fp32"  # autocast on CUDA: bf16 or fp16 (with loss scaling)
     device: str = "auto"  # cuda where torch sees a GPU, else cpu (featcache.precision.pick_device)
     preload: bool = False  # train and val splits held in the device's memory (ShardLoader); not in config.json
+    compile: bool = False  # LoSA's training step through torch.compile; not in config.json
     out: Path | None = None  # default: runs/<store>-<method>[-r<rank>]-s<seed>
 
     def spec(self) -> ModelSpec:
@@ -135,6 +137,20 @@ class FitResult:
         d = {k: v for k, v in vars(self).items() if k != "config"}
         config = {k: v for k, v in self.config.to_json().items() if k not in NOT_RECORDED}
         return {**d, "run": str(self.run), "config": config}
+
+
+@contextmanager
+def _compile_errors(first: bool) -> Iterator[None]:
+    """A failure of torch.compile at the `first` compiled step (it compiles then: no C++
+    compiler, an operation it cannot trace) said as what to do about it."""
+    try:
+        yield
+    except Exception as e:
+        if not first or isinstance(e, UserError):
+            raise
+        raise UserError(f"--compile: torch.compile failed on this machine ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}). "
+                        "Train without --compile.") from e
 
 
 def side_precision(precision: str, device: str | torch.device) -> str:
@@ -255,6 +271,10 @@ class Trainer:
         # train their head alone on its output.
         self.probe = self.model.side is None
         self.net = self.model.head if self.probe else self.model
+        # torch.compile fuses the side network's many small operations (a step on a GPU
+        # waits on launching them). An epoch's last, smaller batch runs uncompiled rather
+        # than compiling a second graph; a probe's linear head has nothing to fuse.
+        self.compiled = torch.compile(self.model) if cfg.compile and not self.probe else None
         self.readout_key = (self.model.readout.head_input, tuple(self.layers))
         self.params = trainable_parameters(self.model)
         # fused: one kernel for all parameters. A LoSA step on ViT-S (112 px, batch 32, CPU)
@@ -271,6 +291,7 @@ class Trainer:
         self.best: dict = {"val_acc": -1.0, "val_loss": math.inf, "epoch": -1}
         self.best_state: dict[str, torch.Tensor] = {}
         self.resumed = False  # whether the run folder held a checkpoint or a finished run
+        self.compiled_once = False  # whether a compiled step has run (compiling it)
         self.finished = False  # whether the run folder held all its epochs when it was resumed
         self.failed: str | None = None
         self.rng = _get_rng(self.device)  # own dropout stream: a sweep trains as `fit` would
@@ -300,6 +321,10 @@ class Trainer:
         held = ckpt.is_file() or adapter.is_file() or summary is not None  # (a stopped run's too)
         if (self.run / "config.json").is_file() and held:
             self._check_same_run()
+        elif not (self.run / "config.json").is_file() and self.run.is_dir() and any(self.run.iterdir()):
+            what = "a featcache store" if (self.run / "zarr.json").is_file() else "not a run folder"
+            raise UserError(f"{self.run} exists, is not empty and is {what}: a run would write its "
+                            "files among what it holds. Choose another --out.")
         if not ckpt.is_file() and not final:
             return
         self.resumed = True
@@ -383,10 +408,14 @@ class Trainer:
             g["lr"] = lr_at(self.step, self.total, cfg.lr, self.warmup)
         _set_rng(self.device, self.rng)
         self.model.train()
-        with autocast(self.device.type, self.precision):
-            loss = F.cross_entropy(self.net(x), labels, label_smoothing=cfg.label_smoothing)
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        compiled = self.compiled is not None and len(x) == cfg.batch_size
+        with _compile_errors(compiled and not self.compiled_once):
+            with autocast(self.device.type, self.precision):
+                loss = F.cross_entropy((self.compiled if compiled else self.net)(x), labels,
+                                       label_smoothing=cfg.label_smoothing)
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+        self.compiled_once |= compiled
         if cfg.grad_clip:
             self.scaler.unscale_(self.opt)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)

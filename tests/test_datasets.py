@@ -211,6 +211,15 @@ def test_vit_families_extract_with_their_prefix_tokens(tmp_path, name, size, lay
     torch.testing.assert_close(ours, own, atol=1e-5, rtol=1e-5)
 
 
+def test_a_store_inside_its_dataset_folder_is_no_class_of_it(image_folder):
+    """`extract --dataset imgs --out imgs/feat` twice: the second run finds the same classes."""
+    out = image_folder / "feat"
+    extract(ExtractConfig(dataset=str(image_folder), out=out, **TINY))
+    assert open_dataset(str(image_folder)).classes == ["class0", "class1", "class2"]
+    again = extract(ExtractConfig(dataset=str(image_folder), out=out, **TINY))  # (not refused)
+    assert again.status == "already complete"
+
+
 def test_a_manifest_read_under_another_root_is_another_source(tmp_path):
     """The same manifest with another --data-root reads other files: no store may be reused."""
     (tmp_path / "labels.csv").write_text("path,label,split\n" + "".join(

@@ -291,6 +291,31 @@ def test_preloading_changes_where_batches_come_from_not_the_run(fp32_store, tmp_
     assert again.test_acc == plain.test_acc
 
 
+def test_a_compiled_step_trains_the_run_an_uncompiled_one_does(fp32_store, tmp_path, monkeypatch):
+    """--compile runs full batches through torch.compile (the last, partial one uncompiled):
+    the same run up to float rounding, recorded alike. A compiler that fails is said as such."""
+    cfg = FitConfig(cache=fp32_store, rank=2, epochs=2, batch_size=5)  # 24 samples: 5 batches
+    plain = fit(replace(cfg, out=tmp_path / "plain"))
+    calls = []
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m: calls.append(m) or compile_(m))
+    fast = fit(replace(cfg, out=tmp_path / "fast", compile=True))
+    assert len(calls) == 1
+    np.testing.assert_allclose([h["val_loss"] for h in fast.history],
+                               [h["val_loss"] for h in plain.history], rtol=1e-5)
+    config = json.loads((tmp_path / "fast" / "config.json").read_text())
+    assert config == json.loads((tmp_path / "plain" / "config.json").read_text()) | {"out": config["out"]}
+
+    def fails(model):
+        def run(x):
+            raise RuntimeError("CppCompileError: no C++ compiler\n(the rest of its log)")
+        return run
+    monkeypatch.setattr(torch, "compile", fails)
+    with pytest.raises(UserError, match=r"torch.compile failed on this machine \(RuntimeError: "
+                                        r"CppCompileError: no C\+\+ compiler\)\. Train without --compile"):
+        fit(replace(cfg, out=tmp_path / "broken", compile=True))
+
+
 def test_batches_made_ahead_come_in_order_and_stop_with_their_consumer():
     """For a GPU the loader makes the next batch in a thread while this one trains."""
     made = []
@@ -340,6 +365,18 @@ def test_a_buffer_fill_draws_from_across_the_split(fp32_store):
     _, batches, _ = next(loader.plan(0))
     drawn = np.concatenate(batches)
     assert len(np.unique(drawn // split.shard_size)) > 10 // split.shard_size
+
+
+def test_a_run_is_not_written_among_other_files(fp32_store, tmp_path):
+    """--out naming a folder of other files, or the store itself, is refused untouched."""
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in fp32_store.iterdir())
+    for out, what in ((tmp_path / "notes", "not a run folder"), (fp32_store, "a featcache store")):
+        with pytest.raises(UserError, match=f"exists, is not empty and is {what}.*another --out"):
+            fit(FitConfig(cache=fp32_store, rank=2, epochs=1, out=out))
+    assert [p.name for p in (tmp_path / "notes").iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in fp32_store.iterdir()) == before
 
 
 def test_a_sweep_with_a_bad_configuration_leaves_no_run_folder(fp32_store, tmp_path):

@@ -18,7 +18,10 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 def _class_dirs(folder: Path) -> list[str]:
-    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    """The folders under `folder`, less hidden ones and stores (zarr.json): a store
+    extracted into its own dataset's folder is no class of it when extract runs again."""
+    return sorted(d.name for d in folder.iterdir()
+                  if d.is_dir() and not d.name.startswith(".") and not (d / "zarr.json").exists())
 
 
 def _scan(root: Path, folder: Path, classes: list[str], suffixes: set[str]
