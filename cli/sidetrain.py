@@ -214,7 +214,9 @@ def predict_cmd(images: list[Path] = typer.Argument(..., metavar="FILES", help="
                                                      "(frames sampled as the store recorded; whole clips)."),
                 run_dir: Path = typer.Option(..., "--run", help="A run folder from fit or sweep."),
                 weights: Optional[Path] = typer.Option(None, help="The backbone weights file the "
-                                                       "store was extracted with, if it came from one."),
+                                                       "store was extracted with, if it came from one "
+                                                       "(default: that file's name in the current "
+                                                       "folder, if its sha256 matches)."),
                 device: str = typer.Option("auto", help=HELP["device"]),
                 top: int = typer.Option(1, help="How many classes to give per file, likeliest "
                                         "first (each with its probability)."),

@@ -20,8 +20,8 @@ from .store import Store
 @dataclass
 class VerifyReport:
     path: str
-    shards: int = 0
-    samples: int = 0  # stored samples read back (rows of unreadable inputs left out)
+    shards: int = 0  # shards checked: all that are flagged done, damaged or not
+    samples: int = 0  # stored samples read back sound (rows of unreadable inputs left out)
     skipped: int = 0  # rows of unreadable inputs in those shards (label -1, no tokens)
     problems: list[str] = field(default_factory=list)
 
@@ -62,6 +62,7 @@ def verify(store: Store, progress: Progress | None = None) -> VerifyReport:
         s = split.shard_size
         task = progress.add_task(f"verify {name}", total=len(split.done)) if progress else None
         for k in np.flatnonzero(split.done):
+            report.shards += 1
             if k in lost:
                 continue
             lo, hi = k * s, min((k + 1) * s, split.n)
@@ -69,7 +70,9 @@ def verify(store: Store, progress: Progress | None = None) -> VerifyReport:
                 tokens = split.tokens[lo:hi]
                 scales = split.scales[lo:hi] if split.scales is not None else None
             except Exception as e:  # a checksum mismatch or an unreadable shard file
-                report.problems.append(f"{name}: shard {k} (samples {lo}-{hi - 1}) unreadable: {e}")
+                why = ("its bytes changed since they were written (a checksum does not match)"
+                       if "checksum" in str(e).lower() else f"unreadable: {str(e).splitlines()[0][:200]}")
+                report.problems.append(f"{name}: shard {k} (samples {lo}-{hi - 1}) is damaged: {why}")
                 continue
             z = decode(torch.from_numpy(tokens), store.dtype,
                        None if scales is None else torch.from_numpy(scales),
@@ -82,7 +85,6 @@ def verify(store: Store, progress: Progress | None = None) -> VerifyReport:
             if empty.any():
                 report.problems.append(f"{name}: samples {_few(lo + np.flatnonzero(empty))} "
                                        "are all zeros (missing data)")
-            report.shards += 1
             stored = int((split.labels[lo:hi] >= 0).sum())
             report.samples += stored
             report.skipped += int(hi - lo) - stored

@@ -22,7 +22,7 @@ from torchvision.transforms import Compose
 from featcache.console import note
 from featcache.errors import UserError
 from featcache.location import Location, exists, join
-from featcache.models import TokenLayout, load_backbone
+from featcache.models import TokenLayout, file_sha256, load_backbone
 from featcache.precision import autocast, pick_device
 from featcache.sources.base import to_rgb
 from featcache.sources.imagefolder import IMAGE_SUFFIXES
@@ -185,8 +185,12 @@ def _backbone_for(config: dict, weights: Path | None):
         bb = load_backbone(s["model"]["name"], random_init=True, img_size=img_size,
                            seed=int(source.split("=")[1]))
     elif source.startswith("file:") and weights is None:
-        raise UserError(f"the run's backbone weights came from the file {source[5:]}: pass it "
-                        "with --weights.")
+        here = Path(source[5:])  # (the store keeps the file's name and hash, not where it lay)
+        if not (here.is_file() and file_sha256(here) == s["weights"].get("file_sha256")):
+            raise UserError(f"the run's backbone weights came from the file {source[5:]}: pass it "
+                            "with --weights.")
+        note(f"backbone weights: ./{here}, the file the run's store was extracted with (its sha256).")
+        bb = load_backbone(s["model"]["name"], weights=here, img_size=img_size)
     else:
         bb = load_backbone(s["model"]["name"], weights=weights, img_size=img_size)
     if bb.weights["sha256"] != s["weights"]["sha256"]:
@@ -282,7 +286,8 @@ class Predictor:
 
 def load_predictor(run: Path | str, weights: Path | None = None, device: str = "auto") -> Predictor:
     """The run's adapter on the backbone its store was extracted with (rebuilt and checked
-    by its hash: `weights` is the file it came from, if it came from one)."""
+    by its hash: `weights` is the file it came from, if it came from one; by default the
+    file of that name in the current folder, when its hash is the one recorded)."""
     device = pick_device(device)
     config, state = load_run(run)
     bb = _backbone_for(config, weights)

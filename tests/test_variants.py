@@ -453,3 +453,26 @@ def test_predict_on_raw_images_equals_the_cached_path(image_folder, tmp_path, ru
     assert cli.returncode == 1 and "empty.png" in cli.stderr and cli.stdout.startswith(files[1])
     path, first, p1, second, p2 = cli.stdout.strip().split("\t")  # the two likeliest, in order
     assert first == good["class"] and first != second and float(p1) >= float(p2)
+
+
+def test_predict_finds_the_weights_file_by_its_name_and_hash(image_folder, tmp_path, monkeypatch, capsys):
+    """A store extracted with --weights w.safetensors: predict takes ./w.safetensors when
+    its hash is the recorded one, and asks for --weights otherwise."""
+    import timm
+    from safetensors.torch import save_file
+    src = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32)
+    (tmp_path / "lab").mkdir()
+    weights = tmp_path / "lab" / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(weights))
+    tiny = {k: v for k, v in TINY.items() if k != "random_init"}
+    extract(ExtractConfig(dataset=str(image_folder), out=tmp_path / "store", weights=weights, **tiny))
+    r = fit(FitConfig(cache=tmp_path / "store", rank=2, epochs=1, batch_size=4, out=tmp_path / "run"))
+    image = next(image_folder.rglob("*.png"))
+    with pytest.raises(UserError, match="came from the file w.safetensors: pass it with --weights"):
+        predict(r.run, [image])  # (not in the current folder)
+    monkeypatch.chdir(tmp_path / "lab")
+    assert predict(r.run, [image]) == predict(r.run, [image], weights=weights)
+    assert "backbone weights: ./w.safetensors" in capsys.readouterr().err
+    save_file({k: v.contiguous() + 1 for k, v in src.state_dict().items()}, str(weights))  # another file
+    with pytest.raises(UserError, match="pass it with --weights"):
+        predict(r.run, [image])
