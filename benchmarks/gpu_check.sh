@@ -12,8 +12,9 @@
 # sweep, cost-bf16 (the training cost under bf16 autocast). Each has its own time limit, so
 # one slow step cannot cost the others their results. Measured on an H200 machine: tests
 # 30 s, cost 130 s, loader 60 s (without its GPU rows), extract 80 s, sweep 60 s, cost-bf16
-# over 100 s (step not run there yet: its two compiles may take minutes, and its rows are
-# printed as they come): all of them outlast one 10-minute command, so split them
+# over 100 s (before cost had its compiled row; step not run there yet: its two compiles
+# may take minutes, and its rows are printed as they come): all of them outlast one
+# 10-minute command, so split them
 # (`tests step loader`, then `cost extract sweep`, then `cost-bf16`). The device tool
 # brings back 8 files at most: the figures' JSON, this log and pytest's whole output come
 # back as they are, the PNGs in one png.tar, added to after each step.
@@ -38,8 +39,8 @@ for step in "${@:-tests cost step loader extract sweep cost-bf16}"; do
     echo "== $s" | tee -a "$log"
     case $s in
       tests) timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/pytest.log" | tail -30 | tee -a "$log" ;;
-      cost) bench 150 training_cost.py --device cuda --model vit_base --img-size 224 --n 512 ;;
-      cost-bf16) bench 150 training_cost.py --device cuda --model vit_base --img-size 224 --n 512 --precision bf16 ;;
+      cost) bench 240 training_cost.py --device cuda --model vit_base --img-size 224 --n 512 ;;
+      cost-bf16) bench 240 training_cost.py --device cuda --model vit_base --img-size 224 --n 512 --precision bf16 ;;
       extract) bench 100 extract_throughput.py --device cuda --model vit_base_patch16_224 --img-size 224 \
                  --n 768 --dtypes fp16,int8 --precisions fp32,fp16 --workers 8 ;;
       step) bench 300 losa_step.py --device cuda --model vit_base --img-size 224 ;;

@@ -131,13 +131,14 @@ def compiled(model, tokens, labels, device: torch.device, n: int, mode: str | No
     return row
 
 
-def print_row(r: dict, eager_ms: float) -> None:
+def print_row(r: dict, eager_ms: float | None) -> None:
     if "error" in r:
         print(f"| {r['mode']} | failed: {r['error']} | | | | |", flush=True)
         return
     gpu = "" if r.get("gpu_ms") is None else f"{r['gpu_ms']:.1f}"
     took = f"{r['compile_s']:.0f}" if "compile_s" in r else ""
-    print(f"| {r['mode']} | {r['step_ms']:.1f} | {eager_ms / r['step_ms']:.2f}x | "
+    ratio = "" if eager_ms is None else f"{eager_ms / r['step_ms']:.2f}x"
+    print(f"| {r['mode']} | {r['step_ms']:.1f} | {ratio} | "
           f"{r.get('kernels', '')} | {gpu} | {took} |", flush=True)
 
 
@@ -173,7 +174,7 @@ def main() -> None:
             rows.append({"mode": mode, **measure()})
         except Exception as e:  # what compile or capture refuses is itself the finding
             rows.append({"mode": mode, "error": f"{type(e).__name__}: {e}"[:300]})
-        print_row(rows[-1], rows[0]["step_ms"])
+        print_row(rows[-1], rows[0].get("step_ms"))
         written = save(f"losa_step_{device.type}", {**meta, "rows": rows})
     print(f"\nwritten: {written}")
 

@@ -8,6 +8,9 @@ writes benchmarks/results/training_cost_<cpu|cuda>_<model>[_bf16].json and .png.
 
 - losa-cache:  LoSA trained from the store (what sidetrain does);
 - losa-preload: the same with the split held in the GPU's memory (`fit --preload`; CUDA only);
+- losa-compiled: losa-cache through torch.compile (`fit --compile`; on CUDA also preloaded: the
+               fastest LoSA there is); its compiling falls in the untimed first epoch, and
+               its "saved for backward" is the uncompiled model's;
 - losa-e2e:    the same LoSA with the frozen backbone run forward every step;
 - linear:      the linear probe from the store;
 - full-ft:     full fine-tuning (every backbone weight and a head);
@@ -56,7 +59,7 @@ from sidetrain import EndToEnd, ModelSpec, ShardLoader, build_classifier
 
 from common import bar_chart, machine, save, scratch
 
-METHODS = ("losa-cache", "losa-preload", "losa-e2e", "linear", "full-ft", "lora", "adapter")
+METHODS = ("losa-cache", "losa-preload", "losa-compiled", "losa-e2e", "linear", "full-ft", "lora", "adapter")
 
 
 class LoRA(nn.Module):
@@ -138,13 +141,14 @@ def run_one(args) -> dict:
     split = open_dataset(args.images).splits["train"]
     labels = torch.from_numpy(split.labels)
     dataset = 0  # bytes of decoded images held, not counted (see the module doc)
-    if args.method in ("losa-cache", "losa-preload", "linear"):
+    if args.method in ("losa-cache", "losa-preload", "losa-compiled", "linear"):
         # the pool head, as the fine-tuned baselines' heads read the pooled feature
         spec = ModelSpec("linear" if args.method == "linear" else "losa", rank=16, head_input="pool")
         model = build_classifier(spec, store, seed=0).to(device)
         loader = ShardLoader(store, "train", args.batch_size, shuffle=True, recycle=True,  # as fit reads
                              layers=[-1] if args.method == "linear" else None, device=device,
-                             preload=args.method == "losa-preload")
+                             preload=args.method == "losa-preload"
+                             or (args.method == "losa-compiled" and device.type == "cuda"))
         batches = lambda: ((b.tokens, b.labels) for b in loader.epoch(0))  # noqa: E731
     else:
         bb = load_backbone(args.model, random_init=True, img_size=args.img_size)
@@ -162,6 +166,8 @@ def run_one(args) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     with autocast(device.type, args.precision):
         saved = saved_bytes(model, next(batches())[0])
+    if args.method == "losa-compiled":
+        model = torch.compile(model)
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     times = []
     for _ in range(args.epochs):  # the first warms up (allocator, caches); the best of the rest

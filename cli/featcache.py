@@ -240,7 +240,7 @@ def verify_cmd(path: str = typer.Argument(..., metavar="STORE", help="A store fo
         for p in report.problems:
             out.print(f"[red]problem:[/] {p}")
         out.print(f"{'OK' if report.ok else 'FAILED'}: {report.path}: {report.shards} shards checked, "
-                  f"{report.samples:,} samples read back sound"
+                  f"{report.samples:,} samples read back"
                   + (f" ({report.skipped:,} skipped: unreadable inputs, no tokens)" if report.skipped else "")
                   + f", {len(report.problems)} problem(s)")
     if not report.ok:

@@ -64,7 +64,8 @@ HELP = {
                "operations into few kernels: after a minute or so of compiling (per "
                "configuration in a sweep), steps ran 1.4x (ViT-S, 112 px) and 1.15x (ViT-B, "
                "224 px) as fast on a 2-core CPU. The results equal an uncompiled run's up to "
-               "float rounding; needs a C++ compiler on a CPU (Triton on a GPU).",
+               "float rounding (with --dropout, its masks are drawn otherwise); needs a C++ "
+               "compiler on a CPU (Triton on a GPU).",
     "json": "Print the result as JSON on stdout.",
 }
 

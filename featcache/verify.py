@@ -21,7 +21,7 @@ from .store import Store
 class VerifyReport:
     path: str
     shards: int = 0  # shards checked: all that are flagged done, damaged or not
-    samples: int = 0  # stored samples read back sound (rows of unreadable inputs left out)
+    samples: int = 0  # stored samples read back (rows of unreadable inputs left out)
     skipped: int = 0  # rows of unreadable inputs in those shards (label -1, no tokens)
     problems: list[str] = field(default_factory=list)
 
@@ -71,7 +71,8 @@ def verify(store: Store, progress: Progress | None = None) -> VerifyReport:
                 scales = split.scales[lo:hi] if split.scales is not None else None
             except Exception as e:  # a checksum mismatch or an unreadable shard file
                 why = ("its bytes changed since they were written (a checksum does not match)"
-                       if "checksum" in str(e).lower() else f"unreadable: {str(e).splitlines()[0][:200]}")
+                       if "checksum" in str(e).lower() else
+                       f"unreadable: {(str(e).splitlines() or [type(e).__name__])[0][:200]}")
                 report.problems.append(f"{name}: shard {k} (samples {lo}-{hi - 1}) is damaged: {why}")
                 continue
             z = decode(torch.from_numpy(tokens), store.dtype,

@@ -22,7 +22,7 @@ from torchvision.transforms import Compose
 from featcache.console import note
 from featcache.errors import UserError
 from featcache.location import Location, exists, join
-from featcache.models import TokenLayout, file_sha256, load_backbone
+from featcache.models import TokenLayout, load_backbone
 from featcache.precision import autocast, pick_device
 from featcache.sources.base import to_rgb
 from featcache.sources.imagefolder import IMAGE_SUFFIXES
@@ -186,11 +186,14 @@ def _backbone_for(config: dict, weights: Path | None):
                            seed=int(source.split("=")[1]))
     elif source.startswith("file:") and weights is None:
         here = Path(source[5:])  # (the store keeps the file's name and hash, not where it lay)
-        if not (here.is_file() and file_sha256(here) == s["weights"].get("file_sha256")):
-            raise UserError(f"the run's backbone weights came from the file {source[5:]}: pass it "
+        if not here.is_file():
+            raise UserError(f"the run's backbone weights came from the file {here}: pass it "
                             "with --weights.")
-        note(f"backbone weights: ./{here}, the file the run's store was extracted with (its sha256).")
         bb = load_backbone(s["model"]["name"], weights=here, img_size=img_size)
+        if bb.weights["sha256"] != s["weights"]["sha256"]:
+            raise UserError(f"./{here} is not the file of that name that the run's store was "
+                            "extracted with (their weights differ): pass that one with --weights.")
+        note(f"backbone weights: ./{here}, the file the run's store was extracted with (the same sha256).")
     else:
         bb = load_backbone(s["model"]["name"], weights=weights, img_size=img_size)
     if bb.weights["sha256"] != s["weights"]["sha256"]:

@@ -80,7 +80,7 @@ def sweep(base: FitConfig, grid: dict[str, list], out_root: Path | str) -> list[
     out_root.mkdir(parents=True, exist_ok=True)
     # each run named by its folder under out_root, so a sweep folder moved or copied elsewhere
     # (a shared disk, a laptop) still leads to its runs
-    rows = [{**r.to_json(), "run": r.run.name, "config": {**r.config.to_json(), "out": r.run.name}}
+    rows = [(row := r.to_json()) | {"run": r.run.name, "config": row["config"] | {"out": r.run.name}}
             for r in results]
     earlier = _earlier_rows(out_root, results)
     if earlier:

@@ -142,15 +142,16 @@ class FitResult:
 @contextmanager
 def _compile_errors(first: bool) -> Iterator[None]:
     """A failure of torch.compile at the `first` compiled step (it compiles then: no C++
-    compiler, an operation it cannot trace) said as what to do about it."""
+    compiler, an operation it cannot trace) said as what to do about it. Its own errors
+    only: an out-of-memory error, say, stays what it is."""
     try:
         yield
-    except Exception as e:
-        if not first or isinstance(e, UserError):
+    except torch._dynamo.exc.TorchDynamoException as e:  # (inductor's, a compiler's failing, too)
+        if not first:
             raise
+        why = (str(e).strip().splitlines() or [""])[0][:300]
         raise UserError(f"--compile: torch.compile failed on this machine ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}). "
-                        "Train without --compile.") from e
+                        f"{why}). Train without --compile.") from e
 
 
 def side_precision(precision: str, device: str | torch.device) -> str:
@@ -312,8 +313,8 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------
     def resume(self) -> None:
         """Continue from the run folder's checkpoint, or score a finished run whose checkpoint
-        was deleted. A folder that holds another configuration's work is refused; nothing is
-        written here (see begin)."""
+        was deleted. A folder that holds another configuration's work, or other files, is
+        refused; no run is begun here (see begin)."""
         ckpt, adapter = self.run / "checkpoint.pt", self.run / "adapter.safetensors"
         summary = read_json(self.run / "summary.json")
         final = (adapter.is_file() and isinstance(summary, dict) and summary.get("failed") is None
@@ -321,10 +322,11 @@ class Trainer:
         held = ckpt.is_file() or adapter.is_file() or summary is not None  # (a stopped run's too)
         if (self.run / "config.json").is_file() and held:
             self._check_same_run()
-        elif not (self.run / "config.json").is_file() and self.run.is_dir() and any(self.run.iterdir()):
+        elif not (self.run / "config.json").is_file() and self.run.is_dir() and any(
+                not p.name.startswith(".") and p.suffix != ".tmp" for p in self.run.iterdir()):
             what = "a featcache store" if (self.run / "zarr.json").is_file() else "not a run folder"
             raise UserError(f"{self.run} exists, is not empty and is {what}: a run would write its "
-                            "files among what it holds. Choose another --out.")
+                            "files among what it holds. Choose another --out (or move that folder).")
         if not ckpt.is_file() and not final:
             return
         self.resumed = True
@@ -656,6 +658,12 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
     if store.layout.frames == 1 and any(c.method == "losa" and not c.temporal for c in configs):
         note(f"--no-temporal applies to video stores; {store.path} holds images: it changes nothing.")
     steps = len(ShardLoader(store, "train", first.batch_size, shuffle=True, seed=first.seed))
+    compiled = sum(c.compile for c in configs)
+    if compiled:  # each configuration of another shape compiles its own graph of the same
+        # forward: past torch's limit (8) the others would run uncompiled, unsaid
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * compiled)
+        dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * compiled)
     trainers = [Trainer(c, store, steps) for c in configs]
     union = sorted({p for t in trainers for p in t.layers})
     load = dict(batch_size=first.batch_size, layers=union, device=first.device, recycle=True)

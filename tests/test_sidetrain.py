@@ -306,14 +306,18 @@ def test_a_compiled_step_trains_the_run_an_uncompiled_one_does(fp32_store, tmp_p
     config = json.loads((tmp_path / "fast" / "config.json").read_text())
     assert config == json.loads((tmp_path / "plain" / "config.json").read_text()) | {"out": config["out"]}
 
-    def fails(model):
+    def fails(error):
         def run(x):
-            raise RuntimeError("CppCompileError: no C++ compiler\n(the rest of its log)")
-        return run
-    monkeypatch.setattr(torch, "compile", fails)
-    with pytest.raises(UserError, match=r"torch.compile failed on this machine \(RuntimeError: "
+            raise error
+        return lambda model: run
+    monkeypatch.setattr(torch, "compile", fails(torch._dynamo.exc.TorchDynamoException(
+        "CppCompileError: no C++ compiler\n(the rest of its log)")))
+    with pytest.raises(UserError, match=r"torch.compile failed on this machine \(TorchDynamoException: "
                                         r"CppCompileError: no C\+\+ compiler\)\. Train without --compile"):
         fit(replace(cfg, out=tmp_path / "broken", compile=True))
+    monkeypatch.setattr(torch, "compile", fails(torch.OutOfMemoryError("out of memory")))
+    with pytest.raises(torch.OutOfMemoryError):  # not said to be the compiler's
+        fit(replace(cfg, out=tmp_path / "full", compile=True))
 
 
 def test_batches_made_ahead_come_in_order_and_stop_with_their_consumer():
