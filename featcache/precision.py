@@ -53,7 +53,7 @@ def pick_device(device: str) -> str:
 @functools.cache  # (once per process: a sweep picks a device per configuration)
 def crowded_cpu_note() -> None:
     """Say so when other jobs already keep the cores busy: torch's threads then wait on one
-    another, and a CPU run took up to 60 times as long here as with OMP_NUM_THREADS=1
+    another, and a CPU run took up to 75 times as long here as with OMP_NUM_THREADS=1
     (README "Threads"). Silent where the user has set the threads, or on one thread."""
     cores, threads = os.cpu_count() or 1, torch.get_num_threads()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0

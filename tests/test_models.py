@@ -76,7 +76,7 @@ def test_bad_taps_are_refused(spec):
 
 def test_a_crowded_cpu_is_pointed_out_once_unless_the_threads_are_set(monkeypatch, capsys):
     from featcache import precision
-    load = [2.5]  # others fill both cores (a fit beside them took 60x as long: README "Threads")
+    load = [2.5]  # others fill both cores (a fit beside them took 50-75x as long: README "Threads")
     monkeypatch.setattr(os, "getloadavg", lambda: (load[0],) * 3)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
