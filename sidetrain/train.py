@@ -662,8 +662,9 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
     if compiled:  # each configuration of another shape compiles its own graph of the same
         # forward: past torch's limit (8) the others would run uncompiled, unsaid
         dynamo = torch._dynamo.config
-        dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * compiled)
-        dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * compiled)
+        for name, value in (("recompile_limit", 2 * compiled), ("accumulated_recompile_limit", 4 * compiled)):
+            name = name if hasattr(dynamo, name) else name.replace("recompile", "cache_size")  # (torch < 2.7)
+            setattr(dynamo, name, max(getattr(dynamo, name), value))
     trainers = [Trainer(c, store, steps) for c in configs]
     union = sorted({p for t in trainers for p in t.layers})
     load = dict(batch_size=first.batch_size, layers=union, device=first.device, recycle=True)
