@@ -33,7 +33,7 @@ test: $(STAMP)
 
 # Measurements (never part of the tests): tables on stdout, JSON and PNG in benchmarks/results/.
 # `make bench QUICK=1`: the same figures from smaller inputs (under 10 minutes on 2 CPU cores;
-# 3 min 41 s here), written to benchmarks/results/quick/ (not committed).
+# 5 min 8 s here, with training_cost's compiled row), written to benchmarks/results/quick/ (not committed).
 QUICK ?=
 bench: $(STAMP)
 	cd benchmarks && $(if $(QUICK),export BENCH_RESULTS=results/quick &&) ../$(PY) extract_throughput.py $(if $(QUICK),--n 96 --dtypes fp16$(,)int8,--n 256) \
