@@ -12,7 +12,7 @@ CUDA graph or fused kernels would pay); about the same means it waits on the GPU
 same step is then run with the model through torch.compile (`fit --compile`: fused
 kernels), and on CUDA also compiled with CUDA graphs (mode reduce-overhead) and captured
 whole in a CUDA graph and replayed (the most a graph could save). Compile time is
-reported apart. Writes benchmarks/results/losa_step_<cpu|cuda>.json.
+reported apart. Writes benchmarks/results/losa_step_<cpu|cuda>_<model>.json.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def main() -> None:
         except Exception as e:  # what compile or capture refuses is itself the finding
             rows.append({"mode": mode, "error": f"{type(e).__name__}: {e}"[:300]})
         print_row(rows[-1], rows[0].get("step_ms"))
-        written = save(f"losa_step_{device.type}", {**meta, "rows": rows})
+        written = save(f"losa_step_{device.type}_{args.model}", {**meta, "rows": rows})
     print(f"\nwritten: {written}")
 
 
