@@ -62,7 +62,7 @@ HELP = {
                "they would leave training less than a fifth of the free memory.",
     "compile": "Run LoSA's training step through torch.compile, which fuses its many small "
                "operations into few kernels: after a minute or so of compiling (per "
-               "configuration in a sweep), steps ran 1.4x (ViT-S, 112 px) and 1.15x (ViT-B, "
+               "configuration in a sweep), steps ran 1.4x (ViT-S, 112 px) and 1.17x (ViT-B, "
                "224 px) as fast on a 2-core CPU. The results equal an uncompiled run's up to "
                "float rounding (with --dropout, its masks are drawn otherwise); needs a C++ "
                "compiler on a CPU (Triton on a GPU).",
