@@ -185,7 +185,8 @@ def sweep_cmd(
     if as_json:
         emit_json([r.to_json() for r in results])
     else:
-        out.print(results_table(results, title=f"sweep of {len(results)} configurations (best val first)",
+        many = "s" * (len(results) != 1)
+        out.print(results_table(results, title=f"sweep of {len(results)} configuration{many} (best val first)",
                                 names=True))
         out.print(f"runs, sweep.json, pareto.png: {out_dir}")
     if results and all(r.failed for r in results):  # (some stopping is a sweep's normal lot)

@@ -11,6 +11,7 @@ killed run rerun with the same command resumes and ends as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -645,6 +646,23 @@ def _score_test(store: Store, trainers: list[Trainer], union: list[int], load: d
     return [t.take_eval()[1] if t in ok else None for t in trainers]
 
 
+def _compile_notes(configs: list[FitConfig], compiling: list[Trainer], train: ShardLoader) -> None:
+    """What --compile will do, said before the wait it costs (compiling is silent)."""
+    if any(c.compile and c.method != "losa" for c in configs):
+        note("--compile applies to LoSA's step: a probe's head has nothing to fuse and runs as is.")
+    if not compiling:
+        return
+    samples, batch = int(train.valid.sum()), configs[0].batch_size
+    if samples < batch:
+        note(f"--compile: the train split's {samples} samples make no full batch of {batch}, and only "
+             "full batches run compiled: nothing is compiled (a smaller --batch-size would be).")
+        return
+    note(f"--compile: each LoSA configuration compiles its step at its first batch ({len(compiling)} "
+         "here; 10-90 s each on a CPU, counted in its time).")
+    if torch.device(configs[0].device).type == "cpu":  # torch's C++ toolchain lookup warns that
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # no CUDA is found
+
+
 def train_many(configs: list[FitConfig]) -> list[FitResult]:
     """Train configurations that share ONE_PASS and the seed (which orders the batches) in
     one pass over the data per epoch. Returns one FitResult per configuration, in order."""
@@ -680,6 +698,7 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
     for t in trainers:
         if t.active:
             t.begin()
+    _compile_notes(configs, [t for t in trainers if t.active and t.compiled is not None], train)
     for epoch in range(min(t.epoch for t in trainers), first.epochs):
         active = [t for t in trainers if t.active and t.epoch == epoch]
         if not active:

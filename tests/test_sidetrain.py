@@ -291,9 +291,10 @@ def test_preloading_changes_where_batches_come_from_not_the_run(fp32_store, tmp_
     assert again.test_acc == plain.test_acc
 
 
-def test_a_compiled_step_trains_the_run_an_uncompiled_one_does(fp32_store, tmp_path, monkeypatch):
+def test_a_compiled_step_trains_the_run_an_uncompiled_one_does(fp32_store, tmp_path, monkeypatch, capsys):
     """--compile runs full batches through torch.compile (the last, partial one uncompiled):
-    the same run up to float rounding, recorded alike. A compiler that fails is said as such."""
+    the same run up to float rounding, recorded alike, and the wait said beforehand. A
+    compiler that fails is said as such; where it would do nothing, that is said."""
     cfg = FitConfig(cache=fp32_store, rank=2, epochs=2, batch_size=5)  # 24 samples: 5 batches
     plain = fit(replace(cfg, out=tmp_path / "plain"))
     calls = []
@@ -301,6 +302,8 @@ def test_a_compiled_step_trains_the_run_an_uncompiled_one_does(fp32_store, tmp_p
     monkeypatch.setattr(torch, "compile", lambda m: calls.append(m) or compile_(m))
     fast = fit(replace(cfg, out=tmp_path / "fast", compile=True))
     assert len(calls) == 1
+    assert "each LoSA configuration compiles its step at its first batch (1 here" in \
+        " ".join(capsys.readouterr().err.split())
     np.testing.assert_allclose([h["val_loss"] for h in fast.history],
                                [h["val_loss"] for h in plain.history], rtol=1e-5)
     config = json.loads((tmp_path / "fast" / "config.json").read_text())
@@ -318,6 +321,12 @@ def test_a_compiled_step_trains_the_run_an_uncompiled_one_does(fp32_store, tmp_p
     monkeypatch.setattr(torch, "compile", fails(torch.OutOfMemoryError("out of memory")))
     with pytest.raises(torch.OutOfMemoryError):  # not said to be the compiler's
         fit(replace(cfg, out=tmp_path / "full", compile=True))
+    capsys.readouterr()
+    fit(replace(cfg, out=tmp_path / "one-batch", compile=True, batch_size=64))  # (runs: no full batch)
+    fit(replace(cfg, out=tmp_path / "probe", compile=True, method="linear"))
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the train split's 24 samples make no full batch of 64" in err
+    assert "--compile applies to LoSA's step: a probe's head has nothing to fuse" in err
 
 
 def test_batches_made_ahead_come_in_order_and_stop_with_their_consumer():
