@@ -302,15 +302,15 @@ class ShardLoader:
 def preload(loaders: list[ShardLoader]) -> None:
     """Read the splits of `loaders` (train and val, say) onto their device, once, and draw
     their batches there from now on; refused before anything is read where they would not
-    fit together (require_room)."""
+    fit together (_require_room)."""
     todo = [loader for loader in loaders if loader._preloaded is None]
-    require_room(todo)
+    _require_room(todo)
     for loader in todo:
         loader.preload = True
         loader._read_all()
 
 
-def require_room(loaders: list[ShardLoader]) -> None:
+def _require_room(loaders: list[ShardLoader]) -> None:
     """Refuse to preload splits that together would leave less than a fifth of the
     device's free memory to training (its activations and optimiser)."""
     if not loaders:

@@ -100,9 +100,11 @@ class FitConfig:
         name = f"{location.name(self.cache)}-{self.method}" + (f"-r{self.rank}" if self.method == "losa" else "")
         return Path("runs") / f"{name}-s{self.seed}"
 
-    def to_json(self) -> dict:  # (numpy numbers, from a grid made with np.arange, as Python's)
+    def to_json(self) -> dict:
+        """As records hold it: NOT_RECORDED left out; numpy numbers (from a grid made with
+        np.arange) and paths as Python's."""
         return {k: str(v) if isinstance(v, Path) else v.item() if isinstance(v, np.generic) else v
-                for k, v in asdict(self).items()}
+                for k, v in asdict(self).items() if k not in NOT_RECORDED}
 
 
 @dataclass
@@ -136,8 +138,7 @@ class FitResult:
 
     def to_json(self) -> dict:
         d = {k: v for k, v in vars(self).items() if k != "config"}
-        config = {k: v for k, v in self.config.to_json().items() if k not in NOT_RECORDED}
-        return {**d, "run": str(self.run), "config": config}
+        return {**d, "run": str(self.run), "config": self.config.to_json()}
 
 
 @contextmanager
@@ -239,10 +240,9 @@ def resolved(cfg: FitConfig, store: Store) -> FitConfig:
 
 def recorded(cfg: FitConfig) -> dict:
     """A resolved configuration as its run's config.json holds it: the cache absolute, so
-    that eval finds it from any folder; NOT_RECORDED left out."""
+    that eval finds it from any folder."""
     cache = location.normalize(cfg.cache)
-    kept = {k: v for k, v in cfg.to_json().items() if k not in NOT_RECORDED}
-    return {**kept, "cache": str(cache if is_url(cache) else cache.resolve())}
+    return {**cfg.to_json(), "cache": str(cache if is_url(cache) else cache.resolve())}
 
 
 def upgraded(saved: dict, cfg: FitConfig, now: dict) -> dict:
