@@ -276,9 +276,12 @@ def ls_cmd(root: str = typer.Argument("cache", metavar="ROOT", help="Folder or U
             video = s["sampling"] or {}
             how = video.get("sampling", "") + (f" {video['fps']:g} fps" if video.get("fps") else "")
             frames = f" x {s['frames']} frame{'s' * (s['frames'] != 1)}" + (f" ({how})" if how else "")
+        lost = sum(len(ks) for ks in s["lost_shards"].values())
+        state = (f"DAMAGED ({lost} finished shard(s) lost their files: `featcache verify` says which)"
+                 if lost else "complete" if s["complete"] else "INCOMPLETE")
         print(f"{s['path']}  {s['model']} ({weights})  {s['img_size']} px{frames}  {s['dataset']} "
               f"({s['classes']} classes)  {splits}  {dtype}  {s['taps']} taps  "
-              f"{human_bytes(s['bytes_on_disk'])}  {'complete' if s['complete'] else 'INCOMPLETE'}")
+              f"{human_bytes(s['bytes_on_disk'])}  {state}")
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from .console import note
 from .errors import UserError
 from .location import Location, filesystem, is_url, join, normalize, read_json
-from .store import ATTR, disk_usage, is_partial_layout
+from .store import ATTR, disk_usage, is_partial_layout, open_store
 
 MAX_DEPTH = 4  # cache roots are shallow: <root>/<dataset>/ or <root>/<user>/<dataset>/
 
@@ -107,4 +107,17 @@ def _summary(path: Location, meta: dict, link: str | None = None) -> dict:
             "splits": splits, "unreadable_inputs": unreadable, "dtype": meta["dtype"], "precision": meta.get("precision", "fp32"),
             "taps": len(meta["taps"]),
             "bytes_on_disk": 0 if link else disk_usage(path), "complete": bool(meta.get("complete")),
-            "content_key": meta.get("content_key"), "link": link}
+            "lost_shards": {} if link else _lost_shards(path), "content_key": meta.get("content_key"),
+            "link": link}
+
+
+def _lost_shards(path: Location) -> dict[str, list[int]]:
+    """Per split, the finished shards whose files are gone (a copy cut short), so that a
+    listing never calls complete a store that training would refuse. Local stores only:
+    one stat per array and shard (a bucket's store is checked by `featcache verify`)."""
+    if is_url(path):
+        return {}
+    try:
+        return open_store(path).missing_shards()
+    except (UserError, OSError, ValueError, KeyError):  # unreadable parts: `info`/`verify` say what
+        return {}

@@ -11,6 +11,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import EngFormatter, FuncFormatter  # noqa: E402
 
 
+def _percent_axis(ax: plt.Axes) -> None:
+    """Keep a percentage axis within 0-100 (matplotlib's margin showed 104 % at the top)."""
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(max(lo, 0), min(hi, 100.5))
+
+
 def plot_curves(history: list[dict], path: Path, title: str) -> None:
     """Train/val loss and val accuracy per epoch."""
     if not history:
@@ -25,6 +31,7 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     a.legend()
     b.plot(epochs, [100 * h["val_acc"] for h in history], color="tab:green")
     b.set(xlabel="epoch", ylabel="val accuracy (%)", title="val accuracy")
+    _percent_axis(b)
     fig.suptitle(title)
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -55,8 +62,7 @@ def plot_pareto(points: list[tuple[str, int, float]], path: Path, title: str) ->
     eng = EngFormatter(sep="")  # 10k, 20k, 50k, 100k: at most three labels a decade
     ax.xaxis.set_major_formatter(eng)
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: eng(x) if f"{x:.0e}"[0] in "25" else ""))
-    lo, hi = ax.get_ylim()
-    ax.set_ylim(max(lo, 0), min(hi, 100.5))
+    _percent_axis(ax)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     names = [f"{i:>2}  {100 * acc:5.1f} %  {label}" for i, (label, _, acc) in enumerate(points, 1)]

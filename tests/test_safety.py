@@ -185,6 +185,8 @@ def test_verify_finds_corruption_and_missing_shards(tmp_path, run_cli):
     assert r.returncode == 1 and "FAILED" in r.stdout and \
         "9 shards checked, 28 samples read back" in " ".join(r.stdout.split())  # (4 + 4 damaged, lost)
     info = " ".join(run_cli("featcache", "info", str(out)).stdout.split())  # (not "complete yes")
+    listed = run_cli("featcache", "ls", str(tmp_path)).stdout
+    assert "DAMAGED (1 finished shard(s) lost their files" in listed and " complete" not in listed, listed
     assert "complete no: store" in info and "is damaged: finished shards have lost their files (test: [2])" in info
     # the lost shard is never read as zeros: not trained on, not rerun as complete, not reused
     with pytest.raises(UserError, match=r"is damaged: finished shards have lost their files \(test: \[2\]\)"):
