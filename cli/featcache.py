@@ -147,7 +147,9 @@ def extract_cmd(
     skipped = sum(map(len, r.skipped.values()))  # (extract named them, on stderr)
     twin = f", would reuse {r.twin}" if r.status == "dry run" and r.twin else ""
     size = f"on disk: {human_bytes(on_disk)}" if on_disk is not None else f"the store: {human_bytes(r.plan.total)}"
-    print(f"{r.status}: {r.path}{twin} ({size})"
+    left = (f", {r.left:,} samples ({human_bytes(summary['left_bytes'])}) left to write"
+            if r.status == "dry run" and not r.twin and r.left < sum(r.plan.splits.values()) else "")
+    print(f"{r.status}: {r.path}{twin} ({size}){left}"
           + (f", {sum(r.written.values()):,} samples in {r.seconds:.1f} s" if r.written else "")
           + (f" ({skipped:,} unreadable input(s) skipped)" if skipped else ""))
 

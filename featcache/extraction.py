@@ -323,8 +323,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         with meta_lock(out):
             store = _mark_finished(out, names)  # other parts may have finished shards meanwhile
             result.complete = all(store.split(n).done.all() for n in names)
-            if result.complete:
-                if not store.meta["complete"]:
+            if result.complete:  # (a store may hold splits this run did not name: --split)
+                if not store.meta["complete"] and all(store.split(n).done.all() for n in store.splits):
                     mark_complete(store)
                     if cfg.shard:  # (the one part that finds it all done, under the lock)
                         say(f"part {cfg.shard[0]}/{cfg.shard[1]} completed {out}: every part has run.")
@@ -345,18 +345,22 @@ def _left(split: SplitArrays) -> int:
 
 
 def _left_to_write(store: Store, plan: StorePlan, cfg: ExtractConfig) -> tuple[int, bool]:
-    """(the samples an existing store has left to extract, whether its splits are complete),
-    what is left said; a store that has lost shard files is refused (not mended here: its
-    inputs may have changed since, and a reader may not write)."""
+    """(the samples an existing store has left to extract of this run's splits, whether
+    they are complete), what is left said; a split the store lacks is left whole (it is
+    added). A store that has lost shard files is refused (not mended here: its inputs may
+    have changed since, and a reader may not write)."""
     splits = {name: store.split(name) for name in store.splits}  # (each read once)
     lost = {name: gone for name, split in splits.items() if (gone := split.lost_shards(store.path))}
     if lost:
         raise UserError(damaged(store.path, lost))
-    left = sum(map(_left, splits.values()))
-    complete = all(split.complete for split in splits.values())
-    if not complete:
+    ours = [splits[name] for name in plan.splits if name in splits]
+    left = sum(map(_left, ours))
+    if left > 0:
         say(f"{store.path} is part-written: {left:,} samples ({human_bytes(left * plan.bytes_per_sample)}) "
             f"are left to extract{' by its parts' if cfg.shard else ''}.")
+    left += sum(n for name, n in plan.splits.items() if name not in splits)
+    complete = len(ours) == len(plan.splits) and all(split.complete for split in ours)
+    if not complete:
         began, kind = store.meta.get("device"), torch.device(cfg.device).type
         if began not in (None, kind) and not cfg.dry_run:
             note(f"{store.path} was begun on {began}; this run continues it on {kind}, whose tokens "

@@ -21,18 +21,20 @@ from .location import Location, exists, is_url, join, listing, normalize, parent
 from .models import Backbone
 from .plan import StorePlan
 from .sources import Dataset
-from .store import Store, create_store, is_partial_layout, open_store, shard_size_for
+from .store import Store, add_splits, create_store, is_partial_layout, open_store, shard_size_for
 
 
-def content_key(settings: dict, ds: Dataset) -> str:
+def content_key(settings: dict, ds: Dataset, kept: dict[str, str] | None = None) -> str:
     """What a store holds, however it was batched: model, weights hash, transform, taps,
     layout, dtype, precision, video decoding, classes, each split's inputs (keys and
     labels) and where those lie. The place counts because keys and labels do not identify
     the images: a resized or edited copy of a dataset elsewhere keeps both, and was once
-    handed the original's store."""
+    handed the original's store. `kept`: the fingerprints of splits a store holds beside
+    `ds`'s (a split added later), so that it keys as one extraction of them all would."""
     what = {k: settings[k] for k in ("transform", "taps", "layout", "dtype", "classes")}
+    splits = {**(kept or {}), **{name: s.fingerprint() for name, s in ds.splits.items()}}
     what |= {"model": settings["model"]["name"], "weights": settings["weights"]["sha256"],
-             "source": ds.source, "splits": {name: s.fingerprint() for name, s in ds.splits.items()}}
+             "source": ds.source, "splits": splits}
     if settings["precision"] != "fp32":  # (stores from before --precision keep their key)
         what["precision"] = settings["precision"]
     if settings["dataset"].get("decoder") not in (None, "decord"):  # (nor video stores from before auto)
@@ -100,8 +102,10 @@ def differences(store: Store, settings: dict, ds: Dataset) -> list[str]:
     if store.meta["weights"]["sha256"] != settings["weights"]["sha256"]:
         diffs.append(f"weights: store has sha256 {store.meta['weights']['sha256'][:12]}..., "
                      f"this run {settings['weights']['sha256'][:12]}...")
-    if set(store.splits) != set(ds.splits):
-        diffs.append(f"splits: store has {store.splits}, this run {list(ds.splits)}")
+    new = [name for name in ds.splits if name not in store.splits]
+    if new and store.meta["dataset"]["source"] != settings["dataset"]["source"]:
+        diffs.append(f"splits: this run would add {new} from {settings['dataset']['source']} to a store "
+                     f"made from {store.meta['dataset']['source']} (a store's splits come from one source)")
     for name in set(store.splits) & set(ds.splits):
         if store.split(name).attrs["fingerprint"] != ds.splits[name].fingerprint():
             diffs.append(f"split {name}: different inputs (keys or labels) than the store's")
@@ -139,6 +143,15 @@ def existing_store(out: Location, settings: dict, ds: Dataset, shard_size: int |
         raise UserError(f"{out} already holds a store made with other settings; use another "
                         f"--out{other} or delete it. Differences: " + "; ".join(diffs))
     notes = []
+    new = {name: len(s) for name, s in ds.splits.items() if name not in store.splits}
+    if new and not is_url(out) and Path(out).is_symlink():
+        raise UserError(f"{out} is a link to {os.readlink(out)}, a store reused from elsewhere: adding "
+                        f"{', '.join(new)} would write into that store. Pass --out {Path(out).resolve()} "
+                        "if it is yours to extend, or --no-reuse to extract a store of your own here.")
+    if new:
+        notes.append(f"{out} holds {', '.join(store.splits)}; this run adds "
+                     + ", ".join(f"{name} ({n:,} samples)" for name, n in new.items())
+                     + " and leaves the splits it holds as they are.")
     if store.meta["dataset"]["source"] != settings["dataset"]["source"]:
         notes.append(f"{out} was made from {store.meta['dataset']['source']}; this run reads "
                      f"{settings['dataset']['source']} (same keys and labels).")
@@ -151,9 +164,17 @@ def open_or_create(out: Location, settings: dict, ds: Dataset, backbone: Backbon
                    shard_size: int | None, calibration: Callable[[], np.ndarray | None],
                    digests: dict[str, dict[str, str]]) -> tuple[Store, list[str]]:
     """The existing store at `out`, opened for writing, when this run may continue it (see
-    existing_store, and its notes), else a new one that records `digests` (input_digests)."""
+    existing_store, and its notes), with the splits of `ds` it lacks laid out; else a new
+    one. Either records `digests` (input_digests) of the splits it lays out."""
     store, notes = existing_store(out, settings, ds, shard_size, mode="r+")
     if store is not None:
+        new = {name: (len(s), s.fingerprint()) for name, s in ds.splits.items() if name not in store.splits}
+        if new:
+            kept = {name: store.split(name).attrs["fingerprint"] for name in store.splits}
+            add_splits(store, new, {
+                "content_key": content_key(settings, ds, kept),
+                "input_digests": {**store.meta.get("input_digests", {}),
+                                  **{k: v for k, v in digests.items() if k in new}}})
         return store, notes
     splits = {name: (len(s), s.fingerprint()) for name, s in ds.splits.items()}
     shard = shard_size or shard_size_for(plan.bytes_per_sample, max(n for n, _ in splits.values()))

@@ -24,10 +24,13 @@ def shard_batches(store: Store, names: list[str], batch_size: int,
                   part: tuple[int, int] | None) -> list[list]:
     """Batches of (split id, index) covering every shard not yet done (of this part, with
     --shard K/N: the shards whose position over all splits is K modulo N); never across
-    shards. Split ids index `names`."""
+    shards. Split ids index `names`; the store's other splits (not named by --split) are
+    left as they are."""
     batches, position = [], 0
     k_of, n_of = part or (0, 1)
     for name in store.splits:  # the store's order: every part numbers shards alike
+        if name not in names:
+            continue
         sid = names.index(name)
         arrays = store.split(name)
         s, n = arrays.shard_size, arrays.n

@@ -253,9 +253,6 @@ def create_store(path: Location, meta: dict, splits: dict[str, tuple[int, str]],
 
     `splits` maps split name -> (sample count, source fingerprint); `shard` is S.
     """
-    layout = TokenLayout.from_dict(meta["layout"])
-    shape_tail = (len(meta["taps"]), layout.tokens, layout.width)
-    dtype = STORAGE[meta["dtype"]]
     # mode "a" + overwrite: a layout interrupted half-way is simply laid out again, and the
     # writer's lock file in the folder survives (mode "w" would delete it).
     root = zarr.open_group(str(path), mode="a")
@@ -272,25 +269,49 @@ def create_store(path: Location, meta: dict, splits: dict[str, tuple[int, str]],
                 backbone.create_array(f"{name}.{part}", data=arr, overwrite=True)
     backbone.attrs[ATTR] = norm_attrs
     for name, (n, fingerprint) in splits.items():
-        s = min(shard, n)
-        g = root.create_group(name, overwrite=True)
-        g.create_array("tokens", shape=(n, *shape_tail), dtype=dtype, chunks=(1, *shape_tail),
-                       shards=(s, *shape_tail), compressors=[Crc32cCodec()], fill_value=0,
-                       attributes={ATTR: {"encoding": meta["dtype"]}})
-        if meta["dtype"] == "int8":
-            g.create_array("scales", shape=(n, *shape_tail[:2]), dtype="float32",
-                           chunks=(1, *shape_tail[:2]), shards=(s, *shape_tail[:2]),
-                           compressors=[Crc32cCodec()], fill_value=0)
-        g.create_array("labels", shape=(n,), dtype="int64", chunks=(s,), fill_value=-1)
-        g.create_array("keys", shape=(n,), dtype=str, chunks=(s,))
-        g.create_array("done", shape=(math.ceil(n / s),), dtype=bool, chunks=(1,), fill_value=False)
-        g.attrs[ATTR] = {"n": n, "fingerprint": fingerprint, "complete": False, "skipped": {}}
+        _lay_out_split(root, name, n, fingerprint, shard, meta)
     root.attrs[ATTR] = {**meta, "format_version": FORMAT_VERSION, "shard_size": shard,
                         "splits": list(splits), "versions": versions(),
-                        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                        "created": _now(),
                         "id": uuid.uuid4().hex,  # this extraction: a run is not continued on another
                         "complete": False}
     return Store(root, str(path))
+
+
+def add_splits(store: Store, splits: dict[str, tuple[int, str]], meta: dict) -> None:
+    """Lay out new, empty splits in a store opened "r+" (a test set that came later), then
+    list them in the root attributes, updated with `meta` (its new content key and input
+    digests): a run stopped in between lays them out again. The store is incomplete until
+    they are written; its other splits are left as they are."""
+    for name, (n, fingerprint) in splits.items():
+        _lay_out_split(store.group, name, n, fingerprint, store.meta["shard_size"], store.meta)
+    added = dict.fromkeys(splits, _now())
+    store.meta = {**store.meta, **meta, "splits": store.splits + list(splits), "complete": False,
+                  "splits_added": {**store.meta.get("splits_added", {}), **added}}
+    store.group.attrs[ATTR] = store.meta
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _lay_out_split(root: zarr.Group, name: str, n: int, fingerprint: str, shard: int, meta: dict) -> None:
+    """One split's empty arrays (replacing any a layout stopped half-way left)."""
+    layout = TokenLayout.from_dict(meta["layout"])
+    shape_tail = (len(meta["taps"]), layout.tokens, layout.width)
+    s = min(shard, n)
+    g = root.create_group(name, overwrite=True)
+    g.create_array("tokens", shape=(n, *shape_tail), dtype=STORAGE[meta["dtype"]], chunks=(1, *shape_tail),
+                   shards=(s, *shape_tail), compressors=[Crc32cCodec()], fill_value=0,
+                   attributes={ATTR: {"encoding": meta["dtype"]}})
+    if meta["dtype"] == "int8":
+        g.create_array("scales", shape=(n, *shape_tail[:2]), dtype="float32",
+                       chunks=(1, *shape_tail[:2]), shards=(s, *shape_tail[:2]),
+                       compressors=[Crc32cCodec()], fill_value=0)
+    g.create_array("labels", shape=(n,), dtype="int64", chunks=(s,), fill_value=-1)
+    g.create_array("keys", shape=(n,), dtype=str, chunks=(s,))
+    g.create_array("done", shape=(math.ceil(n / s),), dtype=bool, chunks=(1,), fill_value=False)
+    g.attrs[ATTR] = {"n": n, "fingerprint": fingerprint, "complete": False, "skipped": {}}
 
 
 def write_shard(store: Store, split: str, index: int, tokens: np.ndarray,

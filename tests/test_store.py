@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import shutil
 import numpy as np
 import pytest
 import timm.data
@@ -18,7 +19,7 @@ from featcache.store import FORMAT_VERSION
 from featcache.verify import verify
 from sidetrain import ShardLoader
 
-from .conftest import TINY
+from .conftest import TINY, make_image_folder
 
 
 def test_plain_zarr_reads_the_documented_layout(fp32_store):
@@ -159,8 +160,47 @@ def test_rerun_is_a_noop_and_other_settings_are_refused(fp32_store):
                               **{**TINY, "seed": 1}))
     with pytest.raises(UserError, match="split train: different inputs"):  # other images
         extract(ExtractConfig(dataset="demo", out=fp32_store, dtype="fp32", limit=12, **TINY))
-    with pytest.raises(UserError, match=r"splits: store has \['train', 'val', 'test'\], this run \['train'\]"):
-        extract(ExtractConfig(dataset="demo", out=fp32_store, dtype="fp32", limit=24, split=["train"], **TINY))
+    r = extract(ExtractConfig(dataset="demo", out=fp32_store, dtype="fp32", limit=24, split=["train"], **TINY))
+    assert r.status == "already complete" and not r.written  # (a split it holds: nothing to add)
+
+
+def test_a_split_that_came_later_is_added_and_the_others_kept(tmp_path, capsys):
+    """The test set arrives after train and val were extracted: the same command adds it,
+    and the store is then the one a single extraction of all three makes."""
+    data = tmp_path / "data"
+    for split, seed in (("train", 0), ("val", 1)):
+        make_image_folder(data / split, per_class=4, seed=seed)
+    out = tmp_path / "cache" / "s"
+    settings = dict(dataset=str(data), dtype="fp32", shard_size=5, **TINY)
+    extract(ExtractConfig(out=out, **settings))
+    written = {f: f.stat().st_mtime_ns for f in (out / "train").rglob("*") if f.is_file()}
+    make_image_folder(data / "test", per_class=4, seed=2)
+    capsys.readouterr()
+    r = extract(ExtractConfig(out=out, **settings))
+    assert r.status == "resumed" and r.written == {"test": 12} and r.complete
+    assert "holds train, val; this run adds test (12 samples)" in " ".join(capsys.readouterr().err.split())
+    assert {f: f.stat().st_mtime_ns for f in written} == written  # train untouched
+    added = open_store(out)
+    assert added.splits == ["train", "val", "test"] and added.complete and added.meta["complete"]
+    assert set(added.meta["input_digests"]) == {"train", "val", "test"} and verify(added).ok
+    assert extract(ExtractConfig(out=out, **settings)).status == "already complete"
+    # the content key is a single extraction's: a colleague's run of all three reuses it
+    assert extract(ExtractConfig(out=tmp_path / "cache" / "again", **settings)).path == out
+    fresh = open_store(extract(ExtractConfig(out=tmp_path / "fresh", reuse=False, **settings)).path)
+    assert fresh.meta["content_key"] == added.meta["content_key"]
+    for split in added.splits:
+        np.testing.assert_array_equal(added.read_tokens(split), fresh.read_tokens(split))
+    shutil.copytree(data, tmp_path / "copy")  # a split from elsewhere: refused
+    extract(ExtractConfig(out=tmp_path / "two", split=["train", "val"], **settings))
+    linked = extract(ExtractConfig(out=tmp_path / "link", split=["train", "val"], **settings))
+    assert linked.status == "reused" and (tmp_path / "link").is_symlink()
+    with pytest.raises(UserError, match=r"link is a link to two, a store reused from elsewhere: adding test"):
+        extract(ExtractConfig(out=tmp_path / "link", **settings))  # (not written through the link)
+    with pytest.raises(UserError, match=r"would add \['test'\] from imagefolder:\S*copy to a store made from"):
+        extract(ExtractConfig(out=tmp_path / "two", **{**settings, "dataset": str(tmp_path / "copy")}))
+    (data / "val" / "class0" / "img00.png").unlink()  # a split it holds, changed: still refused
+    with pytest.raises(UserError, match="split val: different inputs"):
+        extract(ExtractConfig(out=out, **settings))
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "int8"])

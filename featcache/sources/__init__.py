@@ -81,12 +81,6 @@ def open_dataset(spec: str | Path, seed: int = 0, val_fraction: float = 0.2, lim
     if empty:
         raise UserError(f"{ds.name}: split(s) {', '.join(empty)} would be empty (too few images per "
                         "class to hold some out?); add images or raise --val-fraction.")
-    if split:
-        split = [our_split_name(s) for s in split]  # --split validation, as a manifest may say
-        unknown = [s for s in split if s not in ds.splits]
-        if unknown:
-            raise UserError(f"--split {','.join(unknown)}: {ds.name} has splits {', '.join(ds.splits)}")
-        ds.splits = {s: ds.splits[s] for s in split}
     rng = np.random.default_rng(seed)
     for name, cap in (("--per-class", per_class), ("--limit", limit)):
         if cap is not None and cap < 1:
@@ -96,6 +90,12 @@ def open_dataset(spec: str | Path, seed: int = 0, val_fraction: float = 0.2, lim
     if limit is not None:
         ds.splits = {k: s.subset(stratified_pick(s.labels, limit, rng)) if len(s) > limit else s
                      for k, s in ds.splits.items()}
+    if split:  # after the draws, which follow one another: --split test picks the same test
+        split = [our_split_name(s) for s in split]  # --split validation, as a manifest may say
+        unknown = [s for s in split if s not in ds.splits]
+        if unknown:
+            raise UserError(f"--split {','.join(unknown)}: {ds.name} has splits {', '.join(ds.splits)}")
+        ds.splits = {s: ds.splits[s] for s in split}
     # train, val, test, then others (int8 calibrates on the first); after the draws above,
     # which follow the order a reader gave
     ds.splits = {k: ds.splits[k] for k in sorted(ds.splits, key=lambda k: (
