@@ -12,16 +12,16 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from featcache import ExtractConfig, UserError, extract, load_backbone, open_store
+from featcache.console import make_console
 from sidetrain import FitConfig, fit
 
 from .common import clear_stale_demo_runs, make_app, run
 from .tables import results_table
 
 app = make_app(__doc__.splitlines()[0])
-out = Console()
+out = make_console()
 
 
 def which_weights(model: str, weights: Optional[Path]) -> tuple[bool, str]:

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from featcache import ExtractConfig, extract, open_store
+from featcache.console import make_console
 from featcache.sources.moving_clips import write_moving_clips
 from sidetrain import FitConfig, train_many
 
@@ -23,7 +23,7 @@ from .demo import which_weights
 from .tables import results_table
 
 app = make_app(__doc__.splitlines()[0])
-out = Console()
+out = make_console()
 
 
 @app.command()

@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from featcache import UserError, open_store  # (extract and verify load torch: imported by their commands)
 from featcache.catalog import find_stores
+from featcache.console import escape, make_console
 from featcache.info import store_info
 from featcache.location import is_url, normalize, usage
 from featcache.plan import human_bytes
@@ -19,7 +19,7 @@ from featcache.store import damaged
 from .common import emit_json, make_app, run
 
 app = make_app("Run a frozen ViT over a dataset once; keep every tapped block's tokens in a Zarr store.")
-out = Console()
+out = make_console()
 
 
 @app.command("extract")
@@ -224,6 +224,10 @@ def info_cmd(path: str = typer.Argument(..., metavar="STORE", help="A store fold
 
 @app.command("verify")
 def verify_cmd(path: str = typer.Argument(..., metavar="STORE", help="A store folder or URL."),
+               repair_: bool = typer.Option(False, "--repair", help=(
+                   "Clear the done flags of the damaged shards found (lost files, failed checksums, "
+                   "NaN/Inf or missing samples, bad labels), so that rerunning the extract command "
+                   "that made the store recomputes those shards alone. Needs write access.")),
                as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout.")) -> None:
     """Read every shard (checking each chunk's crc32c) and check completeness, labels, NaN/Inf.
 
@@ -231,20 +235,30 @@ def verify_cmd(path: str = typer.Argument(..., metavar="STORE", help="A store fo
     """
     from rich.progress import Progress
 
-    from featcache.verify import verify
+    from featcache.verify import repair, verify
 
-    with Progress(console=Console(stderr=True), transient=True) as bar:
+    with Progress(console=make_console(stderr=True), transient=True) as bar:
         report = verify(open_store(path), bar)
+    cleared = repair(report.path, report.damaged) if repair_ and report.damaged else 0
     if as_json:
         emit_json({"path": report.path, "ok": report.ok, "shards": report.shards,
-                   "samples": report.samples, "skipped": report.skipped, "problems": report.problems})
+                   "samples": report.samples, "skipped": report.skipped, "problems": report.problems,
+                   "damaged": report.damaged, "repaired": cleared})
     else:
         for p in report.problems:
-            out.print(f"[red]problem:[/] {p}")
-        out.print(f"{'OK' if report.ok else 'FAILED'}: {report.path}: {report.shards} shards checked, "
+            out.print(f"[red]problem:[/] {escape(p)}")
+        out.print(f"{'OK' if report.ok else 'FAILED'}: {escape(report.path)}: {report.shards} shards checked, "
                   f"{report.samples:,} samples read back"
                   + (f" ({report.skipped:,} skipped: unreadable inputs, no tokens)" if report.skipped else "")
                   + f", {len(report.problems)} problem(s)")
+        where = "; ".join(f"{name}: {shards}" for name, shards in report.damaged.items())
+        if cleared:
+            out.print(f"repaired: the done flags of {cleared} damaged shard(s) cleared ({where}). Rerun "
+                      f"the extract command that made {escape(report.path)} to recompute them "
+                      f"(`featcache info {escape(report.path)}` shows its model, dataset and settings).")
+        elif report.damaged:
+            out.print(f"damaged shard(s): {where}. `featcache verify --repair {escape(report.path)}`, then "
+                      "the extract command that made it, recomputes them alone.")
     if not report.ok:
         raise typer.Exit(1)
 
@@ -280,7 +294,8 @@ def ls_cmd(root: str = typer.Argument("cache", metavar="ROOT", help="Folder or U
             frames = f" x {s['frames']} frame{'s' * (s['frames'] != 1)}" + (f" ({how})" if how else "")
         lost = sum(len(ks) for ks in s["lost_shards"].values())
         state = (f"DAMAGED ({lost} finished shard(s) lost their files: `featcache verify` says which)"
-                 if lost else "complete" if s["complete"] else "INCOMPLETE")
+                 if lost else "DAMAGED (`featcache info` says how)" if s["damaged"] else
+                 "complete" if s["complete"] else "INCOMPLETE")
         print(f"{s['path']}  {s['model']} ({weights})  {s['img_size']} px{frames}  {s['dataset']} "
               f"({s['classes']} classes)  {splits}  {dtype}  {s['taps']} taps  "
               f"{human_bytes(s['bytes_on_disk'])}  {state}")

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from featcache import UserError, location
+from featcache.console import make_console
 from sidetrain import FitConfig, evaluate_run, fit, predict, sweep
 from sidetrain.run import run_store
 
@@ -17,7 +17,7 @@ from .common import emit_json, make_app, run
 from .tables import results_table
 
 app = make_app("Train LoSA side networks and probes from a featcache store.")
-out = Console()
+out = make_console()
 
 HELP = {
     "cache": "Store written by `featcache extract`: a folder or a URL (s3://bucket/cache/name).",

@@ -99,25 +99,28 @@ def _summary(path: Location, meta: dict, link: str | None = None) -> dict:
         except (OSError, ValueError, KeyError):
             splits[name] = unreadable[name] = None
     layout = meta["layout"]
-    return {"path": str(path), "model": meta["model"]["name"], "weights": meta["weights"]["source"],
-            "img_size": meta["transform"]["input_size"][-1],
-            "frames": layout["frames"] if "video" in meta["transform"] else None,
-            "sampling": meta["transform"].get("video"),  # (video stores: frames, sampling, fps)
-            "dataset": meta["dataset"]["name"], "classes": len(meta["classes"]),
-            "splits": splits, "unreadable_inputs": unreadable, "dtype": meta["dtype"], "precision": meta.get("precision", "fp32"),
-            "taps": len(meta["taps"]),
-            "bytes_on_disk": 0 if link else disk_usage(path), "complete": bool(meta.get("complete")),
-            "lost_shards": {} if link else _lost_shards(path), "content_key": meta.get("content_key"),
-            "link": link}
+    summary = {"path": str(path), "model": meta["model"]["name"], "weights": meta["weights"]["source"],
+                "img_size": meta["transform"]["input_size"][-1],
+                "frames": layout["frames"] if "video" in meta["transform"] else None,
+                "sampling": meta["transform"].get("video"),  # (video stores: frames, sampling, fps)
+                "dataset": meta["dataset"]["name"], "classes": len(meta["classes"]),
+                "splits": splits, "unreadable_inputs": unreadable, "dtype": meta["dtype"], "precision": meta.get("precision", "fp32"),
+                "taps": len(meta["taps"]),
+                "bytes_on_disk": 0 if link else disk_usage(path), "content_key": meta.get("content_key"),
+                "link": link}
+    complete, lost, damaged = (bool(meta.get("complete")), {}, None) if link else _health(path, meta)
+    return {**summary, "complete": complete, "lost_shards": lost, "damaged": damaged}
 
 
-def _lost_shards(path: Location) -> dict[str, list[int]]:
-    """Per split, the finished shards whose files are gone (a copy cut short), so that a
-    listing never calls complete a store that training would refuse. Local stores only:
-    one stat per array and shard (a bucket's store is checked by `featcache verify`)."""
+def _health(path: Location, meta: dict) -> tuple[bool, dict[str, list[int]], str | None]:
+    """(complete, per split the finished shards whose files are gone, what else is wrong),
+    as `featcache info` and training see the store: a listing never calls complete a store
+    that training would refuse. Local stores only, one stat per array and shard (a bucket's
+    store says what its root says; `featcache verify` reads it all)."""
     if is_url(path):
-        return {}
+        return bool(meta.get("complete")), {}, None
     try:
-        return open_store(path).missing_shards()
-    except (UserError, OSError, ValueError, KeyError):  # unreadable parts: `info`/`verify` say what
-        return {}
+        store = open_store(path)
+        return bool(meta.get("complete")) and store.complete, store.missing_shards(), None
+    except UserError as e:  # (a part's zarr.json gone, say)
+        return False, {}, str(e)

@@ -9,7 +9,20 @@ from __future__ import annotations
 from rich.console import Console
 from rich.markup import escape
 
-console = Console(stderr=True)
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console that wraps to the terminal's width, or, writing to a log file or a pipe,
+    never wraps a line (rich's 80 columns broke log lines mid-record, and grep with them);
+    tables there get room up to 200 columns."""
+    c = Console(stderr=stderr)
+    if not c.is_terminal and not c.is_jupyter:
+        c.soft_wrap = True
+        c.width = max(c.width, 200)
+    return c
+
+
+console = make_console(stderr=True)
 
 
 def say(text: str) -> None:

@@ -13,6 +13,12 @@ class UserError(Exception):
     """Bad input or an unmet precondition; the message says what was wrong and what to do."""
 
 
+# what to do with a store whose bytes are damaged or lost (verify.py: --repair)
+DAMAGED_REMEDY = ("Copy it again from where it came (a copy cut short, most likely), or run "
+                  "`featcache verify --repair` on it, then its extract command again: that "
+                  "recomputes the damaged shards alone.")
+
+
 def require(ok: bool, option: str, what: str, value: object) -> None:
     """Refuse `value` for `option` (named as the CLI spells it) unless `ok`, saying what it
     must be: bad numbers are caught here, not deep inside torch or timm."""

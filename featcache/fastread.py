@@ -26,7 +26,7 @@ import crc32c
 import numpy as np
 import zarr
 
-from .errors import UserError
+from .errors import DAMAGED_REMEDY, UserError
 
 EMPTY = np.uint64(2**64 - 1)  # the index's offset/nbytes of a chunk that was never written
 OPEN_SHARDS = 16
@@ -36,7 +36,7 @@ def corrupt(where: object, detail: str) -> UserError:
     """What to say of a chunk whose bytes fail their checksum."""
     return UserError(f"{where}: {detail} fails its checksum: the store is damaged (a disk error, "
                      "or a copy altered or cut short). `featcache verify` lists every damaged "
-                     "chunk; copy the store again from where it came, or extract it again.")
+                     f"shard. {DAMAGED_REMEDY}")
 
 
 def checked_read(array: zarr.Array, read):

@@ -31,7 +31,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from .errors import UserError
+from .errors import DAMAGED_REMEDY, UserError
 from .fastread import checked_read
 from .fastwrite import write_samples
 from .layout import TokenLayout
@@ -148,9 +148,14 @@ class Store:
         if name not in self.splits:
             raise UserError(f"store {self.path} has no split '{name}' (it has: "
                             f"{', '.join(self.splits)}).")
-        g = self.group[name]
-        return SplitArrays(name=name, tokens=g["tokens"], scales=g.get("scales"), labels=g["labels"][:],
-                           key_array=g["keys"], done=g["done"][:], attrs=dict(g.attrs[ATTR]))
+        try:
+            g = self.group[name]
+            return SplitArrays(name=name, tokens=g["tokens"], scales=g.get("scales"), labels=g["labels"][:],
+                               key_array=g["keys"], done=g["done"][:], attrs=dict(g.attrs[ATTR]))
+        except KeyError as e:  # a node's zarr.json gone: zarr finds no such array (or group)
+            raise UserError(f"store {self.path} is damaged: split '{name}' has lost its "
+                            f"{str(e.args[0]).rsplit('/', 1)[-1]} (its zarr.json is gone). Copy it again from "
+                            "where it came (a copy cut short, most likely), or delete it and extract again.") from None
 
     def read_tokens(self, split: str, rows: int | slice | list[int] | np.ndarray = slice(None)) -> np.ndarray:
         """Tokens of some rows of a split as float32 ((n,) L, T, D), whatever the store's dtype.
@@ -352,8 +357,7 @@ def damaged(path: Location, lost: dict[str, list[int]]) -> str:
     """What to say of a store whose finished shards have lost their files."""
     where = "; ".join(f"{name}: {ks[:10]}{' ...' if len(ks) > 10 else ''}" for name, ks in lost.items())
     return (f"store {path} is damaged: finished shards have lost their files ({where}), so "
-            "their samples would read as zeros. Copy it again from where it came (a copy cut "
-            "short, most likely), or delete it and extract again; `featcache verify` checks it all.")
+            f"their samples would read as zeros. {DAMAGED_REMEDY}")
 
 
 def is_partial_layout(path: Location) -> bool:

@@ -1,8 +1,11 @@
-"""`featcache verify`: is every byte of a store there and sound?
+"""`featcache verify`: is every byte of a store there and sound? (and `--repair`)
 
 Reads every shard (zarr checks each chunk's crc32c as it decodes), and checks
 completeness, label range, that no read sample is missing (all zeros: zarr returns the
 fill value for a shard file that is gone), and that no token is NaN or infinite.
+
+A damaged shard is redone, not mended: `repair` clears its done flag, so that a rerun of
+the extract command that made the store recomputes it (and it alone) from its inputs.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import torch
 from rich.progress import Progress
 
 from .codec import decode
-from .store import Store
+from .lock import StoreLock, meta_lock
+from .store import ATTR, Store, open_store
 
 
 @dataclass
@@ -24,6 +28,7 @@ class VerifyReport:
     samples: int = 0  # stored samples read back (rows of unreadable inputs left out)
     skipped: int = 0  # rows of unreadable inputs in those shards (label -1, no tokens)
     problems: list[str] = field(default_factory=list)
+    damaged: dict[str, list[int]] = field(default_factory=dict)  # per split, the shards to redo
 
     @property
     def ok(self) -> bool:
@@ -46,9 +51,12 @@ def verify(store: Store, progress: Progress | None = None) -> VerifyReport:
         if not split.done.all():
             missing = np.flatnonzero(~split.done)
             report.problems.append(f"{name}: {len(missing)} shard(s) never finished: {_few(missing)}")
+        s = split.shard_size
+        redo = set()  # this split's damaged shards
         bad = (split.labels < -1) | (split.labels >= classes)
         if bad.any():
             report.problems.append(f"{name}: {bad.sum()} label(s) outside -1..{classes - 1}")
+            redo |= set((np.flatnonzero(bad) // s).tolist())
         # only in finished shards: an unwritten row reads -1 too, and a shard's skipped
         # inputs are recorded just before it is flagged done
         written = split.done[np.arange(split.n) // split.shard_size]
@@ -59,7 +67,7 @@ def verify(store: Store, progress: Progress | None = None) -> VerifyReport:
         if lost:
             report.problems.append(f"{name}: shard(s) {_few(sorted(lost))} flagged done have no file "
                                    "(the store was damaged or copied in part)")
-        s = split.shard_size
+            redo |= lost
         task = progress.add_task(f"verify {name}", total=len(split.done)) if progress else None
         for k in np.flatnonzero(split.done):
             report.shards += 1
@@ -74,6 +82,7 @@ def verify(store: Store, progress: Progress | None = None) -> VerifyReport:
                        if "checksum" in str(e).lower() else
                        f"unreadable: {(str(e).splitlines() or [type(e).__name__])[0][:200]}")
                 report.problems.append(f"{name}: shard {k} (samples {lo}-{hi - 1}) is damaged: {why}")
+                redo.add(int(k))
                 continue
             z = decode(torch.from_numpy(tokens), store.dtype,
                        None if scales is None else torch.from_numpy(scales),
@@ -82,13 +91,39 @@ def verify(store: Store, progress: Progress | None = None) -> VerifyReport:
             if nonfinite.any():
                 report.problems.append(f"{name}: samples {_few(lo + np.flatnonzero(nonfinite))} "
                                        "hold NaN or Inf")
+                redo.add(int(k))
             empty = (z.flatten(1) == 0).all(1).numpy() & (split.labels[lo:hi] >= 0)
             if empty.any():
                 report.problems.append(f"{name}: samples {_few(lo + np.flatnonzero(empty))} "
                                        "are all zeros (missing data)")
+                redo.add(int(k))
             stored = int((split.labels[lo:hi] >= 0).sum())
             report.samples += stored
             report.skipped += int(hi - lo) - stored
             if progress:
                 progress.advance(task)
+        if redo:
+            report.damaged[name] = sorted(redo & set(np.flatnonzero(split.done).tolist()))
     return report
+
+
+def repair(path: str, damaged: dict[str, list[int]]) -> int:
+    """Clear the done flags of the `damaged` shards (VerifyReport.damaged) and the complete
+    flags above them, under the writer's lock; return how many shards were cleared. The
+    unreadable inputs recorded for those shards are dropped too: the rerun records them again.
+    The store keeps its id, so runs trained on it stay valid once it is whole again."""
+    with StoreLock(path), meta_lock(path):
+        store = open_store(path, mode="r+")
+        for name, shards in damaged.items():
+            split, g = store.split(name), store.group[name]
+            done = split.done.copy()
+            done[shards] = False
+            g["done"][:] = done
+            kept = done[np.arange(split.n) // split.shard_size] & (split.labels == -1)
+            attrs = dict(g.attrs[ATTR])
+            unread = set(split.keys[kept].tolist()) if kept.any() else set()
+            attrs["skipped"] = {k: why for k, why in attrs["skipped"].items() if k in unread}
+            attrs["complete"] = False
+            g.attrs[ATTR] = attrs
+        store.group.attrs[ATTR] = {**store.meta, "complete": False}
+    return sum(map(len, damaged.values()))

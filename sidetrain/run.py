@@ -53,6 +53,10 @@ def run_config(run: Path | str) -> dict:
     failed = _failed(run)  # (a rerun that trains on removes it)
     if failed and not (run / "adapter.safetensors").is_file():
         raise UserError(f"{run} stopped before its first epoch finished, so it holds no model: {failed}")
+    if (run / "config.json").is_file() and not (run / "adapter.safetensors").is_file():
+        raise UserError(f"{run} has not finished training (it is training now, or was stopped): rerun "
+                        "the `sidetrain fit` or `sweep` command that began it, which resumes it from "
+                        "its last finished epoch.")
     if not (run / "config.json").is_file() or not (run / "adapter.safetensors").is_file():
         raise UserError(f"{run} is not a finished sidetrain run (needs config.json and "
                         "adapter.safetensors); train one with `sidetrain fit`.")

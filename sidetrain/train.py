@@ -203,8 +203,10 @@ def _check_store(cfg: FitConfig, store: Store) -> None:
             raise UserError(f"split '{name}' of {store.path} is incomplete: " + (
                 f"it is being written now by {busy}; train once that has finished." if busy else
                 "rerun the `featcache extract` command that made it to finish it."))
+        split.check_intact(store.path)  # (lost label files read as -1: not "no labelled samples")
         if not (split.labels >= 0).any():
-            raise UserError(f"split '{name}' of {store.path} has no labelled samples.")
+            raise UserError(f"split '{name}' of {store.path} has no labelled samples: none of its "
+                            f"inputs could be read (`featcache info --json {store.path}` says why).")
     if store.meta["weights"]["source"].startswith("random-init"):
         note(f"{store.path} was extracted with RANDOM backbone weights "
              "(--random-init): what trains on it only shows that the pipeline runs.")

@@ -42,6 +42,8 @@ def test_extract_info_fit_from_the_command_line(tmp_path, monkeypatch, run_cli):
     assert r.returncode == 0, r.stderr
     written = json.loads(r.stdout)
     assert written["written"] == {"train": 10, "val": 10, "test": 10}
+    # a log file's lines are whole (rich wrapped them at 80 columns): grep finds the record
+    assert any(line.startswith("store size: 30 samples") and "free:" in line for line in r.stderr.splitlines())
     monkeypatch.chdir(tmp_path)
     info = json.loads(run_cli("featcache", "info", "s", "--json").stdout)
     assert written["bytes_on_disk"] == info["bytes_on_disk"] > written["bytes"]  # the plan counts tokens only

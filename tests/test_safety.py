@@ -21,7 +21,7 @@ from PIL import Image
 from featcache import ExtractConfig, UserError, extract, open_store
 from featcache.catalog import find_stores
 from featcache.lock import StoreLock, writer
-from featcache.verify import verify
+from featcache.verify import repair, verify
 from sidetrain import FitConfig, ShardLoader, fit
 
 from .conftest import TINY, make_image_folder
@@ -124,6 +124,14 @@ def test_every_kind_of_bad_image(tmp_path):
     keys = np.concatenate([store.split(s).keys[store.split(s).labels >= 0] for s in store.splits])
     assert {"a/gray.png", "a/rgba.png", "a/palette.png", "a/cmyk.jpg", "a/sixteen.png"} <= set(keys)
     assert verify(store).ok
+    shard = tmp_path / "s" / "train" / "tokens" / "c" / "0" / "0" / "0" / "0"  # (with the unreadable)
+    raw = bytearray(shard.read_bytes())
+    raw[-100] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    assert repair(store.path, verify(store).damaged) == 1
+    again = extract(ExtractConfig(dataset=str(root), out=tmp_path / "s", val_fraction=0.01, **TINY))
+    assert again.status == "resumed" and {k for split in again.skipped.values() for k in split} == skipped
+    assert verify(open_store(tmp_path / "s")).ok  # (its unreadable inputs recorded once again)
 
 
 def test_a_split_of_inputs_none_readable_is_refused_with_its_cause(tmp_path):
@@ -163,6 +171,33 @@ def test_a_folder_one_level_too_high_is_pointed_out_and_not_trained(tmp_path, ca
     assert not (tmp_path / "run").exists()
 
 
+def test_verify_repair_then_extract_redoes_the_damaged_shards_alone(tmp_path, run_cli):
+    out, settings = tmp_path / "v", dict(dataset="demo", limit=12, shard_size=4, **TINY)
+    extract(ExtractConfig(out=out, **settings))
+    before = {name: open_store(out).read_tokens(name) for name in ("train", "val", "test")}
+    shard = out / "val" / "tokens" / "c" / "1" / "0" / "0" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[100] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    (out / "test" / "tokens" / "c" / "2" / "0" / "0" / "0").unlink()
+    r = run_cli("featcache", "verify", str(out))
+    assert r.returncode == 1 and "damaged shard(s): val: [1]; test: [2]. `featcache verify --repair" in \
+        " ".join(r.stdout.split())
+    with pytest.raises(UserError, match="run `featcache verify --repair` on it, then its extract command"):
+        extract(ExtractConfig(out=out, **settings))
+    r = run_cli("featcache", "verify", str(out), "--repair")
+    assert r.returncode == 1 and "the done flags of 2 damaged shard(s) cleared (val: [1]; test: [2])" in \
+        " ".join(r.stdout.split())
+    assert not open_store(out).complete
+    untouched = (out / "train" / "tokens" / "c" / "0" / "0" / "0" / "0").stat().st_mtime_ns
+    again = extract(ExtractConfig(out=out, **settings))
+    assert again.status == "resumed" and again.written == {"val": 4, "test": 4} and again.complete
+    assert (out / "train" / "tokens" / "c" / "0" / "0" / "0" / "0").stat().st_mtime_ns == untouched
+    assert verify(open_store(out)).ok
+    for name, tokens in before.items():
+        np.testing.assert_array_equal(open_store(out).read_tokens(name), tokens)
+
+
 def test_verify_finds_corruption_and_missing_shards(tmp_path, run_cli):
     out = tmp_path / "v"
     extract(ExtractConfig(dataset="demo", out=out, limit=12, shard_size=4, **TINY))
@@ -199,9 +234,19 @@ def test_verify_finds_corruption_and_missing_shards(tmp_path, run_cli):
     shutil.copytree(out, tmp_path / "labels-lost")  # lost labels read as -1, "skipped": still lost
     (tmp_path / "labels-lost" / "test" / "labels" / "c" / "0").unlink()
     assert open_store(tmp_path / "labels-lost").missing_shards() == {"test": [0, 2]}
+    (tmp_path / "labels-lost" / "val" / "labels" / "c" / "0").unlink()
+    with pytest.raises(UserError, match=r"is damaged: finished shards have lost their files \(val: \[0\]\)"):
+        fit(FitConfig(cache=tmp_path / "labels-lost", rank=4, epochs=1, out=tmp_path / "run"))  # (not "no labels")
+    (tmp_path / "labels-lost" / "val" / "tokens" / "zarr.json").unlink()  # an array's metadata lost
+    r = run_cli("featcache", "verify", str(tmp_path / "labels-lost"))
+    assert r.returncode == 2 and "split 'val' has lost its tokens (its zarr.json is gone)" in r.stderr
+    listed = {s["path"]: s for s in find_stores(tmp_path)}
+    assert not listed[str(tmp_path / "labels-lost")]["complete"] and "lost its tokens" in \
+        listed[str(tmp_path / "labels-lost")]["damaged"]
     train = zarr.open_group(str(out / "train"), mode="r+")
     train["done"][0] = False  # as if interrupted before shard 0 was written: its labels unset
     train["labels"][:4] = -1
+    assert not {s["path"]: s for s in find_stores(tmp_path)}[str(out)]["complete"]  # as info says
     with pytest.raises(UserError, match=r"rows of split 'train' in shard\(s\) \[0\] are not written yet"):
         open_store(out).read_tokens("train", [1, 5])  # (they would read as zeros)
     assert open_store(out).read_tokens("train", slice(4, 8)).any()  # written rows still read

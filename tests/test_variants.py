@@ -247,6 +247,9 @@ def test_killed_fit_resumes_to_the_uninterrupted_result(fp32_store, tmp_path, mo
     monkeypatch.setattr(train_module.Trainer, "end_epoch", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         fit(FitConfig(**{**vars(cfg), "out": tmp_path / "resumed"}))
+    with pytest.raises(UserError, match="has not finished training .*rerun the `sidetrain fit` or `sweep` "
+                                        "command that began it, which resumes it"):
+        evaluate_run(tmp_path / "resumed")
     monkeypatch.setattr(train_module.Trainer, "end_epoch", original)
     resumed = fit(FitConfig(**{**vars(cfg), "out": tmp_path / "resumed"}))
     assert [h["val_loss"] for h in resumed.history] == [h["val_loss"] for h in whole.history]
