@@ -269,7 +269,9 @@ def ls_cmd(root: str = typer.Argument("cache", metavar="ROOT", help="Folder or U
     """One line per store under ROOT: model, dataset, splits, dtype, size, complete?"""
     root = normalize(root)
     if not is_url(root) and not Path(root).is_dir():
-        raise UserError(f"{root} is not a folder")
+        raise UserError(f"{root} is not a folder: pass the folder (or s3:// prefix) that holds your "
+                        "stores, e.g. `featcache ls /shared/featcache`" + (
+                            " (the default, ./cache, is where extract writes them)" if root == Path("cache") else ""))
     stores = find_stores(root)
     if as_json:
         emit_json(stores)

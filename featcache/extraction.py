@@ -318,7 +318,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                 _run(cfg, backbone, store, images, ds, names, taps, batches, result)
             except BaseException:  # (a full disk, Ctrl-C) the splits it finished are complete
                 with contextlib.suppress(Exception), meta_lock(out):
-                    _mark_finished(out, names)
+                    _say_kept(_mark_finished(out, names), names)
                 raise
         with meta_lock(out):
             store = _mark_finished(out, names)  # other parts may have finished shards meanwhile
@@ -400,6 +400,15 @@ def _mark_finished(out: Location, names: list[str]) -> Store:
         if store.split(name).done.all() and not store.split(name).attrs["complete"]:
             mark_complete(store, name)
     return store
+
+
+def _say_kept(store: Store, names: list[str]) -> None:
+    """What a stopped run keeps: the samples of finished shards (a shard is the unit of work:
+    the samples of one begun and not finished are extracted again)."""
+    splits = [store.split(name) for name in names]
+    kept = sum(int(s.done[np.arange(s.n) // s.shard_size].sum()) for s in splits)
+    say(f"{store.path}: {kept:,} of {sum(s.n for s in splits):,} samples are in finished shards and kept "
+        f"(shards of {store.meta['shard_size']:,}); the same command continues from there.")
 
 
 def note_skipped(result: ExtractResult) -> None:

@@ -88,11 +88,12 @@ def identical_store(out: Location, key: str, usable: Callable[[Location], bool] 
 def differences(store: Store, settings: dict, ds: Dataset) -> list[str]:
     """Why `store` cannot be resumed by a run with these settings (empty when it can)."""
     hints = {"batch_size": " (leave --batch-size out to resume with the store's)"}
-    diffs = [f"{k}: store has {store.meta.get(k)!r}, this run {v!r}{hints.get(k, '')}"
-             for k, v in settings.items()
+    diffs = [f"{k}: store has {was!r}, this run {now!r}{hints.get(k.split('.')[0], '')}"
+             for key, v in settings.items()
              # content_key is derived from these settings and the dataset's source, which a
              # resume only notes (a dataset moved between runs); older stores lack the key
-             if k not in ("dataset", "weights", "content_key", "precision", "device") and store.meta.get(k) != v]
+             if key not in ("dataset", "weights", "content_key", "precision", "device")
+             for k, was, now in _changed(key, store.meta.get(key), v)]
     if store.precision != settings["precision"]:
         diffs.append(f"precision: store has {store.precision!r}, this run {settings['precision']!r}")
     was, now = store.meta["dataset"].get("decoder"), settings["dataset"].get("decoder")
@@ -110,6 +111,15 @@ def differences(store: Store, settings: dict, ds: Dataset) -> list[str]:
         if store.split(name).attrs["fingerprint"] != ds.splits[name].fingerprint():
             diffs.append(f"split {name}: different inputs (keys or labels) than the store's")
     return diffs
+
+
+def _changed(key: str, was: object, now: object) -> list[tuple[str, object, object]]:
+    """(name, stored, this run's) for each value that differs, naming the entries of a
+    dict (transform.input_size, not the whole transform)."""
+    if isinstance(was, dict) and isinstance(now, dict):
+        return [(f"{key}.{k}", was.get(k), now.get(k)) for k in sorted(was.keys() | now.keys(), key=str)
+                if was.get(k) != now.get(k)]
+    return [] if was == now else [(key, was, now)]
 
 
 def stored_batch_size(out: Location) -> int | None:
@@ -137,9 +147,12 @@ def existing_store(out: Location, settings: dict, ds: Dataset, shard_size: int |
         return None, []
     store = open_store(out, mode=mode)
     diffs = differences(store, settings, ds)
-    if diffs:
-        model = settings["model"]["name"]
-        other = f" (e.g. --out {out}-{model.split('.')[0]})" if store.meta["model"]["name"] != model else ""
+    if diffs:  # an --out named for what differs: the model, the image size, the dtype
+        meta, model, size = store.meta, settings["model"]["name"], settings["transform"]["input_size"]
+        parts = ([model.split(".")[0]] if meta["model"]["name"] != model else []) + (
+            [f"{size[-1]}px"] if meta["transform"].get("input_size") != size else []) + (
+            [settings["dtype"]] if meta["dtype"] != settings["dtype"] else [])
+        other = f" (e.g. --out {out}-{'-'.join(parts)})" if parts else ""
         raise UserError(f"{out} already holds a store made with other settings; use another "
                         f"--out{other} or delete it. Differences: " + "; ".join(diffs))
     notes = []

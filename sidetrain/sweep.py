@@ -117,27 +117,43 @@ def _continue_equal_runs(configs: list[FitConfig], out_root: Path) -> list[FitCo
     """Point a configuration that a run of an earlier grid in out_root holds under another
     name at that run, rather than train it again: names hold what a grid varies, so the run
     `--rank 4,8 --lr 1e-3,3e-3` named losa-rank4-lr0.001 is `--rank 4 --lr 1e-3,1e-2`'s
-    losa-lr0.001."""
+    losa-lr0.001. A name that an earlier grid gave to another configuration (`--rank 4`
+    then `--rank 2` both name their run losa) is not refused: the new run's name gets what
+    differs (losa-rank2)."""
     if not configs or not out_root.is_dir():
         return configs
     store = open_store(configs[0].cache)
     keys = [f.name for f in fields(FitConfig) if f.name != "out" and f.name not in NOT_RECORDED]
-    earlier = {}
-    for path in sorted(out_root.glob("*/config.json")):
-        saved = read_json(path)
-        if (isinstance(saved, dict) and _begun(path.parent) and saved.get("data_order") == DATA_ORDER
-                and saved.get("store", {}).get("id") == store.meta.get("id")):  # (what resume also asks)
-            earlier[path.parent] = saved
+    saved = {path.parent: config for path in sorted(out_root.glob("*/config.json"))
+             if isinstance(config := read_json(path), dict)}
+    taken = set(saved) | {Path(c.out) for c in configs}
     out = []
     for c in configs:
         now = recorded(resolved(c, store))
-        same = {k: now[k] for k in keys}
-        run = next((r for r, saved in earlier.items()
-                    if {k: v for k, v in upgraded(saved, c, now).items() if k in keys} == same), None)
-        if run is not None and run != Path(c.out) and not _begun(Path(c.out)):
-            note(f"{Path(c.out).name}: {run} holds this configuration (another grid named it); "
+
+        def holds(run: Path) -> bool:  # this configuration, on this extraction (what resume asks)
+            config = saved[run]
+            return (config.get("data_order") == DATA_ORDER and config.get("store", {}).get("id") == store.meta.get("id")
+                    and all(upgraded(config, c, now).get(k) == now[k] for k in keys))
+
+        planned = Path(c.out)
+        run = next((r for r in saved if _begun(r) and r != planned and holds(r)), None)
+        if run is not None and not (planned in saved and holds(planned)):
+            note(f"{planned.name}: {run} holds this configuration (another grid named it); "
                  "continuing that run, not training it again.")
             c = replace(c, out=run)
+        elif planned in saved and not holds(planned):
+            was = upgraded(saved[planned], c, now)
+            differ = "".join(f"-{k}{now[k]}" for k in keys if was.get(k) != now[k] and k != "cache")
+            name = re.sub(r"[^\w.+=-]", "_", planned.name + (differ or "-new"))
+            free = next(path for i in itertools.count()
+                        if (path := planned.with_name(name + (f"-{i}" if i else ""))) not in taken
+                        and not path.exists())
+            taken.add(free)
+            other = "another configuration" if differ else (
+                "a run this one cannot continue (on another extraction of the store, or by an older sidetrain)")
+            note(f"{planned} holds {other} (an earlier grid's): this one trains in {free.name}.")
+            c = replace(c, out=free)
         out.append(c)
     return out
 

@@ -366,9 +366,15 @@ class Trainer:
                         if k != "out" and saved.get(k) != config.get(k))
         if differ:
             began = f"; it was trained on {saved.get('device')}: --device {saved.get('device')} continues it"
+            plain = [k for k in differ if all(isinstance(v, (str, int, float, type(None)))
+                                              for v in (saved.get(k), config.get(k)))]
+            shown = [f"{k} ({saved.get(k)} there, {config.get(k)} here)" if k in plain else k for k in differ]
+            options = {f.name for f in fields(FitConfig)} - {"cache", "out"}
+            name = self.run.name + "".join(f"-{k}{config[k]}" for k in plain if k in options)
+            other = f" (e.g. --out {self.run.with_name(name.replace('/', '_'))})" if name != self.run.name else ""
             raise UserError(f"{self.run} holds a run with another configuration (it differs in "
-                            f"{', '.join(differ)}){began if 'device' in differ else ''}. Use another "
-                            "--out or delete that folder.")
+                            f"{', '.join(shown)}){began if 'device' in differ else ''}. Use another "
+                            f"--out{other} or delete that folder.")
         if now and not was and os.access(self.run, os.W_OK):  # a run from before stores had an
             _write_json(self.run / "config.json", self.config_json)  # id: told apart from now on
 

@@ -350,7 +350,9 @@ def test_a_full_disk_is_said_in_one_line_keeps_no_half_file_and_the_rerun_finish
             "demo", "--limit", "24", "--shard-size", "8", "--batch-size", "4", "--workers", "0", "--no-reuse"]
     with small_disk(tmp_path / "disk", "1M") as disk:  # the store: 1.7 MB
         r = run_cli(*args, "--out", str(disk / "s"), "--force")
-        assert r.returncode == 2 and "failed (the disk is full: free some space)" in " ".join(r.stderr.split())
+        said = " ".join(r.stderr.split())
+        assert r.returncode == 2 and "failed (the disk is full: free some space)" in said
+        assert "of 72 samples are in finished shards and kept (shards of 8); the same command continues" in said
         assert not list(disk.rglob("*.tmp"))  # a shard cut short is removed
         r = run_cli(*args, "--out", str(disk / "s"))  # the rerun checks what is left to write
         assert r.returncode == 2 and "B more but only" in " ".join(r.stderr.split())

@@ -152,6 +152,10 @@ def test_rerun_is_a_noop_and_other_settings_are_refused(fp32_store):
     with pytest.raises(UserError, match=r"use another --out \(e.g. --out \S*demo32-vit_small_patch16_224\)"):
         extract(ExtractConfig(dataset="demo", out=fp32_store, dtype="fp32", limit=24, dry_run=True,
                               **{**TINY, "model": "vit_small"}))
+    with pytest.raises(UserError, match=r"--out \S*demo32-48px-int8\) or delete it\. Differences: .*"
+                                        r"transform\.input_size: store has \[3, 32, 32\], this run \[3, 48, 48\]"):
+        extract(ExtractConfig(dataset="demo", out=fp32_store, dtype="int8", limit=24, dry_run=True,
+                              **{**TINY, "img_size": 48}))  # (not the whole transform: what differs in it)
     for dry_run in (True, False):  # a dry run is refused as the run would be
         with pytest.raises(UserError, match="dtype"):
             extract(ExtractConfig(dataset="demo", out=fp32_store, dtype="fp16", limit=24, dry_run=dry_run, **TINY))

@@ -211,6 +211,15 @@ def test_a_sweep_trains_each_configuration_as_fit_would(fp32_store, tmp_path, ca
     # a grid that names a configuration differently ("losa": nothing varies) continues its run
     (same,) = sweep(base, {"rank": [2]}, moved)
     assert same.run == moved / "losa-rank2-lr0.001" and not (moved / "losa").exists()
+    # a name that an earlier grid gave to another configuration: the new run's says what differs
+    (three,) = sweep(base, {"rank": [3]}, tmp_path / "names")
+    capsys.readouterr()
+    (one,) = sweep(base, {"rank": [1]}, tmp_path / "names")
+    assert three.run.name == "losa" and one.run.name == "losa-rank1" and one.config.rank == 1
+    assert "names/losa holds another configuration (an earlier grid's): this one trains in losa-rank1" in \
+        " ".join(capsys.readouterr().err.split())
+    (again,) = sweep(base, {"rank": [1]}, tmp_path / "names")  # and finds it there next time
+    assert again.run == one.run and again.val_acc == one.val_acc
 
 
 def test_a_sweep_varies_taps_and_drops_options_a_method_lacks(fp32_store, tmp_path, capsys):
@@ -256,7 +265,8 @@ def test_killed_fit_resumes_to_the_uninterrupted_result(fp32_store, tmp_path, mo
     a = load_file(str(whole.run / "adapter.safetensors"))
     b = load_file(str(resumed.run / "adapter.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(UserError, match="another configuration .*differs in rank"):
+    with pytest.raises(UserError, match=r"another configuration \(it differs in rank \(4 there, 2 here\), "
+                                        r"trainable_params .*\)\. Use another --out \(e\.g\. --out \S*resumed-rank2\)"):
         fit(FitConfig(**{**vars(cfg), "rank": 2, "out": tmp_path / "resumed"}))
     # a run from before the loader's batch order changed would not replay its batches
     saved = json.loads((whole.run / "config.json").read_text())
