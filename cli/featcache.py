@@ -297,7 +297,8 @@ def ls_cmd(root: str = typer.Argument("cache", metavar="ROOT", help="Folder or U
         lost = sum(len(ks) for ks in s["lost_shards"].values())
         state = (f"DAMAGED ({lost} finished shard(s) lost their files: `featcache verify` says which)"
                  if lost else "DAMAGED (`featcache info` says how)" if s["damaged"] else
-                 "complete" if s["complete"] else "INCOMPLETE")
+                 "complete" if s["complete"] else f"INCOMPLETE (being written now by {s['writer']})"
+                 if s["writer"] else "INCOMPLETE (stopped: its extract command, rerun, finishes it)")
         print(f"{s['path']}  {s['model']} ({weights})  {s['img_size']} px{frames}  {s['dataset']} "
               f"({s['classes']} classes)  {splits}  {dtype}  {s['taps']} taps  "
               f"{human_bytes(s['bytes_on_disk'])}  {state}")

@@ -9,6 +9,7 @@ from pathlib import Path
 from .console import note
 from .errors import UserError
 from .location import Location, filesystem, is_url, join, normalize, read_json
+from .lock import writer
 from .store import ATTR, disk_usage, is_partial_layout, open_store
 
 MAX_DEPTH = 4  # cache roots are shallow: <root>/<dataset>/ or <root>/<user>/<dataset>/
@@ -109,7 +110,8 @@ def _summary(path: Location, meta: dict, link: str | None = None) -> dict:
                 "bytes_on_disk": 0 if link else disk_usage(path), "content_key": meta.get("content_key"),
                 "link": link}
     complete, lost, damaged = (bool(meta.get("complete")), {}, None) if link else _health(path, meta)
-    return {**summary, "complete": complete, "lost_shards": lost, "damaged": damaged}
+    return {**summary, "complete": complete, "lost_shards": lost, "damaged": damaged,
+            "writer": None if complete or link else writer(path)}
 
 
 def _health(path: Location, meta: dict) -> tuple[bool, dict[str, list[int]], str | None]:

@@ -96,7 +96,8 @@ def resolve_name(name: str) -> str:
     full = ALIASES.get(name, name)
     arch = full.split(".", 1)[0]
     if not timm.is_model(arch):
-        known = list(ALIASES) + timm.list_models("*vit*") + timm.list_models("*eva*")
+        # ViT families only (those with patch_embed and blocks): "*vit*" offered gcvit, davit
+        known = list(ALIASES) + timm.list_models(["vit_*", "deit*", "eva*", "beit*", "flexivit*"])
         close = difflib.get_close_matches(name, known, n=3)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise UserError(f"unknown model '{name}'.{hint} Use a timm ViT name or one of: "

@@ -19,6 +19,8 @@ docs/store-format.md describes it for readers without this package.
 from __future__ import annotations
 
 import datetime as _dt
+import difflib
+import json
 import math
 import numbers
 import uuid
@@ -229,7 +231,7 @@ def open_store(path: Location, mode: str = "r") -> Store:
     p = normalize(path)
     try:
         if not exists(p):
-            raise UserError(f"no store at {path}: the path does not exist. Create one with "
+            raise UserError(f"no store at {path}: the path does not exist.{_near(p)} Create one with "
                             "`featcache extract` (where it found an identical store beside --out, it "
                             "reused that one and said so: `featcache ls` lists them).")
         group = zarr.open_group(str(p), mode=mode)
@@ -244,11 +246,37 @@ def open_store(path: Location, mode: str = "r") -> Store:
             raise UserError(f"{path} is a store that `featcache extract` began to lay out and did "
                             "not finish (stopped, or at it now): rerun that command to finish it.") from None
         raise UserError(f"{path} is not a featcache store (no Zarr group with featcache "
-                        "attributes): give the folder that `featcache extract` wrote (its --out).") from None
+                        "attributes): give the folder that `featcache extract` wrote (its --out)"
+                        f"{_inside(p)}.") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has store format {meta.get('format_version')}; this version "
                         f"of featcache reads format {FORMAT_VERSION}.")
     return Store(group, str(p))
+
+
+def _near(path: Location) -> str:
+    """ Did you mean a sibling of a local path that does not exist (cache/colour: colors)?"""
+    if is_url(path) or not Path(path).parent.is_dir():
+        return ""
+    names = [p.name for p in Path(path).parent.iterdir() if p.is_dir()]
+    close = difflib.get_close_matches(Path(path).name, names, n=1)
+    return f" Did you mean {Path(path).with_name(close[0])}?" if close else ""
+
+
+def _inside(path: Location) -> str:
+    """The stores one or two levels under a local folder given instead of one of them (a
+    cache root; not deeper: a home folder given by mistake is not walked)."""
+    if is_url(path) or not Path(path).is_dir():
+        return ""
+    found = []
+    for node in sorted(Path(path).glob("*/zarr.json")) + sorted(Path(path).glob("*/*/zarr.json")):
+        try:
+            if "format_version" in json.loads(node.read_text()).get("attributes", {}).get(ATTR, {}):
+                found.append(str(node.parent))
+        except (OSError, ValueError, AttributeError):
+            continue
+    return (f"; it holds {len(found)} store(s): {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}"
+            if found else "")
 
 
 def create_store(path: Location, meta: dict, splits: dict[str, tuple[int, str]],

@@ -34,6 +34,15 @@ def test_bad_input_is_one_clear_line(args, expected, tmp_path, monkeypatch, run_
     assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0]
 
 
+def test_a_cache_root_or_a_misspelt_store_is_answered_with_the_stores_there(fp32_store, monkeypatch, run_cli):
+    monkeypatch.chdir(fp32_store.parent.parent)
+    root, name = fp32_store.parent.name, fp32_store.name
+    for cache, expected in ((root, f"(its --out); it holds 1 store(s): {root}/{name}."),
+                            (f"{root}/{name}x", f"the path does not exist. Did you mean {root}/{name}?")):
+        r = run_cli("sidetrain", "fit", "--cache", cache)
+        assert r.returncode == 2 and expected in r.stderr, r.stderr
+
+
 def test_extract_info_fit_from_the_command_line(tmp_path, monkeypatch, run_cli):
     """The first command as a user runs it (`python -m`, a process of its own), the rest in
     this one."""

@@ -263,6 +263,15 @@ def test_verify_finds_corruption_and_missing_shards(tmp_path, run_cli):
 
 
 def test_ls_and_info_describe_stores(fp32_store, tmp_path, run_cli, capsys):
+    part = tmp_path / "part"  # a store stopped half-way, then one being written
+    shutil.copytree(fp32_store, part)
+    zarr.open_group(str(part / "val"), mode="r+")["done"][1] = False
+    listed = run_cli("featcache", "ls", str(tmp_path)).stdout
+    assert listed.startswith(f"{part}  vit") and \
+        listed.endswith("INCOMPLETE (stopped: its extract command, rerun, finishes it)\n")
+    with StoreLock(part):
+        assert run_cli("featcache", "ls", str(tmp_path)).stdout.endswith(
+            f"INCOMPLETE (being written now by pid {os.getpid()} on {socket.gethostname()})\n")
     (stores,) = [s for s in find_stores(fp32_store.parent) if s["path"] == str(fp32_store)]
     assert stores["splits"] == {"train": 24, "val": 24, "test": 24} and stores["complete"]
     r = run_cli("featcache", "ls", str(fp32_store.parent))
