@@ -10,7 +10,6 @@ from rich.console import Console
 from rich.markup import escape
 
 
-
 def make_console(stderr: bool = False) -> Console:
     """A console that wraps to the terminal's width, or, writing to a log file or a pipe,
     never wraps a line (rich's 80 columns broke log lines mid-record, and grep with them);
