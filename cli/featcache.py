@@ -239,18 +239,19 @@ def verify_cmd(path: str = typer.Argument(..., metavar="STORE", help="A store fo
 
     with Progress(console=make_console(stderr=True), transient=True) as bar:
         report = verify(open_store(path), bar)
-    cleared = repair(report.path, report.damaged) if repair_ and report.damaged else 0
-    if as_json:
-        emit_json({"path": report.path, "ok": report.ok, "shards": report.shards,
-                   "samples": report.samples, "skipped": report.skipped, "problems": report.problems,
-                   "damaged": report.damaged, "repaired": cleared})
-    else:
+    if not as_json:  # (said before a repair, which a writer at work refuses)
         for p in report.problems:
             out.print(f"[red]problem:[/] {escape(p)}")
         out.print(f"{'OK' if report.ok else 'FAILED'}: {escape(report.path)}: {report.shards} shards checked, "
                   f"{report.samples:,} samples read back"
                   + (f" ({report.skipped:,} skipped: unreadable inputs, no tokens)" if report.skipped else "")
                   + f", {len(report.problems)} problem(s)")
+    cleared = repair(report.path, report) if repair_ and report.damaged else 0
+    if as_json:
+        emit_json({"path": report.path, "ok": report.ok, "shards": report.shards,
+                   "samples": report.samples, "skipped": report.skipped, "problems": report.problems,
+                   "damaged": report.damaged, "repaired": cleared})
+    else:
         where = "; ".join(f"{name}: {shards}" for name, shards in report.damaged.items())
         if cleared:
             out.print(f"repaired: the done flags of {cleared} damaged shard(s) cleared ({where}). Rerun "
@@ -298,7 +299,8 @@ def ls_cmd(root: str = typer.Argument("cache", metavar="ROOT", help="Folder or U
         state = (f"DAMAGED ({lost} finished shard(s) lost their files: `featcache verify` says which)"
                  if lost else "DAMAGED (`featcache info` says how)" if s["damaged"] else
                  "complete" if s["complete"] else f"INCOMPLETE (being written now by {s['writer']})"
-                 if s["writer"] else "INCOMPLETE (stopped: its extract command, rerun, finishes it)")
+                 if s["writer"] else "INCOMPLETE" if is_url(s["path"]) else  # (a bucket has no lock to ask)
+                 "INCOMPLETE (stopped: its extract command, rerun, finishes it)")
         print(f"{s['path']}  {s['model']} ({weights})  {s['img_size']} px{frames}  {s['dataset']} "
               f"({s['classes']} classes)  {splits}  {dtype}  {s['taps']} taps  "
               f"{human_bytes(s['bytes_on_disk'])}  {state}")

@@ -15,8 +15,10 @@ from .store import ATTR, disk_usage, is_partial_layout, open_store
 MAX_DEPTH = 4  # cache roots are shallow: <root>/<dataset>/ or <root>/<user>/<dataset>/
 
 
-def find_stores(root: Location) -> list[dict]:
-    """Every featcache store at or below `root` (not looking inside stores)."""
+def find_stores(root: Location, health: bool = True) -> list[dict]:
+    """Every featcache store at or below `root` (not looking inside stores). `health`: check
+    each local store as `featcache info` does (see _health); without it, only the root's
+    word is taken (a twin search checks the one store it picks)."""
     root = normalize(root)
     if is_url(root):
         return _find_remote(root)
@@ -31,7 +33,7 @@ def find_stores(root: Location) -> list[dict]:
                 except ValueError:
                     meta = None
                 if meta:  # (a link: what a reused twin leaves at --out; its bytes are the target's)
-                    found.append(_summary(d, meta, os.readlink(d) if d.is_symlink() else None))
+                    found.append(_summary(d, meta, os.readlink(d) if d.is_symlink() else None, health))
                 elif is_partial_layout(d):
                     note(f"{d}: a store whose layout was begun and not finished (stopped, or at "
                          "it now; rerun the `featcache extract` command that began it): left out.")
@@ -91,7 +93,7 @@ def _store_meta(node: dict) -> dict | None:
     return meta if isinstance(meta, dict) and "format_version" in meta else None
 
 
-def _summary(path: Location, meta: dict, link: str | None = None) -> dict:
+def _summary(path: Location, meta: dict, link: str | None = None, health: bool = False) -> dict:
     splits, unreadable = {}, {}  # samples per split; the inputs among them that could not be read
     for name in meta.get("splits", []):
         try:
@@ -109,9 +111,9 @@ def _summary(path: Location, meta: dict, link: str | None = None) -> dict:
                 "taps": len(meta["taps"]),
                 "bytes_on_disk": 0 if link else disk_usage(path), "content_key": meta.get("content_key"),
                 "link": link}
-    complete, lost, damaged = (bool(meta.get("complete")), {}, None) if link else _health(path, meta)
+    complete, lost, damaged = _health(path, meta) if health and not link else (bool(meta.get("complete")), {}, None)
     return {**summary, "complete": complete, "lost_shards": lost, "damaged": damaged,
-            "writer": None if complete or link else writer(path)}
+            "writer": None if complete or link or is_url(path) else writer(path)}
 
 
 def _health(path: Location, meta: dict) -> tuple[bool, dict[str, list[int]], str | None]:
@@ -123,6 +125,10 @@ def _health(path: Location, meta: dict) -> tuple[bool, dict[str, list[int]], str
         return bool(meta.get("complete")), {}, None
     try:
         store = open_store(path)
-        return bool(meta.get("complete")) and store.complete, store.missing_shards(), None
+        splits = [store.split(name) for name in store.splits]  # (each read once)
+        lost = {s.name: gone for s in splits if (gone := s.lost_shards(path))}
+        return bool(meta.get("complete")) and all(s.complete for s in splits) and not lost, lost, None
     except UserError as e:  # (a part's zarr.json gone, say)
         return False, {}, str(e)
+    except Exception as e:  # a chunk that does not decode: a listing goes on
+        return False, {}, f"unreadable: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"

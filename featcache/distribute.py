@@ -40,11 +40,12 @@ def _run_part(cfg: ExtractConfig) -> ExtractResult | UserError:
         return e
 
 
-def _progress(out: Path) -> tuple[int, int]:
-    """(shards done, shards) over every split of the store, or (0, 0) before it exists."""
+def _progress(out: Path, names: list[str]) -> tuple[int, int]:
+    """(shards done, shards) over the run's splits of the store, or (0, 0) before it exists
+    (or before a split the run adds is laid out)."""
     try:
         root = zarr.open_group(str(out), mode="r")
-        flags = [root[s]["done"][:] for s in root.attrs["featcache"]["splits"]]
+        flags = [root[s]["done"][:] for s in names]
     except Exception:  # not laid out yet
         return 0, 0
     return int(sum(f.sum() for f in flags)), int(sum(len(f) for f in flags))
@@ -74,7 +75,7 @@ def extract_on_dask(cfg: ExtractConfig, address: str) -> ExtractResult:
     # the size, said once before any work (on this machine's CPU: it may have no GPU);
     # a URL store is refused here, as by every --shard part
     plan = extract(replace(cfg, dry_run=True, device="cpu", shard=(0, 1)))
-    out = plan.path
+    out, names = plan.path, list(plan.plan.splits)
     existed = (out / "zarr.json").exists() and not is_partial_layout(out)
     if not existed:
         plan.plan.check_fits(cfg.force)
@@ -112,10 +113,10 @@ def extract_on_dask(cfg: ExtractConfig, address: str) -> ExtractResult:
             task = bar.add_task(f"{parts} dask worker{'s' * (parts > 1)} -> {escape(str(out))} (shards)",
                                 total=None)
             while not all(f.done() for f in futures):
-                done, total = _progress(out)
+                done, total = _progress(out, names)
                 bar.update(task, completed=done, total=total or None)
                 time.sleep(0.5)
-            done, total = _progress(out)
+            done, total = _progress(out, names)
             bar.update(task, completed=done, total=total)
         results: list[ExtractResult | UserError] = client.gather(futures)
     finally:
@@ -148,6 +149,6 @@ def extract_on_dask(cfg: ExtractConfig, address: str) -> ExtractResult:
         "resumed" if existed else "written"  # (parts find the store another part laid out)
     if total and done < total:
         raise UserError(f"only {done} of {total} shards of {out} are done; rerun the command.")
-    merged.complete = True
+    merged.complete = open_store(out).complete  # (not when a --split run leaves other splits unfinished)
     note_skipped(merged)
     return merged

@@ -104,7 +104,8 @@ class ExtractResult:
     skipped: dict[str, dict[str, str]] = field(default_factory=dict)  # split -> key -> reason
     seconds: float = 0.0
     status: Status = "written"
-    complete: bool = False  # whether the store is complete now (a --shard part may leave it not)
+    complete: bool = False  # whether the store is complete now (a --shard part, or a --split run
+    # on a store with other splits unfinished, may leave it not)
     twin: Location | None = None  # an identical complete store that a run returns instead
     left: int = 0  # samples the store had left to extract when this run began (all, for a new
     # one; by all its parts, for a --shard part; none, when a twin is reused)
@@ -271,7 +272,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     result.left = sum(plan.splits.values()) if left is None else left
     for text in filter(None, notes):
         note(text)
-    if complete and store.meta["complete"] and not cfg.dry_run:
+    if complete and store.meta["complete"] and store.complete and not cfg.dry_run:  # (every split's flags)
         refuse_unreadable(store, list(ds.splits))  # (no lock taken: a reader may rerun it)
         result.status, result.complete = "already complete", True
         return result
@@ -316,21 +317,28 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
             result.status = "resumed" if existed else "written"
             try:
                 _run(cfg, backbone, store, images, ds, names, taps, batches, result)
-            except BaseException:  # (a full disk, Ctrl-C) the splits it finished are complete
+            except BaseException as e:  # (a full disk, Ctrl-C) the splits it finished are complete
                 with contextlib.suppress(Exception), meta_lock(out):
-                    _say_kept(_mark_finished(out, names), names)
+                    store = _mark_finished(out, names)
+                    if isinstance(e, (KeyboardInterrupt, OSError)):  # (what a rerun continues)
+                        _say_kept(store, names)
                 raise
         with meta_lock(out):
             store = _mark_finished(out, names)  # other parts may have finished shards meanwhile
-            result.complete = all(store.split(n).done.all() for n in names)
-            if result.complete:  # (a store may hold splits this run did not name: --split)
-                if not store.meta["complete"] and all(store.split(n).done.all() for n in store.splits):
-                    mark_complete(store)
-                    if cfg.shard:  # (the one part that finds it all done, under the lock)
-                        say(f"part {cfg.shard[0]}/{cfg.shard[1]} completed {out}: every part has run.")
-                if not batches:
-                    result.status = "already complete"
-            elif cfg.shard:
+            # (a store may hold splits this run did not name: --split)
+            mine = all(store.split(n).done.all() for n in names)
+            others = [n for n in store.splits if n not in names and not store.split(n).done.all()]
+            result.complete = mine and not others
+            if result.complete and not store.meta["complete"]:
+                mark_complete(store)
+                if cfg.shard:  # (the one part that finds it all done, under the lock)
+                    say(f"part {cfg.shard[0]}/{cfg.shard[1]} completed {out}: every part has run.")
+            if mine and others:
+                note(f"{out}: split(s) {', '.join(others)} are not finished; the extract command without "
+                     f"--split (or with --split {','.join(others)}) finishes them.")
+            if mine and not batches:
+                result.status = "already complete" if result.complete else "part done"
+            elif not mine and cfg.shard:
                 result.status = result.status if batches else "part done"
                 say(f"part {cfg.shard[0]}/{cfg.shard[1]} of {out} is done; "
                     "the store completes when every part has run.")
@@ -377,10 +385,13 @@ def _find_twin(out: Location, settings: dict, digests: dict, dry_run: bool) -> L
     """A complete store elsewhere in the cache root with the same content key, whose
     sampled inputs still hold the same bytes and whose shard files are all there."""
     def current(there: Location) -> bool:
-        twin = open_store(there)
-        stale = changed_inputs_note(twin, digests, "not reused.")
-        if twin.missing_shards():
-            stale = f"{there} holds the same content but has lost shard files: not reused."
+        try:
+            twin = open_store(there)
+            stale = changed_inputs_note(twin, digests, "not reused.")
+            if twin.missing_shards():
+                stale = f"{there} holds the same content but has lost shard files: not reused."
+        except Exception as e:  # (a chunk that does not decode, say): another store's trouble
+            stale = f"{there} holds the same content but cannot be read ({type(e).__name__}): not reused."
         if stale:
             note(stale)
         return not stale

@@ -21,20 +21,26 @@ from .location import Location, exists, is_url, join, listing, normalize, parent
 from .models import Backbone
 from .plan import StorePlan
 from .sources import Dataset
+from .sources.base import split_order
 from .store import Store, add_splits, create_store, is_partial_layout, open_store, shard_size_for
 
 
-def content_key(settings: dict, ds: Dataset, kept: dict[str, str] | None = None) -> str:
+def content_key(settings: dict, ds: Dataset, kept: dict[str, str] | None = None,
+                calibrated_on: str | None = None) -> str:
     """What a store holds, however it was batched: model, weights hash, transform, taps,
     layout, dtype, precision, video decoding, classes, each split's inputs (keys and
     labels) and where those lie. The place counts because keys and labels do not identify
     the images: a resized or edited copy of a dataset elsewhere keeps both, and was once
     handed the original's store. `kept`: the fingerprints of splits a store holds beside
-    `ds`'s (a split added later), so that it keys as one extraction of them all would."""
+    `ds`'s (a split added later), so that it keys as one extraction of them all would;
+    `calibrated_on`: the split an int8 store's scale came from, when one extraction of them
+    all would have calibrated on another (it takes the first split)."""
     what = {k: settings[k] for k in ("transform", "taps", "layout", "dtype", "classes")}
     splits = {**(kept or {}), **{name: s.fingerprint() for name, s in ds.splits.items()}}
     what |= {"model": settings["model"]["name"], "weights": settings["weights"]["sha256"],
              "source": ds.source, "splits": splits}
+    if calibrated_on is not None and calibrated_on != min(splits, key=split_order):
+        what["calibrated_on"] = calibrated_on
     if settings["precision"] != "fp32":  # (stores from before --precision keep their key)
         what["precision"] = settings["precision"]
     if settings["dataset"].get("decoder") not in (None, "decord"):  # (nor video stores from before auto)
@@ -77,7 +83,7 @@ def identical_store(out: Location, key: str, usable: Callable[[Location], bool] 
     if not exists(parent(out)):
         return None
     here = out if is_url(out) else Path(out).resolve()
-    for s in find_stores(parent(out)):
+    for s in find_stores(parent(out), health=False):
         there = normalize(s["path"])
         if s["complete"] and not s.get("link") and s.get("content_key") == key and (
                 there if is_url(there) else Path(there).resolve()) != here and usable(there):
@@ -109,7 +115,9 @@ def differences(store: Store, settings: dict, ds: Dataset) -> list[str]:
                      f"made from {store.meta['dataset']['source']} (a store's splits come from one source)")
     for name in set(store.splits) & set(ds.splits):
         if store.split(name).attrs["fingerprint"] != ds.splits[name].fingerprint():
-            diffs.append(f"split {name}: different inputs (keys or labels) than the store's")
+            diffs.append(f"split {name}: different inputs (keys or labels) than the store's (with --limit or "
+                         "--per-class: featcache 0.2 draws each split's subset on its own, and a store "
+                         "made before drew other samples)")
     return diffs
 
 
@@ -169,7 +177,8 @@ def existing_store(out: Location, settings: dict, ds: Dataset, shard_size: int |
         notes.append(f"{out} was made from {store.meta['dataset']['source']}; this run reads "
                      f"{settings['dataset']['source']} (same keys and labels).")
     if shard_size and shard_size != store.meta["shard_size"]:
-        notes.append(f"{out} keeps its shard size {store.meta['shard_size']}.")
+        notes.append(f"{out} keeps its shard size {store.meta['shard_size']}"
+                     + (" for the splits it holds; those it adds take --shard-size." if new else "."))
     return store, notes
 
 
@@ -184,8 +193,10 @@ def open_or_create(out: Location, settings: dict, ds: Dataset, backbone: Backbon
         new = {name: (len(s), s.fingerprint()) for name, s in ds.splits.items() if name not in store.splits}
         if new:
             kept = {name: store.split(name).attrs["fingerprint"] for name in store.splits}
-            add_splits(store, new, {
-                "content_key": content_key(settings, ds, kept),
+            calibrated_on = store.splits[0] if store.dtype == "int8" else None  # (create_store: the first)
+            shards = {name: shard_size or shard_size_for(plan.bytes_per_sample, n) for name, (n, _) in new.items()}
+            add_splits(store, new, shards, {
+                "content_key": content_key(settings, ds, kept, calibrated_on),
                 "input_digests": {**store.meta.get("input_digests", {}),
                                   **{k: v for k, v in digests.items() if k in new}}})
         return store, notes

@@ -25,14 +25,16 @@ def shard_batches(store: Store, names: list[str], batch_size: int,
     """Batches of (split id, index) covering every shard not yet done (of this part, with
     --shard K/N: the shards whose position over all splits is K modulo N); never across
     shards. Split ids index `names`; the store's other splits (not named by --split) are
-    left as they are."""
+    left as they are, their shards counted all the same: parts that name other splits still
+    number every shard alike."""
     batches, position = [], 0
     k_of, n_of = part or (0, 1)
     for name in store.splits:  # the store's order: every part numbers shards alike
+        arrays = store.split(name)
         if name not in names:
+            position += len(arrays.done)
             continue
         sid = names.index(name)
-        arrays = store.split(name)
         s, n = arrays.shard_size, arrays.n
         for k, done in enumerate(arrays.done):
             mine = position % n_of == k_of

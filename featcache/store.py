@@ -154,10 +154,13 @@ class Store:
             g = self.group[name]
             return SplitArrays(name=name, tokens=g["tokens"], scales=g.get("scales"), labels=g["labels"][:],
                                key_array=g["keys"], done=g["done"][:], attrs=dict(g.attrs[ATTR]))
-        except KeyError as e:  # a node's zarr.json gone: zarr finds no such array (or group)
-            raise UserError(f"store {self.path} is damaged: split '{name}' has lost its "
-                            f"{str(e.args[0]).rsplit('/', 1)[-1]} (its zarr.json is gone). Copy it again from "
-                            "where it came (a copy cut short, most likely), or delete it and extract again.") from None
+        except KeyError as e:  # a node's zarr.json gone: zarr finds no such array or group
+            what = str(e.args[0]).rsplit("/", 1)[-1]
+            what = (f"its {what} array" if what in ("tokens", "scales", "labels", "keys", "done") else
+                    "its attributes" if what == ATTR else "its group")
+            raise UserError(f"store {self.path} is damaged: split '{name}' has lost {what} (a zarr.json "
+                            "is gone). Copy it again from where it came (a copy cut short, most likely), "
+                            "or delete it and extract again.") from None
 
     def read_tokens(self, split: str, rows: int | slice | list[int] | np.ndarray = slice(None)) -> np.ndarray:
         """Tokens of some rows of a split as float32 ((n,) L, T, D), whatever the store's dtype.
@@ -256,9 +259,10 @@ def open_store(path: Location, mode: str = "r") -> Store:
 
 def _near(path: Location) -> str:
     """ Did you mean a sibling of a local path that does not exist (cache/colour: colors)?"""
-    if is_url(path) or not Path(path).parent.is_dir():
+    try:
+        names = [] if is_url(path) else [p.name for p in Path(path).parent.iterdir() if p.is_dir()]
+    except OSError:  # (no such folder either, or not ours to list)
         return ""
-    names = [p.name for p in Path(path).parent.iterdir() if p.is_dir()]
     close = difflib.get_close_matches(Path(path).name, names, n=1)
     return f" Did you mean {Path(path).with_name(close[0])}?" if close else ""
 
@@ -311,15 +315,17 @@ def create_store(path: Location, meta: dict, splits: dict[str, tuple[int, str]],
     return Store(root, str(path))
 
 
-def add_splits(store: Store, splits: dict[str, tuple[int, str]], meta: dict) -> None:
-    """Lay out new, empty splits in a store opened "r+" (a test set that came later), then
-    list them in the root attributes, updated with `meta` (its new content key and input
-    digests): a run stopped in between lays them out again. The store is incomplete until
-    they are written; its other splits are left as they are."""
+def add_splits(store: Store, splits: dict[str, tuple[int, str]], shards: dict[str, int], meta: dict) -> None:
+    """Lay out new, empty splits in a store opened "r+" (a test set that came later), with
+    shards of `shards[name]` samples, then list them in the root attributes, updated with
+    `meta` (its new content key and input digests): a run stopped in between lays them out
+    again. The store is incomplete until they are written; its other splits are left as
+    they are."""
     for name, (n, fingerprint) in splits.items():
-        _lay_out_split(store.group, name, n, fingerprint, store.meta["shard_size"], store.meta)
+        _lay_out_split(store.group, name, n, fingerprint, shards[name], store.meta)
     added = dict.fromkeys(splits, _now())
     store.meta = {**store.meta, **meta, "splits": store.splits + list(splits), "complete": False,
+                  "shard_size": max(store.meta["shard_size"], *(min(shards[k], n) for k, (n, _) in splits.items())),
                   "splits_added": {**store.meta.get("splits_added", {}), **added}}
     store.group.attrs[ATTR] = store.meta
 

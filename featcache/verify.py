@@ -17,6 +17,7 @@ import torch
 from rich.progress import Progress
 
 from .codec import decode
+from .errors import UserError
 from .lock import StoreLock, meta_lock
 from .store import ATTR, Store, open_store
 
@@ -24,6 +25,7 @@ from .store import ATTR, Store, open_store
 @dataclass
 class VerifyReport:
     path: str
+    id: str | None = None  # the extraction verified (a repair refuses another)
     shards: int = 0  # shards checked: all that are flagged done, damaged or not
     samples: int = 0  # stored samples read back (rows of unreadable inputs left out)
     skipped: int = 0  # rows of unreadable inputs in those shards (label -1, no tokens)
@@ -42,7 +44,7 @@ def _few(items) -> str:
 
 
 def verify(store: Store, progress: Progress | None = None) -> VerifyReport:
-    report = VerifyReport(store.path)
+    report = VerifyReport(store.path, store.meta.get("id"))
     classes = len(store.classes)
     if not store.meta.get("complete"):
         report.problems.append("store is not marked complete (rerun its extract command)")
@@ -107,23 +109,27 @@ def verify(store: Store, progress: Progress | None = None) -> VerifyReport:
     return report
 
 
-def repair(path: str, damaged: dict[str, list[int]]) -> int:
-    """Clear the done flags of the `damaged` shards (VerifyReport.damaged) and the complete
-    flags above them, under the writer's lock; return how many shards were cleared. The
-    unreadable inputs recorded for those shards are dropped too: the rerun records them again.
-    The store keeps its id, so runs trained on it stay valid once it is whole again."""
+def repair(path: str, report: VerifyReport) -> int:
+    """Clear the done flags of the shards `report` found damaged, and the complete flags
+    above them (those first: a repair cut short leaves a store that says it is incomplete),
+    under the writer's lock; return how many shards were cleared. The unreadable inputs
+    recorded for those shards are dropped too: the rerun records them again. The store keeps
+    its id, so runs trained on it stay valid once it is whole again."""
     with StoreLock(path), meta_lock(path):
         store = open_store(path, mode="r+")
-        for name, shards in damaged.items():
+        if store.meta.get("id") != report.id:
+            raise UserError(f"{path} was extracted again since it was verified: verify it again.")
+        store.group.attrs[ATTR] = {**store.meta, "complete": False}
+        for name, shards in report.damaged.items():
             split, g = store.split(name), store.group[name]
             done = split.done.copy()
             done[shards] = False
-            g["done"][:] = done
             kept = done[np.arange(split.n) // split.shard_size] & (split.labels == -1)
-            attrs = dict(g.attrs[ATTR])
             unread = set(split.keys[kept].tolist()) if kept.any() else set()
+            attrs = dict(g.attrs[ATTR])
             attrs["skipped"] = {k: why for k, why in attrs["skipped"].items() if k in unread}
             attrs["complete"] = False
             g.attrs[ATTR] = attrs
-        store.group.attrs[ATTR] = {**store.meta, "complete": False}
-    return sum(map(len, damaged.values()))
+            for k in shards:  # (one flag a chunk: the others are not rewritten)
+                g["done"][k] = False
+    return sum(map(len, report.damaged.values()))

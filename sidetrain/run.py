@@ -188,6 +188,8 @@ def _backbone_for(config: dict, weights: Path | None):
     if source.startswith("random-init:seed="):
         bb = load_backbone(s["model"]["name"], random_init=True, img_size=img_size,
                            seed=int(source.split("=")[1]))
+        note(f"the run's backbone has RANDOM weights ({source}, as its store was extracted): its "
+             "predictions only show that the pipeline runs.")
     elif source.startswith("file:") and weights is None:
         here = Path(source[5:])  # (the store keeps the file's name and hash, not where it lay)
         if not here.is_file():

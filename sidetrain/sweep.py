@@ -146,9 +146,9 @@ def _continue_equal_runs(configs: list[FitConfig], out_root: Path) -> list[FitCo
             was = upgraded(saved[planned], c, now)
             differ = "".join(f"-{k}{now[k]}" for k in keys if was.get(k) != now[k] and k != "cache")
             name = re.sub(r"[^\w.+=-]", "_", planned.name + (differ or "-new"))
-            free = next(path for i in itertools.count()
-                        if (path := planned.with_name(name + (f"-{i}" if i else ""))) not in taken
-                        and not path.exists())
+            free = next(path for i in itertools.count()  # (one this run began before: its own)
+                        if (path := planned.with_name(name + (f"-{i}" if i else ""))) in saved and holds(path)
+                        or path not in taken and not path.exists())
             taken.add(free)
             other = "another configuration" if differ else (
                 "a run this one cannot continue (on another extraction of the store, or by an older sidetrain)")

@@ -369,7 +369,7 @@ class Trainer:
             plain = [k for k in differ if all(isinstance(v, (str, int, float, type(None)))
                                               for v in (saved.get(k), config.get(k)))]
             shown = [f"{k} ({saved.get(k)} there, {config.get(k)} here)" if k in plain else k for k in differ]
-            options = {f.name for f in fields(FitConfig)} - {"cache", "out"}
+            options = {f.name for f in fields(FitConfig)} - {"cache", "out", "device"}  # (device: said above)
             name = self.run.name + "".join(f"-{k}{config[k]}" for k in plain if k in options)
             other = f" (e.g. --out {self.run.with_name(name.replace('/', '_'))})" if name != self.run.name else ""
             raise UserError(f"{self.run} holds a run with another configuration (it differs in "

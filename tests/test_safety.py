@@ -128,7 +128,7 @@ def test_every_kind_of_bad_image(tmp_path):
     raw = bytearray(shard.read_bytes())
     raw[-100] ^= 0xFF
     shard.write_bytes(bytes(raw))
-    assert repair(store.path, verify(store).damaged) == 1
+    assert repair(store.path, verify(store)) == 1
     again = extract(ExtractConfig(dataset=str(root), out=tmp_path / "s", val_fraction=0.01, **TINY))
     assert again.status == "resumed" and {k for split in again.skipped.values() for k in split} == skipped
     assert verify(open_store(tmp_path / "s")).ok  # (its unreadable inputs recorded once again)
@@ -231,6 +231,12 @@ def test_verify_finds_corruption_and_missing_shards(tmp_path, run_cli):
         extract(ExtractConfig(dataset="demo", out=out, limit=12, shard_size=4, **TINY))
     twin = extract(ExtractConfig(dataset="demo", out=tmp_path / "again", limit=12, shard_size=4, **TINY))
     assert twin.status == "written" and twin.path == tmp_path / "again"  # not the damaged store
+    shutil.copytree(tmp_path / "again", tmp_path / "a-bad")  # a chunk that does not decode: listed
+    (tmp_path / "a-bad" / "val" / "labels" / "c" / "0").write_bytes(b"not zstd")  # as DAMAGED,
+    assert "unreadable" in {s["path"]: s for s in find_stores(tmp_path)}[str(tmp_path / "a-bad")]["damaged"]
+    reused = extract(ExtractConfig(dataset="demo", out=tmp_path / "third", limit=12, shard_size=4, **TINY))
+    assert reused.path == tmp_path / "again"  # and passed over by a twin search
+    shutil.rmtree(tmp_path / "a-bad")
     shutil.copytree(out, tmp_path / "labels-lost")  # lost labels read as -1, "skipped": still lost
     (tmp_path / "labels-lost" / "test" / "labels" / "c" / "0").unlink()
     assert open_store(tmp_path / "labels-lost").missing_shards() == {"test": [0, 2]}
@@ -239,7 +245,7 @@ def test_verify_finds_corruption_and_missing_shards(tmp_path, run_cli):
         fit(FitConfig(cache=tmp_path / "labels-lost", rank=4, epochs=1, out=tmp_path / "run"))  # (not "no labels")
     (tmp_path / "labels-lost" / "val" / "tokens" / "zarr.json").unlink()  # an array's metadata lost
     r = run_cli("featcache", "verify", str(tmp_path / "labels-lost"))
-    assert r.returncode == 2 and "split 'val' has lost its tokens (its zarr.json is gone)" in r.stderr
+    assert r.returncode == 2 and "split 'val' has lost its tokens array (a zarr.json is gone)" in r.stderr
     listed = {s["path"]: s for s in find_stores(tmp_path)}
     assert not listed[str(tmp_path / "labels-lost")]["complete"] and "lost its tokens" in \
         listed[str(tmp_path / "labels-lost")]["damaged"]

@@ -482,7 +482,7 @@ def test_auto_picks_a_gpu_where_torch_sees_one_and_records_the_device_it_ran_on(
     assert r.config.device == "cpu" == json.loads(saved.read_text())["device"]
     # a run continues only on the device it began on, and is told which
     saved.write_text(saved.read_text().replace('"device": "cpu"', '"device": "cuda"'))
-    with pytest.raises(UserError, match=r"differs in device\); it was trained on cuda: --device cuda continues it"):
+    with pytest.raises(UserError, match=r"differs in device \(cuda there, cpu here\)\); it was trained on cuda: --device cuda continues it\. Use another --out or"):
         fit(cfg)
 
 

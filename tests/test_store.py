@@ -207,6 +207,34 @@ def test_a_split_that_came_later_is_added_and_the_others_kept(tmp_path, capsys):
         extract(ExtractConfig(out=out, **settings))
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_splits_added_in_any_order_key_as_one_extraction_would(tmp_path, dtype, capsys):
+    settings = dict(dataset="demo", dtype=dtype, limit=8, per_class=2, shard_size=4, **TINY)
+    whole = open_dataset("demo", limit=8, per_class=2)  # each split's subset, whatever the others
+    for names in (["test"], ["val", "test"]):
+        alone = open_dataset("demo", limit=8, per_class=2, split=names)
+        assert all(list(alone.splits[n].keys) == list(whole.splits[n].keys) for n in names)
+    fresh = open_store(extract(ExtractConfig(out=tmp_path / "fresh", **settings)).path)
+    out = tmp_path / "late"
+    extract(ExtractConfig(out=out, split=["test"], **settings))  # the test set first, then the rest
+    assert extract(ExtractConfig(out=out, **settings)).written == {"train": 8, "val": 8}
+    late = open_store(out)
+    assert late.splits == ["test", "train", "val"] and late.complete and verify(late).ok
+    # int8 took its scale from test, where one extraction takes it from train: another content
+    assert (late.meta["content_key"] == fresh.meta["content_key"]) == (dtype == "fp32")
+    if dtype == "fp32":
+        for name in fresh.splits:
+            np.testing.assert_array_equal(late.read_tokens(name), fresh.read_tokens(name))
+    # a run that names fewer splits than a store holds leaves the others as they are, and says so
+    zarr.open_group(str(out / "test"), mode="r+")["done"][0] = False
+    capsys.readouterr()
+    r = extract(ExtractConfig(out=out, split=["train"], **settings))
+    assert r.status == "part done" and not r.complete and not r.written
+    assert "split(s) test are not finished; the extract command without --split (or with --split test)" \
+        in " ".join(capsys.readouterr().err.split())
+    assert extract(ExtractConfig(out=out, **settings)).written == {"test": 4} and open_store(out).complete
+
+
 @pytest.mark.parametrize("dtype", ["fp16", "int8"])
 def test_missing_shard_is_recomputed_bit_for_bit(tmp_path, dtype):
     """int8: the tokens and their per-token scales alike."""

@@ -15,6 +15,13 @@ if TYPE_CHECKING:
 
 
 SPLIT_NAMES = ("train", "val", "test")
+
+
+def split_order(name: str) -> tuple[int, str]:
+    """Where a split goes: train, val, test, then others by name (int8 calibrates on the first)."""
+    return (SPLIT_NAMES.index(name) if name in SPLIT_NAMES else len(SPLIT_NAMES), name)
+
+
 # what other tools call them (matched whatever the case, as the names themselves are)
 SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val", "training": "train", "testing": "test"}
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..console import note
 from ..errors import UserError
-from .base import SPLIT_ALIASES, SPLIT_NAMES, Dataset, FileSplit, our_split_name
+from .base import SPLIT_ALIASES, SPLIT_NAMES, Dataset, FileSplit, our_split_name, split_order
 from .video import VIDEO_SUFFIXES, FrameSampling, VideoSplit
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -63,7 +63,7 @@ def _split_folders(root: Path) -> dict[str, Path]:
         note(f"{root}: {', '.join(f'{o}/' for o in others[:5])}{' ...' if len(others) > 5 else ''} "
              f"beside the split folders {'is' if len(others) == 1 else 'are'} not a split "
              f"({', '.join(SPLIT_NAMES)}, or {', '.join(SPLIT_ALIASES)}): left out.")
-    return {s: root / names[0] for s, names in sorted(splits.items(), key=lambda kv: SPLIT_NAMES.index(kv[0]))}
+    return {s: root / names[0] for s, names in sorted(splits.items(), key=lambda kv: split_order(kv[0]))}
 
 
 def open_imagefolder(root: Path, video: FrameSampling = FrameSampling()) -> Dataset:
