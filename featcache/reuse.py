@@ -115,9 +115,9 @@ def differences(store: Store, settings: dict, ds: Dataset) -> list[str]:
                      f"made from {store.meta['dataset']['source']} (a store's splits come from one source)")
     for name in set(store.splits) & set(ds.splits):
         if store.split(name).attrs["fingerprint"] != ds.splits[name].fingerprint():
-            diffs.append(f"split {name}: different inputs (keys or labels) than the store's (with --limit or "
-                         "--per-class: featcache 0.2 draws each split's subset on its own, and a store "
-                         "made before drew other samples)")
+            diffs.append(f"split {name}: different inputs (keys or labels) than the store's (with --limit "
+                         "and --per-class together, a split the dataset gained since draws other subsets "
+                         "of the others)")
     return diffs
 
 

@@ -39,7 +39,7 @@ from featcache.plan import human_bytes
 from featcache.precision import PRECISIONS, autocast, pick_device
 from featcache.store import Store, open_store
 
-from .classifier import (ModelSpec, auto_variant, build_classifier, common, input_layers,
+from .classifier import (METHODS, ModelSpec, auto_variant, build_classifier, common, input_layers,
                          select_taps, trainable_parameters, unused_options)
 from .clock import Clock, mark
 from .loader import DATA_ORDER, ShardLoader, preload
@@ -187,6 +187,8 @@ def _check_config(cfg: FitConfig) -> None:
         require(is_number(value) and 0 <= value < 1, option, "at least 0 and below 1", value)
     if cfg.precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{cfg.precision}'")
+    if cfg.method not in METHODS:
+        raise UserError(f"--method must be one of {', '.join(METHODS)}, not '{cfg.method}'")
 
 
 def _check_store(cfg: FitConfig, store: Store) -> None:

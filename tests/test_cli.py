@@ -25,6 +25,8 @@ def cli(tool: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
     (["sidetrain", "eval", "--run", ".", "--cache", "."], "is not a finished sidetrain run"),
     (["featcache", "info", "/no/such"], "no store at /no/such"),
     (["sidetrain", "sweep", "--cache", ".", "--rank", "4,eight"], "--rank takes a comma-separated list"),
+    (["sidetrain", "fit", "--cache", "/no/such/store", "--method", "lora"],  # (before the store is read)
+     "--method must be one of losa, linear, mlp, not 'lora'"),
 ])
 def test_bad_input_is_one_clear_line(args, expected, tmp_path, monkeypatch, run_cli):
     monkeypatch.chdir(tmp_path)

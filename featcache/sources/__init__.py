@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -82,23 +81,23 @@ def open_dataset(spec: str | Path, seed: int = 0, val_fraction: float = 0.2, lim
     if empty:
         raise UserError(f"{ds.name}: split(s) {', '.join(empty)} would be empty (too few images per "
                         "class to hold some out?); add images or raise --val-fraction.")
-    if split:
+    rng = np.random.default_rng(seed)
+    for name, cap in (("--per-class", per_class), ("--limit", limit)):
+        if cap is not None and cap < 1:
+            raise UserError(f"{name} must be at least 1")
+    if per_class is not None:
+        ds.splits = {k: s.subset(_per_class(s.labels, per_class, rng)) for k, s in ds.splits.items()}
+    if limit is not None:
+        ds.splits = {k: s.subset(stratified_pick(s.labels, limit, rng)) if len(s) > limit else s
+                     for k, s in ds.splits.items()}
+    if split:  # after the draws, which follow one another in the order a reader gave: a split
+        # drawn with --split is the one drawn without it (as a store made without --split drew it)
         split = [our_split_name(s) for s in split]  # --split validation, as a manifest may say
         unknown = [s for s in split if s not in ds.splits]
         if unknown:
             raise UserError(f"--split {','.join(unknown)}: {ds.name} has splits {', '.join(ds.splits)}")
         ds.splits = {s: ds.splits[s] for s in split}
-    for name, cap in (("--per-class", per_class), ("--limit", limit)):
-        if cap is not None and cap < 1:
-            raise UserError(f"{name} must be at least 1")
-    # each split's draws from its own generator: the same subset of it whatever other splits
-    # there are (--split test, or a test/ folder that came later, leaves train's as it was)
-    rngs = {k: np.random.default_rng([seed, zlib.crc32(k.encode())]) for k in ds.splits}
-    if per_class is not None:
-        ds.splits = {k: s.subset(_per_class(s.labels, per_class, rngs[k])) for k, s in ds.splits.items()}
-    if limit is not None:
-        ds.splits = {k: s.subset(stratified_pick(s.labels, limit, rngs[k])) if len(s) > limit else s
-                     for k, s in ds.splits.items()}
+    # train, val, test, then others (int8 calibrates on the first)
     ds.splits = {k: ds.splits[k] for k in sorted(ds.splits, key=split_order)}
     return ds
 
