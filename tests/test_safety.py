@@ -18,7 +18,8 @@ import pytest
 import zarr
 from PIL import Image
 
-from featcache import ExtractConfig, UserError, extract, open_store
+from featcache import ExtractConfig, UserError, extract, extraction, open_store
+from featcache.images import collate
 from featcache.catalog import find_stores
 from featcache.lock import StoreLock, writer
 from featcache.verify import repair, verify
@@ -58,6 +59,22 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path):
     for name in clean:
         np.testing.assert_array_equal(resumed[name], clean[name], err_msg=name)
     assert verify(open_store(victim)).ok
+
+
+def test_a_stopped_extraction_says_what_it_keeps(tmp_path, monkeypatch, capsys):
+    batches = []
+
+    def ctrl_c_at_the_fourth(batch):  # (each split's first shard holds three batches of 4)
+        if len(batches) == 3 + 1:
+            raise KeyboardInterrupt
+        batches.append(batch)
+        return collate(batch)
+
+    monkeypatch.setattr(extraction, "collate", ctrl_c_at_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        extract(ExtractConfig(dataset="demo", out=tmp_path / "s", limit=24, shard_size=12, **TINY))
+    assert "s: 12 of 72 samples are in finished shards and kept (shards of 12); the same command " \
+           "continues from there." in " ".join(capsys.readouterr().err.split())
 
 
 def test_a_second_writer_is_refused_while_the_first_lives(tmp_path, capsys):
@@ -365,9 +382,7 @@ def test_a_full_disk_is_said_in_one_line_keeps_no_half_file_and_the_rerun_finish
             "demo", "--limit", "24", "--shard-size", "8", "--batch-size", "4", "--workers", "0", "--no-reuse"]
     with small_disk(tmp_path / "disk", "1M") as disk:  # the store: 1.7 MB
         r = run_cli(*args, "--out", str(disk / "s"), "--force")
-        said = " ".join(r.stderr.split())
-        assert r.returncode == 2 and "failed (the disk is full: free some space)" in said
-        assert "of 72 samples are in finished shards and kept (shards of 8); the same command continues" in said
+        assert r.returncode == 2 and "failed (the disk is full: free some space)" in " ".join(r.stderr.split())
         assert not list(disk.rglob("*.tmp"))  # a shard cut short is removed
         r = run_cli(*args, "--out", str(disk / "s"))  # the rerun checks what is left to write
         assert r.returncode == 2 and "B more but only" in " ".join(r.stderr.split())

@@ -85,6 +85,15 @@ def test_a_part_alone_leaves_the_store_incomplete(tmp_path, capsys):
     assert open_store(tmp_path / "p").complete
 
 
+def test_parts_naming_other_splits_share_out_the_shards_alike(tmp_path):
+    """Part 1/2 ran over every split; part 2/2 names val alone (--split val): it still takes
+    the val shards that are its own, as every part numbers every shard of the store alike."""
+    cfg = dict(dataset="demo", out=tmp_path / "p", limit=12, shard_size=4, **TINY)
+    extract(ExtractConfig(**cfg, shard=(0, 2)))  # shards 0, 2, 4, 6, 8: train 0 and 2, val 1, test 0 and 2
+    r = extract(ExtractConfig(**cfg, shard=(1, 2), split=["val"]))
+    assert r.written == {"val": 8} and open_store(tmp_path / "p").split("val").done.all()
+
+
 def test_parts_that_skip_inputs_record_them_all(tmp_path):
     """Unreadable inputs in shards of both parts (train shards 0 and 1, val's one): the
     store records every one, as one process would."""
