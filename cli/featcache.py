@@ -26,7 +26,7 @@ out = make_console()
 def extract_cmd(
     model: str = typer.Option(..., help="timm ViT name (optionally with a pretrained tag, e.g. "
                               "vit_base_patch16_224.augreg2_in21k_ft_in1k) or an alias: vit_tiny, "
-                              "vit_small, vit_base, vit_large, deit_*, dinov2_small/base/large, "
+                              "vit_small, vit_base, vit_large, deit_*, dinov2_small/base/large/giant, "
                               "dinov2_*_reg, clip_base, siglip_base."),
     dataset: str = typer.Option(..., help="'demo' (1,500 embedded Fashion-MNIST images); a folder in "
                                 "ImageFolder layout (<root>/<class>/<img or video>, optionally under "

@@ -27,8 +27,8 @@ HELP = {
     "variant": "LoSA recurrence: A (h_i = h_{i-1} + g(z_i + h_{i-1})), B (r_i = z_i + g(r_{i-1})) "
                "or C (h_i = g(z_i + h_{i-1})); auto (default): B for images, A for video, each "
                "the best measured (docs/losa.md).",
-    "order": "Mixer order: channel-token, token-channel, or alternate (channel mixing at odd "
-             "layers, token mixing at even ones).",
+    "order": "Mixer order: channel-token, token-channel, or alternate (channel mixing at the 1st, "
+             "3rd, ... tapped layer, token mixing at the others).",
     "head_input": "What the head reads: last4 (default: cls+mean of the last 4 taps, or of "
                   "all when --taps leaves fewer; DINOv2's strong probe; the best for LoSA and "
                   "probes in docs/losa.md), pool (the backbone's own feature), cls+mean (class "

@@ -35,6 +35,8 @@ ALIASES: dict[str, str] = {
     "dinov2_giant": "vit_giant_patch14_dinov2.lvd142m",
     "dinov2_small_reg": "vit_small_patch14_reg4_dinov2.lvd142m",
     "dinov2_base_reg": "vit_base_patch14_reg4_dinov2.lvd142m",
+    "dinov2_large_reg": "vit_large_patch14_reg4_dinov2.lvd142m",
+    "dinov2_giant_reg": "vit_giant_patch14_reg4_dinov2.lvd142m",
     "clip_base": "vit_base_patch16_clip_224.openai",
     "siglip_base": "vit_base_patch16_siglip_224.webli",
 }
