@@ -41,7 +41,8 @@ bench: $(STAMP)
 	  && ../$(PY) training_cost.py $(if $(QUICK),--n 64) \
 	  $(if $(QUICK),,&& ../$(PY) training_cost.py --model vit_base) \
 	  && ../$(PY) sweep_cost.py $(if $(QUICK),--epochs 1) \
-	  && ../$(PY) int8_error.py $(if $(QUICK),--n 64 --img-size 112)
+	  && ../$(PY) int8_error.py $(if $(QUICK),--n 64 --img-size 112) \
+	  && ../$(PY) listing_cost.py $(if $(QUICK),--samples 200000)
 
 # The real-feature LoSA study: every row at 112 px; at 224 px the probes, the default LoSA,
 # its ranks and its ablations (hours on a CPU; resumes where it stopped).
