@@ -709,27 +709,40 @@ def train_many(configs: list[FitConfig]) -> list[FitResult]:
         if t.active:
             t.begin()
     _compile_notes(configs, [t for t in trainers if t.active and t.compiled is not None], train)
-    for epoch in range(min(t.epoch for t in trainers), first.epochs):
-        active = [t for t in trainers if t.active and t.epoch == epoch]
-        if not active:
-            continue
-        with Progress(*BAR, console=console, transient=True,  # an epoch can take hours
-                      disable=not (console.is_terminal or console.is_jupyter)) as bar:
-            task = bar.add_task(f"epoch {epoch} on {first.device}", total=len(train) + len(val))
-            steps_done, wall_train = _pass(train, epoch, active, union, True, lambda: bar.advance(task))
-            _, wall_val = _pass(val, 0, active, union, False, lambda: bar.advance(task))
-        own = [t.clock.take() for t in active]
-        reading = max(0.0, wall_train + wall_val - sum(own)) / len(active)  # split evenly
-        for t, seconds in zip(active, own):
-            t.end_epoch(steps_done, seconds + reading)
-            if t.failed:
-                console.print(f"[red]{escape(f'{t.run.name}: {t.failed}')}[/]")
+    with _saying_kept(trainers):  # (on Ctrl-C)
+        for epoch in range(min(t.epoch for t in trainers), first.epochs):
+            active = [t for t in trainers if t.active and t.epoch == epoch]
+            if not active:
                 continue
-            row = t.history[-1]
-            say(f"{t.run.name}  epoch {epoch:3d}  train loss {row['train_loss']:.4f}  "
-                f"val loss {row['val_loss']:.4f}  val acc {100 * row['val_acc']:.1f}%")
+            with Progress(*BAR, console=console, transient=True,  # an epoch can take hours
+                          disable=not (console.is_terminal or console.is_jupyter)) as bar:
+                task = bar.add_task(f"epoch {epoch} on {first.device}", total=len(train) + len(val))
+                steps_done, wall_train = _pass(train, epoch, active, union, True, lambda: bar.advance(task))
+                _, wall_val = _pass(val, 0, active, union, False, lambda: bar.advance(task))
+            own = [t.clock.take() for t in active]
+            reading = max(0.0, wall_train + wall_val - sum(own)) / len(active)  # split evenly
+            for t, seconds in zip(active, own):
+                t.end_epoch(steps_done, seconds + reading)
+                if t.failed:
+                    console.print(f"[red]{escape(f'{t.run.name}: {t.failed}')}[/]")
+                    continue
+                row = t.history[-1]
+                say(f"{t.run.name}  epoch {epoch:3d}  train loss {row['train_loss']:.4f}  "
+                    f"val loss {row['val_loss']:.4f}  val acc {100 * row['val_acc']:.1f}%")
     test = _score_test(store, trainers, union, load)  # (streamed: read once)
     return [t.finish(acc) for t, acc in zip(trainers, test)]
+
+
+@contextmanager
+def _saying_kept(trainers: list[Trainer]) -> Iterator[None]:
+    """On Ctrl-C, say what each run keeps: its finished epochs, in its checkpoint."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        kept = [f"{t.run.name}: {t.epoch} of {t.cfg.epochs} epochs" for t in trainers if t.epoch and not t.finished]
+        say(f"kept (each run's checkpoint) {'; '.join(kept)}: the same command continues from there."
+            if kept else "stopped before any epoch finished: the same command starts again.")
+        raise
 
 
 def fit(cfg: FitConfig) -> FitResult:

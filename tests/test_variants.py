@@ -243,7 +243,7 @@ def test_a_sweep_varies_taps_and_drops_options_a_method_lacks(fp32_store, tmp_pa
     assert "losa-variantB is losa-variantauto on this store" in " ".join(capsys.readouterr().err.split())
 
 
-def test_killed_fit_resumes_to_the_uninterrupted_result(fp32_store, tmp_path, monkeypatch):
+def test_killed_fit_resumes_to_the_uninterrupted_result(fp32_store, tmp_path, monkeypatch, capsys):
     cfg = FitConfig(cache=fp32_store, rank=4, epochs=4, batch_size=8, dropout=0.1)
     whole = fit(FitConfig(**{**vars(cfg), "out": tmp_path / "whole"}))
     original = train_module.Trainer.end_epoch
@@ -254,8 +254,11 @@ def test_killed_fit_resumes_to_the_uninterrupted_result(fp32_store, tmp_path, mo
             raise KeyboardInterrupt  # as if killed right after the epoch-1 checkpoint
 
     monkeypatch.setattr(train_module.Trainer, "end_epoch", crash_after_two)
+    capsys.readouterr()
     with pytest.raises(KeyboardInterrupt):
         fit(FitConfig(**{**vars(cfg), "out": tmp_path / "resumed"}))
+    assert "kept (each run's checkpoint) resumed: 2 of 4 epochs: the same command continues from there." \
+        in " ".join(capsys.readouterr().err.split())
     with pytest.raises(UserError, match="has not finished training .*rerun the `sidetrain fit` or `sweep` "
                                         "command that began it, which resumes it"):
         evaluate_run(tmp_path / "resumed")
