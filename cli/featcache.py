@@ -214,7 +214,7 @@ def info_cmd(path: str = typer.Argument(..., metavar="STORE", help="A store fold
             count += (f": {s['read']:,} stored, {gone:,} skipped ("
                       + ("unreadable inputs)" if gone == bad else
                          f"the views of {bad:,} unreadable input{'s' * (bad != 1)})"))
-        t.add_row(f"split {name}", f"{count}, {state}")
+        t.add_row(f"split {name}", f"{count}, {state}" + (f", added {s['added']}" if s["added"] else ""))
     t.add_row("size", human_bytes(info["bytes_on_disk"]))
     t.add_row("complete", f"no: {damaged(path, info['lost_shards'])}" if info["lost_shards"] else
               "yes" if info["complete"] else f"no (being written now by {info['writer']})"

@@ -13,7 +13,8 @@ def store_info(store: Store) -> dict:
         s = store.split(name)
         splits[name] = {"n": s.n, "read": int((s.labels >= 0).sum()), "skipped": s.attrs["skipped"],
                         "shards_done": int(s.done.sum()), "shards": len(s.done),
-                        "complete": s.complete}
+                        "complete": s.complete,
+                        "added": m.get("splits_added", {}).get(name)}  # (laid out after the store)
         if gone := s.lost_shards(store.path):
             lost[name] = gone
     complete = all(split["complete"] for split in splits.values())  # (Store.complete, not read again)

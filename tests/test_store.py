@@ -13,6 +13,7 @@ import zarr
 from featcache import ExtractConfig, UserError, extract, load_backbone, open_dataset, open_store
 from featcache.catalog import find_stores
 from featcache.fastread import MemmapReader
+from featcache.info import store_info
 from featcache import fastwrite
 from featcache.fastwrite import write_samples
 from featcache.store import FORMAT_VERSION
@@ -187,6 +188,8 @@ def test_a_split_that_came_later_is_added_and_the_others_kept(tmp_path, capsys):
     added = open_store(out)
     assert added.splits == ["train", "val", "test"] and added.complete and added.meta["complete"]
     assert set(added.meta["input_digests"]) == {"train", "val", "test"} and verify(added).ok
+    splits = store_info(added)["splits"]
+    assert splits["train"]["added"] is None and splits["test"]["added"].startswith("20")  # (when)
     assert extract(ExtractConfig(out=out, **settings)).status == "already complete"
     # the content key is a single extraction's: a colleague's run of all three reuses it
     assert extract(ExtractConfig(out=tmp_path / "cache" / "again", **settings)).path == out
