@@ -128,7 +128,11 @@ def _health(path: Location, meta: dict) -> tuple[bool, dict[str, list[int]], str
         splits = [store.split(name) for name in store.splits]  # (each read once)
         lost = {s.name: gone for s in splits if (gone := s.lost_shards(path))}
         return bool(meta.get("complete")) and all(s.complete for s in splits) and not lost, lost, None
-    except UserError as e:  # (a part's zarr.json gone, say)
+    except PermissionError:  # a colleague's store that is not ours to read inside: its root's word
+        return bool(meta.get("complete")), {}, None
+    except UserError as e:  # (a part's zarr.json gone, say; open_store words a permission error so)
+        if isinstance(e.__context__, PermissionError):
+            return bool(meta.get("complete")), {}, None
         return False, {}, str(e)
     except Exception as e:  # a chunk that does not decode: a listing goes on
         return False, {}, f"unreadable: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"

@@ -20,6 +20,7 @@ from PIL import Image
 
 from featcache import ExtractConfig, UserError, extract, extraction, open_store
 from featcache.images import collate
+from featcache import catalog
 from featcache.catalog import find_stores
 from featcache.lock import StoreLock, writer
 from featcache.verify import repair, verify
@@ -283,6 +284,18 @@ def test_verify_finds_corruption_and_missing_shards(tmp_path, run_cli):
     val["labels"][3] = 99
     problems = verify(open_store(out)).problems
     assert "val: samples [2] hold NaN or Inf" in problems and "val: 1 label(s) outside -1..9" in problems, problems
+
+
+def test_a_store_not_ours_to_read_inside_is_listed_by_its_root(fp32_store, monkeypatch):
+    def private(path, mode="r"):  # as open_store words a colleague's unreadable arrays
+        try:
+            raise PermissionError(13, "Permission denied", str(path))
+        except PermissionError:
+            raise UserError(f"cannot read {path}: permission denied") from None
+
+    monkeypatch.setattr(catalog, "open_store", private)
+    (listed,) = [s for s in find_stores(fp32_store.parent) if s["path"] == str(fp32_store)]
+    assert listed["complete"] and listed["damaged"] is None  # (not DAMAGED: only private)
 
 
 def test_ls_and_info_describe_stores(fp32_store, tmp_path, run_cli, capsys):
