@@ -229,7 +229,7 @@ def verify_cmd(path: str = typer.Argument(..., metavar="STORE", help="A store fo
                    "NaN/Inf or missing samples, bad labels), so that rerunning the extract command "
                    "that made the store recomputes those shards alone. Needs write access.")),
                as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout.")) -> None:
-    """Read every shard (checking each chunk's crc32c) and check completeness, labels, NaN/Inf.
+    """Read every shard (checking its chunks' crc32c, and the labels') and check completeness, labels, NaN/Inf.
 
     Exit status 0 only if the store is complete and sound.
     """

@@ -419,7 +419,7 @@ def _say_kept(store: Store, names: list[str]) -> None:
     splits = [store.split(name) for name in names]
     kept = sum(int(s.done[np.arange(s.n) // s.shard_size].sum()) for s in splits)
     say(f"{store.path}: {kept:,} of {sum(s.n for s in splits):,} samples are in finished shards and kept "
-        f"(shards of {store.meta['shard_size']:,}); the same command continues from there.")
+        f"(shards of {store.meta['shard_size']:,}).")
 
 
 def note_skipped(result: ExtractResult) -> None:

@@ -110,9 +110,12 @@ def differences(store: Store, settings: dict, ds: Dataset) -> list[str]:
         diffs.append(f"weights: store has sha256 {store.meta['weights']['sha256'][:12]}..., "
                      f"this run {settings['weights']['sha256'][:12]}...")
     new = [name for name in ds.splits if name not in store.splits]
-    if new and store.meta["dataset"]["source"] != settings["dataset"]["source"]:
-        diffs.append(f"splits: this run would add {new} from {settings['dataset']['source']} to a store "
-                     f"made from {store.meta['dataset']['source']} (a store's splits come from one source)")
+    if new and store.meta["dataset"]["source"] != settings["dataset"]["source"] and not set(store.splits) & set(ds.splits):
+        # (a moved dataset is known by the splits it shares with the store, checked below)
+        diffs.append(f"splits: this run would add {', '.join(new)} from {settings['dataset']['source']} to a "
+                     f"store made from {store.meta['dataset']['source']}, and names none of the splits the "
+                     "store holds to show it is the same dataset: run it without --split, or with "
+                     f"--dataset {store.meta['dataset']['source'].split(':', 1)[-1]}")
     for name in set(store.splits) & set(ds.splits):
         if store.split(name).attrs["fingerprint"] != ds.splits[name].fingerprint():
             diffs.append(f"split {name}: different inputs (keys or labels) than the store's (with --limit "
@@ -171,8 +174,8 @@ def existing_store(out: Location, settings: dict, ds: Dataset, shard_size: int |
                         "if it is yours to extend, or --no-reuse to extract a store of your own here.")
     if new:
         notes.append(f"{out} holds {', '.join(store.splits)}; this run adds "
-                     + ", ".join(f"{name} ({n:,} samples)" for name, n in new.items())
-                     + " and leaves the splits it holds as they are.")
+                     + " and ".join(f"{name} ({n:,} samples)" for name, n in new.items())
+                     + ", and leaves the splits it holds as they are.")
     if store.meta["dataset"]["source"] != settings["dataset"]["source"]:
         notes.append(f"{out} was made from {store.meta['dataset']['source']}; this run reads "
                      f"{settings['dataset']['source']} (same keys and labels).")
@@ -197,6 +200,7 @@ def open_or_create(out: Location, settings: dict, ds: Dataset, backbone: Backbon
             shards = {name: shard_size or shard_size_for(plan.bytes_per_sample, n) for name, (n, _) in new.items()}
             add_splits(store, new, shards, {
                 "content_key": content_key(settings, ds, kept, calibrated_on),
+                "dataset": settings["dataset"],  # (where the splits are now, a moved dataset's too)
                 "input_digests": {**store.meta.get("input_digests", {}),
                                   **{k: v for k, v in digests.items() if k in new}}})
         return store, notes

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from .errors import DAMAGED_REMEDY, UserError
 from .fastread import checked_read
@@ -152,8 +152,18 @@ class Store:
                             f"{', '.join(self.splits)}).")
         try:
             g = self.group[name]
-            return SplitArrays(name=name, tokens=g["tokens"], scales=g.get("scales"), labels=g["labels"][:],
-                               key_array=g["keys"], done=g["done"][:], attrs=dict(g.attrs[ATTR]))
+            arrays = {a: g[a] for a in ("tokens", "labels", "keys", "done")}
+            flags = {}
+            for a in ("labels", "done"):
+                try:
+                    flags[a] = arrays[a][:]
+                except Exception as e:  # bytes that do not decode, or fail their checksum
+                    raise UserError(f"store {self.path} is damaged: split '{name}' has a {a} chunk that "
+                                    f"cannot be read ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}). "
+                                    "Copy it again from where it came (a copy cut short, most likely), "
+                                    "or delete it and extract again.") from None
+            return SplitArrays(name=name, tokens=arrays["tokens"], scales=g.get("scales"), labels=flags["labels"],
+                               key_array=arrays["keys"], done=flags["done"], attrs=dict(g.attrs[ATTR]))
         except KeyError as e:  # a node's zarr.json gone: zarr finds no such array or group
             what = str(e.args[0]).rsplit("/", 1)[-1]
             what = (f"its {what} array" if what in ("tokens", "scales", "labels", "keys", "done") else
@@ -347,8 +357,10 @@ def _lay_out_split(root: zarr.Group, name: str, n: int, fingerprint: str, shard:
         g.create_array("scales", shape=(n, *shape_tail[:2]), dtype="float32",
                        chunks=(1, *shape_tail[:2]), shards=(s, *shape_tail[:2]),
                        compressors=[Crc32cCodec()], fill_value=0)
-    g.create_array("labels", shape=(n,), dtype="int64", chunks=(s,), fill_value=-1)
-    g.create_array("keys", shape=(n,), dtype=str, chunks=(s,))
+    # zstd, then a checksum: a label flipped to another class would otherwise pass unseen
+    g.create_array("labels", shape=(n,), dtype="int64", chunks=(s,), fill_value=-1,
+                   compressors=[ZstdCodec(), Crc32cCodec()])
+    g.create_array("keys", shape=(n,), dtype=str, chunks=(s,), compressors=[ZstdCodec(), Crc32cCodec()])
     g.create_array("done", shape=(math.ceil(n / s),), dtype=bool, chunks=(1,), fill_value=False)
     g.attrs[ATTR] = {"n": n, "fingerprint": fingerprint, "complete": False, "skipped": {}}
 

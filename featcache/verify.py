@@ -49,7 +49,11 @@ def verify(store: Store, progress: Progress | None = None) -> VerifyReport:
     if not store.meta.get("complete"):
         report.problems.append("store is not marked complete (rerun its extract command)")
     for name in store.splits:
-        split = store.split(name)
+        try:
+            split = store.split(name)
+        except UserError as e:  # (its labels or flags unreadable: nothing of it can be checked)
+            report.problems.append(f"{name}: {e}")
+            continue
         if not split.done.all():
             missing = np.flatnonzero(~split.done)
             report.problems.append(f"{name}: {len(missing)} shard(s) never finished: {_few(missing)}")

@@ -139,8 +139,7 @@ def _continue_equal_runs(configs: list[FitConfig], out_root: Path) -> list[FitCo
         planned = Path(c.out)
         run = next((r for r in saved if _begun(r) and r != planned and holds(r)), None)
         if run is not None and not (planned in saved and holds(planned)):
-            note(f"{planned.name}: {run} holds this configuration (another grid named it); "
-                 "continuing that run, not training it again.")
+            note(f"{planned.name}: {run} holds this configuration; taken up there, not trained again.")
             c = replace(c, out=run)
         elif planned in saved and not holds(planned):
             was = upgraded(saved[planned], c, now)

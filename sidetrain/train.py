@@ -739,9 +739,9 @@ def _saying_kept(trainers: list[Trainer]) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
-        kept = [f"{t.run.name}: {t.epoch} of {t.cfg.epochs} epochs" for t in trainers if t.epoch and not t.finished]
-        say(f"kept (each run's checkpoint) {'; '.join(kept)}: the same command continues from there."
-            if kept else "stopped before any epoch finished: the same command starts again.")
+        kept = [f"{t.run}: {t.epoch} of {t.cfg.epochs} epochs" for t in trainers if t.epoch and not t.finished]
+        say(f"kept in the checkpoint{'s' * (len(kept) > 1)}: {'; '.join(kept)}." if kept else
+            "stopped before any epoch finished: nothing to keep.")
         raise
 
 

@@ -74,8 +74,7 @@ def test_a_stopped_extraction_says_what_it_keeps(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(extraction, "collate", ctrl_c_at_the_fourth)
     with pytest.raises(KeyboardInterrupt):
         extract(ExtractConfig(dataset="demo", out=tmp_path / "s", limit=24, shard_size=12, **TINY))
-    assert "s: 12 of 72 samples are in finished shards and kept (shards of 12); the same command " \
-           "continues from there." in " ".join(capsys.readouterr().err.split())
+    assert "s: 12 of 72 samples are in finished shards and kept (shards of 12)." in " ".join(capsys.readouterr().err.split())
 
 
 def test_a_second_writer_is_refused_while_the_first_lives(tmp_path, capsys):
@@ -251,10 +250,22 @@ def test_verify_finds_corruption_and_missing_shards(tmp_path, run_cli):
     assert twin.status == "written" and twin.path == tmp_path / "again"  # not the damaged store
     shutil.copytree(tmp_path / "again", tmp_path / "a-bad")  # a chunk that does not decode: listed
     (tmp_path / "a-bad" / "val" / "labels" / "c" / "0").write_bytes(b"not zstd")  # as DAMAGED,
-    assert "unreadable" in {s["path"]: s for s in find_stores(tmp_path)}[str(tmp_path / "a-bad")]["damaged"]
+    assert "has a labels chunk that cannot be read" in \
+        {s["path"]: s for s in find_stores(tmp_path)}[str(tmp_path / "a-bad")]["damaged"]
     reused = extract(ExtractConfig(dataset="demo", out=tmp_path / "third", limit=12, shard_size=4, **TINY))
     assert reused.path == tmp_path / "again"  # and passed over by a twin search
     shutil.rmtree(tmp_path / "a-bad")
+    shutil.copytree(tmp_path / "again", tmp_path / "flip")  # one bit of a label: its checksum fails
+    chunk = tmp_path / "flip" / "val" / "labels" / "c" / "1"
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    chunk.write_bytes(bytes(raw))
+    problems = verify(open_store(tmp_path / "flip")).problems
+    assert any("split 'val' has a labels chunk that cannot be read (ValueError: Stored and computed checksum"
+               in p for p in problems), problems
+    r = run_cli("featcache", "info", str(tmp_path / "flip"))  # one line, not a traceback
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "has a labels chunk that cannot be read" in r.stderr
+    shutil.rmtree(tmp_path / "flip")
     shutil.copytree(out, tmp_path / "labels-lost")  # lost labels read as -1, "skipped": still lost
     (tmp_path / "labels-lost" / "test" / "labels" / "c" / "0").unlink()
     assert open_store(tmp_path / "labels-lost").missing_shards() == {"test": [0, 2]}
@@ -263,7 +274,7 @@ def test_verify_finds_corruption_and_missing_shards(tmp_path, run_cli):
         fit(FitConfig(cache=tmp_path / "labels-lost", rank=4, epochs=1, out=tmp_path / "run"))  # (not "no labels")
     (tmp_path / "labels-lost" / "val" / "tokens" / "zarr.json").unlink()  # an array's metadata lost
     r = run_cli("featcache", "verify", str(tmp_path / "labels-lost"))
-    assert r.returncode == 2 and "split 'val' has lost its tokens array (a zarr.json is gone)" in r.stderr
+    assert r.returncode == 1 and "split 'val' has lost its tokens array (a zarr.json is gone)" in r.stdout
     listed = {s["path"]: s for s in find_stores(tmp_path)}
     assert not listed[str(tmp_path / "labels-lost")]["complete"] and "lost its tokens" in \
         listed[str(tmp_path / "labels-lost")]["damaged"]

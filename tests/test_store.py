@@ -183,7 +183,7 @@ def test_a_split_that_came_later_is_added_and_the_others_kept(tmp_path, capsys):
     capsys.readouterr()
     r = extract(ExtractConfig(out=out, **settings))
     assert r.status == "resumed" and r.written == {"test": 12} and r.complete
-    assert "holds train, val; this run adds test (12 samples)" in " ".join(capsys.readouterr().err.split())
+    assert "holds train, val; this run adds test (12 samples), and leaves" in " ".join(capsys.readouterr().err.split())
     assert {f: f.stat().st_mtime_ns for f in written} == written  # train untouched
     added = open_store(out)
     assert added.splits == ["train", "val", "test"] and added.complete and added.meta["complete"]
@@ -203,8 +203,12 @@ def test_a_split_that_came_later_is_added_and_the_others_kept(tmp_path, capsys):
     assert linked.status == "reused" and (tmp_path / "link").is_symlink()
     with pytest.raises(UserError, match=r"link is a link to two, a store reused from elsewhere: adding test"):
         extract(ExtractConfig(out=tmp_path / "link", **settings))  # (not written through the link)
-    with pytest.raises(UserError, match=r"would add \['test'\] from imagefolder:\S*copy to a store made from"):
-        extract(ExtractConfig(out=tmp_path / "two", **{**settings, "dataset": str(tmp_path / "copy")}))
+    moved = {**settings, "dataset": str(tmp_path / "copy")}  # known by the splits it shares with the store
+    with pytest.raises(UserError, match=r"would add test from imagefolder:\S*copy to a store made from \S*data, "
+                                        r"and names none of the splits the store holds"):
+        extract(ExtractConfig(out=tmp_path / "two", split=["test"], **moved))
+    assert extract(ExtractConfig(out=tmp_path / "two", **moved)).written == {"test": 12}
+    assert open_store(tmp_path / "two").meta["dataset"]["source"].endswith("copy")
     (data / "val" / "class0" / "img00.png").unlink()  # a split it holds, changed: still refused
     with pytest.raises(UserError, match="split val: different inputs"):
         extract(ExtractConfig(out=out, **settings))

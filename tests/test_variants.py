@@ -257,8 +257,7 @@ def test_killed_fit_resumes_to_the_uninterrupted_result(fp32_store, tmp_path, mo
     capsys.readouterr()
     with pytest.raises(KeyboardInterrupt):
         fit(FitConfig(**{**vars(cfg), "out": tmp_path / "resumed"}))
-    assert "kept (each run's checkpoint) resumed: 2 of 4 epochs: the same command continues from there." \
-        in " ".join(capsys.readouterr().err.split())
+    assert f"kept in the checkpoint: {tmp_path / 'resumed'}: 2 of 4 epochs." in " ".join(capsys.readouterr().err.split())
     with pytest.raises(UserError, match="has not finished training .*rerun the `sidetrain fit` or `sweep` "
                                         "command that began it, which resumes it"):
         evaluate_run(tmp_path / "resumed")
