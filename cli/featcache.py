@@ -14,7 +14,7 @@ from featcache.console import escape, make_console
 from featcache.info import store_info
 from featcache.location import is_url, normalize, usage
 from featcache.plan import human_bytes
-from featcache.store import damaged
+from featcache.store import damaged, near
 
 from .common import emit_json, make_app, run
 
@@ -270,7 +270,7 @@ def ls_cmd(root: str = typer.Argument("cache", metavar="ROOT", help="Folder or U
     """One line per store under ROOT: model, dataset, splits, dtype, size, complete?"""
     root = normalize(root)
     if not is_url(root) and not Path(root).is_dir():
-        raise UserError(f"{root} is not a folder: pass the folder (or s3:// prefix) that holds your "
+        raise UserError(f"{root} is not a folder.{near(root)} Pass the folder (or s3:// prefix) that holds your "
                         "stores, e.g. `featcache ls /shared/featcache`" + (
                             " (the default, ./cache, is where extract writes them)" if root == Path("cache") else ""))
     stores = find_stores(root)

@@ -244,7 +244,7 @@ def open_store(path: Location, mode: str = "r") -> Store:
     p = normalize(path)
     try:
         if not exists(p):
-            raise UserError(f"no store at {path}: the path does not exist.{_near(p)} Create one with "
+            raise UserError(f"no store at {path}: the path does not exist.{near(p)} Create one with "
                             "`featcache extract` (where it found an identical store beside --out, it "
                             "reused that one and said so: `featcache ls` lists them).")
         group = zarr.open_group(str(p), mode=mode)
@@ -267,8 +267,8 @@ def open_store(path: Location, mode: str = "r") -> Store:
     return Store(group, str(p))
 
 
-def _near(path: Location) -> str:
-    """ Did you mean a sibling of a local path that does not exist (cache/colour: colors)?"""
+def near(path: Location) -> str:
+    """" Did you mean <sibling>?" for a local path that does not exist (cache/colour: colors)."""
     try:
         names = [] if is_url(path) else [p.name for p in Path(path).parent.iterdir() if p.is_dir()]
     except OSError:  # (no such folder either, or not ours to list)

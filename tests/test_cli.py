@@ -43,6 +43,8 @@ def test_a_cache_root_or_a_misspelt_store_is_answered_with_the_stores_there(fp32
                             (f"{root}/{name}x", f"the path does not exist. Did you mean {root}/{name}?")):
         r = run_cli("sidetrain", "fit", "--cache", cache)
         assert r.returncode == 2 and expected in r.stderr, r.stderr
+    r = run_cli("featcache", "ls", f"{root}x")
+    assert r.returncode == 2 and f"{root}x is not a folder. Did you mean {root}?" in r.stderr, r.stderr
 
 
 def test_extract_info_fit_from_the_command_line(tmp_path, monkeypatch, run_cli):
