@@ -10,7 +10,7 @@ from .console import note
 from .errors import UserError
 from .location import Location, filesystem, is_url, join, normalize, read_json
 from .lock import writer
-from .store import ATTR, disk_usage, is_partial_layout, open_store
+from .store import ATTR, disk_usage, is_partial_layout, open_store, root_meta
 
 MAX_DEPTH = 4  # cache roots are shallow: <root>/<dataset>/ or <root>/<user>/<dataset>/
 
@@ -29,7 +29,7 @@ def find_stores(root: Location, health: bool = True) -> list[dict]:
         try:
             if meta_file.is_file():  # a zarr node: a store, or not ours; never looked inside
                 try:
-                    meta = _store_meta(json.loads(meta_file.read_text()))
+                    meta = root_meta(json.loads(meta_file.read_text()))
                 except ValueError:
                     meta = None
                 if meta:  # (a link: what a reused twin leaves at --out; its bytes are the target's)
@@ -67,7 +67,7 @@ def _find_remote(root: str) -> list[dict]:
         except ValueError:  # a zarr.json that is not JSON: not ours
             return
         if node is not None:
-            meta = _store_meta(node)
+            meta = root_meta(node)
             if meta:
                 found.append(_summary(f"{protocol}://{path}", meta))
             return
@@ -84,13 +84,6 @@ def _find_remote(root: str) -> list[dict]:
     except Exception as e:  # no such bucket, no credentials, no network: botocore's are not OSError
         raise UserError(f"cannot list {root}: {type(e).__name__}: {e}") from None
     return found
-
-
-def _store_meta(node: dict) -> dict | None:
-    """A zarr.json's featcache attributes if it is a store's root: not a split's group (which
-    has attributes of ours too), nor a store that another process is still laying out."""
-    meta = node.get("attributes", {}).get(ATTR)
-    return meta if isinstance(meta, dict) and "format_version" in meta else None
 
 
 def _summary(path: Location, meta: dict, link: str | None = None, health: bool = False) -> dict:

@@ -44,6 +44,8 @@ FORMAT_VERSION = 1
 ATTR = "featcache"
 # how each --dtype is held in zarr (bf16 as its bits: zarr has no bfloat16)
 STORAGE = {"fp16": "float16", "bf16": "uint16", "int8": "int8", "fp32": "float32"}
+# what to do with damage that `featcache verify --repair` cannot mend (a split's own metadata)
+REDO = "Copy it again from where it came (a copy cut short, most likely), or delete it and extract again."
 SHARD_BYTES = 128 * 2**20  # aim for ~128 MiB shard files: few files, cheap to copy and sync
 
 
@@ -160,8 +162,7 @@ class Store:
                 except Exception as e:  # bytes that do not decode, or fail their checksum
                     raise UserError(f"store {self.path} is damaged: split '{name}' has a {a} chunk that "
                                     f"cannot be read ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}). "
-                                    "Copy it again from where it came (a copy cut short, most likely), "
-                                    "or delete it and extract again.") from None
+                                    f"{REDO}") from None
             return SplitArrays(name=name, tokens=arrays["tokens"], scales=g.get("scales"), labels=flags["labels"],
                                key_array=arrays["keys"], done=flags["done"], attrs=dict(g.attrs[ATTR]))
         except KeyError as e:  # a node's zarr.json gone: zarr finds no such array or group
@@ -169,8 +170,7 @@ class Store:
             what = (f"its {what} array" if what in ("tokens", "scales", "labels", "keys", "done") else
                     "its attributes" if what == ATTR else "its group")
             raise UserError(f"store {self.path} is damaged: split '{name}' has lost {what} (a zarr.json "
-                            "is gone). Copy it again from where it came (a copy cut short, most likely), "
-                            "or delete it and extract again.") from None
+                            f"is gone). {REDO}") from None
 
     def read_tokens(self, split: str, rows: int | slice | list[int] | np.ndarray = slice(None)) -> np.ndarray:
         """Tokens of some rows of a split as float32 ((n,) L, T, D), whatever the store's dtype.
@@ -277,6 +277,13 @@ def near(path: Location) -> str:
     return f" Did you mean {Path(path).with_name(close[0])}?" if close else ""
 
 
+def root_meta(node: dict) -> dict | None:
+    """A zarr.json's featcache attributes if it is a store's root: not a split's group (which
+    has attributes of ours too), nor a store that another process is still laying out."""
+    meta = node.get("attributes", {}).get(ATTR)
+    return meta if isinstance(meta, dict) and "format_version" in meta else None
+
+
 def _inside(path: Location) -> str:
     """The stores one or two levels under a local folder given instead of one of them (a
     cache root; not deeper: a home folder given by mistake is not walked)."""
@@ -285,7 +292,7 @@ def _inside(path: Location) -> str:
     found = []
     for node in sorted(Path(path).glob("*/zarr.json")) + sorted(Path(path).glob("*/*/zarr.json")):
         try:
-            if "format_version" in json.loads(node.read_text()).get("attributes", {}).get(ATTR, {}):
+            if root_meta(json.loads(node.read_text())):
                 found.append(str(node.parent))
         except (OSError, ValueError, AttributeError):
             continue
